@@ -1,0 +1,325 @@
+"""SimCLR v1/v2 - A Simple Framework for Contrastive Learning of Visual Representations (Chen,
+Kornblith, Norouzi, Hinton, ICML 2020) https://arxiv.org/abs/2002.05709; v2: Big Self-Supervised
+Models are Strong Semi-Supervised Learners (Chen et al., NeurIPS 2020) https://arxiv.org/abs/2006.10029
+Reference code: google-research/simclr (objective.py add_contrastive_loss, model_util.py
+projection_head, lars_optimizer.py)
+Objective (Eq. 1): l(i,j) = -log exp(cos(z_i,z_j)/tau) / sum_{k != i} exp(cos(z_i,z_k)/tau), mean
+over all 2N views of the global batch.
+vs moco.py: (1) negatives are the other 2N-2 views of the GLOBAL batch: no queue, no momentum
+encoder; (2) both views go through the same encoder and the loss is symmetric; (3) the gather keeps
+gradients (every process's embeddings are anchors and negatives); (4) global BatchNorm (SyncBN)
+instead of shuffle-BN; (5) BN on every projector layer, inputs not mean/std-normalised; (6) LARS at
+batch 4096 with warm-up + cosine.
+Run: torchrun --nproc_per_node=8 simclr.py --preset imagenet --dataset imagenet --data-dir /path
+     python simclr.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg(
+        "cifar",
+        "recipe: imagenet = the paper's defaults below, cifar = the CIFAR-scale preset of recipe()",
+        choices=("imagenet", "cifar"),
+    )
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg(
+        "./data", "dataset root (torchvision downloads here; folder: train/ [val/])"
+    )
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per GPU")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "seed: model init identical on all ranks, data RNG seed + rank")
+    amp: str = arg(
+        "auto",
+        "autocast dtype (auto: bf16 on CUDA, off on CPU)",
+        choices=("auto", "bf16", "fp16", "off"),
+    )
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(
+        False,
+        "linear probe on cached features of un-augmented images "
+        "(DEVIATION from crop+flip training, much faster)",
+    )
+    # -- method block --
+    version: str = arg(
+        "v1",
+        "v1: 2-layer head [SimCLR]; v2: 3-layer head, wd 1e-4 [SimCLRv2 §2]",
+        choices=("v1", "v2"),
+    )
+    arch: str = arg("resnet50", "backbone [SimCLR §3]", choices=C.ARCHS)
+    epochs: int = arg(100, "epochs [SimCLR §B.9: 100 for ablations, 1000 best; ref: README]")
+    batch_size: int = arg(4096, "GLOBAL batch [SimCLR §3; ref: README --train_batch_size]")
+    lr: float = arg(0.3, "LARS lr per 256 images, x batch/256 [SimCLR §B.1]")
+    wd: float = arg(1e-6, "weight decay, not on biases/BN [SimCLR §B.1; v2 1e-4, ref: README]")
+    warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine [SimCLR §B.1]")
+    tau: float = arg(0.1, "NT-Xent temperature [SimCLR Tab. 5; ref: README --temperature]")
+    proj_layers: int = arg(2, "projector layers (v1 2, v2 3) [ref: model_util.projection_head]")
+    proj_dim: int = arg(128, "projector output dim [SimCLR §B.1; ref: --proj_out_dim]")
+    color_s: float = arg(1.0, "colour jitter strength s [SimCLR App. A; CIFAR 0.5]")
+    blur: bool = arg(True, "Gaussian blur p=0.5 [SimCLR App. A; off at CIFAR size]")
+    linear_epochs: int = arg(90, "linear-eval epochs [SimCLR §B.5; ref: README]")
+    linear_lr: float = arg(0.1, "linear-eval lr per 256, cosine [SimCLR §B.5; ref: README]")
+    linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: README; CIFAR 0]")
+    linear_batch_size: int = arg(4096, "linear-eval global batch [ref: README]")
+    linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: model.py use_nesterov]")
+    linear_milestones: tuple = arg((), "linear lr x0.1 at these epochs (empty: cosine)")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "v1", preset: str = "cifar") -> dict:
+        """Fields that differ from the defaults above for this version / preset."""
+        r = {"proj_layers": 3, "wd": 1e-4, "epochs": 800} if version == "v2" else {}
+        if preset == "cifar":  # [SimCLR §B.9; ref: README CIFAR-10 command]
+            r.update(
+                arch="resnet18",
+                batch_size=512,
+                lr=1.0,
+                epochs=1000,
+                tau=0.5,
+                color_s=0.5,
+                blur=False,
+                linear_epochs=100,
+                linear_wd=0.0,
+                linear_batch_size=512,
+            )
+        return r
+
+
+# ==== 2. model: heads + SimCLR(nn.Module), all method state as persistent buffers =========
+def projection_head(in_dim: int, out_dim: int, layers: int) -> nn.Sequential:
+    """[ref: model_util.projection_head] (Linear without bias -> BN -> ReLU) x (layers - 1) ->
+    Linear -> BN with gamma but no beta (center=False). Hidden width = backbone width. The paper
+    does not mention these BNs; the official code has them on every layer."""
+    mods, d = [], in_dim
+    for i in range(layers):
+        last = i == layers - 1
+        mods += [nn.Linear(d, out_dim if last else in_dim, bias=False)]
+        mods += [nn.BatchNorm1d(out_dim if last else in_dim)] + ([] if last else [nn.ReLU(True)])
+        d = in_dim
+    for m in mods:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.01)  # [ref: random_normal_initializer(stddev=.01)]
+    mods[-1].bias.requires_grad_(False)  # no beta: the bias stays 0
+    return nn.Sequential(*mods)
+
+
+class SimCLR(nn.Module):
+    def __init__(self, args: Args):
+        super().__init__()
+        # zero-init of each block's last BN gamma [ref: resnet.py init_zero]
+        self.backbone, self.feat_dim = C.build_backbone(
+            args.arch, args.img_size, zero_init_residual=True
+        )
+        self.projector = projection_head(self.feat_dim, args.proj_dim, args.proj_layers)
+        self.tau = args.tau
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        # both views in one pass: BN statistics over all 2B views, as in the official code
+        h = self.backbone(torch.cat([x1, x2]))  # [2B, F]
+        z1, z2 = self.projector(h).chunk(2)  # [B, D] each
+        return nt_xent_loss(z1, z2, self.tau), z1
+
+
+# ==== 3. loss: nt_xent_loss(...) -> Tensor, pure, fp32 inside ============================
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """NT-Xent [SimCLR Eq. 1]. z1, z2: this process's [B, D] projections of the two views. Both
+    are l2-normalised and gathered WITH gradient from all processes; each of the 2B local anchors
+    is scored against the 2N-1 other views of the global batch (positive: its other view).
+    Returns the mean over local anchors (= Eq. 1 when averaged over processes). The official
+    code returns the sum of the two directional means, i.e. 2x this value (DEVIATION: we keep
+    the paper's scale; LARS makes the update of >=2-D weights scale-free)."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+        B, N = len(z1), len(z1) * C.get_world_size()
+        cands = torch.cat([C.gather_with_grad(z1), C.gather_with_grad(z2)])  # [2N, D]
+        logits = torch.cat([z1, z2]) @ cands.T / tau  # [2B, 2N]
+        own = torch.arange(B, device=z1.device) + C.get_rank() * B  # rows of z1 in cands
+        self_idx, pos_idx = torch.cat([own, own + N]), torch.cat([own + N, own])
+        logits = logits.masked_fill(F.one_hot(self_idx, 2 * N).bool(), float("-inf"))
+        return F.cross_entropy(logits, pos_idx)
+
+
+# ==== 4. method state: none (SimCLR keeps no state beyond its parameters) ================
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    (x1, x2), _, _ = batch
+    lr = args.sched["lr"][step]
+    C.set_lr(optimizer, lr)
+    with C.autocast(args):
+        loss, z = model(x1, x2)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    return {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the backbone output h (before the projector)."""
+    return C.unwrap(model).backbone(x)
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def save_state(path: str, model, optimizer, scaler, step: int, args):
+    """Rank 0 writes model (with its buffers), optimizer, scaler, step, config and every rank's
+    RNG state, atomically."""
+    rngs = C.all_gather_object(C.rng_state())
+    if args.is_main:
+        state = {
+            "model": C.unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "args": C.config_dict(args),
+            "rng": rngs,
+        }
+        C.save_checkpoint(path, state)
+
+
+def load_state(path: str, model, optimizer, scaler, args) -> int:
+    ckpt = C.load_checkpoint(path)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        C.fail(
+            f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]}); "
+            "pass another --out-dir or --resume none"
+        )
+    scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt["rng"]
+    if len(rngs) == args.world_size:
+        C.set_rng_state(rngs[args.rank])
+    else:  # a different world size cannot continue the same streams
+        torch.manual_seed(args.seed + args.rank + ckpt["step"])
+    return ckpt["step"]
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also export and the linear probe, after which
+    the backbone must be bit-identical (MoCo main_lincls sanity check)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(C.linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank augmentation streams
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        for views, y, idx in C.loader_epoch(loader, epoch, args, skip):
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not finite:
+                    C.fail(
+                        f"non-finite loss by step {step} (lr {stats['lr']:.3g}); lower --lr "
+                        "or pass --amp off"
+                    )
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        save_state(ckpt, model, optimizer, scaler, step, args)
+        done = step % args.steps_per_epoch == 0
+        if done and args.knn_every and (step // args.steps_per_epoch) % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=step == end)
+        elif step == end:
+            evaluate(model, data, args, logger, step, final=True)
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.close()
+
+
+# ==== 7. main(args) ========================================================================
+def main(args: Args):
+    device = C.setup_ddp(args)
+    aug = lambda ms: C.simclr_augment(args.img_size, ms, args.color_s, args.blur)
+    # two views of the same recipe; inputs stay in [0, 1], no mean/std [SimCLR App. A]
+    data = C.build_data(args, lambda ms: C.MultiView([aug(ms), aug(ms)]), normalize=False)
+    C.prepare_run(args)
+    model = C.convert_sync_bn(SimCLR(args)).to(device)  # global BN [SimCLR §3 "Global BN"]
+    lr = args.lr * args.batch_size / 256
+    warmup = args.warmup_epochs * args.steps_per_epoch
+    args.sched = {"lr": C.cosine_schedule(lr, 0.0, args.total_steps, warmup)}
+    optimizer = C.LARS(C.param_groups([model], args.wd), lr=lr, weight_decay=args.wd)
+    fit(model, optimizer, data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))
