@@ -683,6 +683,41 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def save_state(path: str, model, optimizer, scaler, step: int, args):
+    """Rank 0 writes model (with its buffers), optimizer, scaler, step, config and every rank's
+    RNG state, atomically."""
+    rngs = all_gather_object(rng_state())
+    if args.is_main:
+        state = {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "args": config_dict(args),
+            "rng": rngs,
+        }
+        save_checkpoint(path, state)
+
+
+def load_state(path: str, model, optimizer, scaler, args) -> int:
+    ckpt = load_checkpoint(path)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(
+            f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]}); "
+            "pass another --out-dir or --resume none"
+        )
+    scaler.load_state_dict(ckpt["scaler"])
+    rngs = ckpt["rng"]
+    if len(rngs) == args.world_size:
+        set_rng_state(rngs[args.rank])
+    else:  # a different world size cannot continue the same streams
+        torch.manual_seed(args.seed + args.rank + ckpt["step"])
+    return ckpt["step"]
+
+
 # ==== 7. evaluation ========================================================================
 @torch.no_grad()
 def extract(fn, ds, args, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -817,7 +852,7 @@ def parse_args(cls, argv=None):
             p.add_argument(flag, type=type(default), choices=f.metadata.get("choices"), **kw)
     given = vars(p.parse_args(argv))
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    sel = {k: given.get(k, getattr(cls, k)) for k in ("version", "preset") if hasattr(cls, k)}
+    sel = {k: given[k] for k in ("version", "preset", "arch") if k in given}
     return cls(**{**cls.recipe(**sel), **given})
 
 

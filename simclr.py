@@ -24,8 +24,10 @@ from torch import nn
 
 import common as C
 
-
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+
+
 def arg(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -33,26 +35,16 @@ def arg(default, help: str, **kw):
 @dataclass
 class Args:
     # -- shared block (identical in every method file) --
-    preset: str = arg(
-        "cifar",
-        "recipe: imagenet = the paper's defaults below, cifar = the CIFAR-scale preset of recipe()",
-        choices=("imagenet", "cifar"),
-    )
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg(
-        "./data", "dataset root (torchvision downloads here; folder: train/ [val/])"
-    )
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
     img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
     subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per GPU")
+    workers: int = arg(8, "DataLoader worker processes per process")
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
     seed: int = arg(0, "seed: model init identical on all ranks, data RNG seed + rank")
-    amp: str = arg(
-        "auto",
-        "autocast dtype (auto: bf16 on CUDA, off on CPU)",
-        choices=("auto", "bf16", "fp16", "off"),
-    )
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
     log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
@@ -61,11 +53,7 @@ class Args:
     knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
     knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
     knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(
-        False,
-        "linear probe on cached features of un-augmented images "
-        "(DEVIATION from crop+flip training, much faster)",
-    )
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     version: str = arg(
         "v1",
@@ -100,7 +88,7 @@ class Args:
     sched: dict = field(default_factory=dict, metadata={"derived": True})
 
     @staticmethod
-    def recipe(version: str = "v1", preset: str = "cifar") -> dict:
+    def recipe(version: str = "v1", preset: str = "cifar", arch: str = "") -> dict:
         """Fields that differ from the defaults above for this version / preset."""
         r = {"proj_layers": 3, "wd": 1e-4, "epochs": 800} if version == "v2" else {}
         if preset == "cifar":  # [SimCLR §B.9; ref: README CIFAR-10 command]
@@ -193,41 +181,6 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
 
 
 # ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
-def save_state(path: str, model, optimizer, scaler, step: int, args):
-    """Rank 0 writes model (with its buffers), optimizer, scaler, step, config and every rank's
-    RNG state, atomically."""
-    rngs = C.all_gather_object(C.rng_state())
-    if args.is_main:
-        state = {
-            "model": C.unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "step": step,
-            "args": C.config_dict(args),
-            "rng": rngs,
-        }
-        C.save_checkpoint(path, state)
-
-
-def load_state(path: str, model, optimizer, scaler, args) -> int:
-    ckpt = C.load_checkpoint(path)
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        C.fail(
-            f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]}); "
-            "pass another --out-dir or --resume none"
-        )
-    scaler.load_state_dict(ckpt["scaler"])
-    rngs = ckpt["rng"]
-    if len(rngs) == args.world_size:
-        C.set_rng_state(rngs[args.rank])
-    else:  # a different world size cannot continue the same streams
-        torch.manual_seed(args.seed + args.rank + ckpt["step"])
-    return ckpt["step"]
-
-
 def evaluate(model, data, args, logger, step: int, final: bool):
     """kNN top-1 on the test split; at the end also export and the linear probe, after which
     the backbone must be bit-identical (MoCo main_lincls sanity check)."""
@@ -257,7 +210,7 @@ def fit(model, optimizer, data, args):
     path = ckpt if args.resume == "auto" else args.resume
     step = 0
     if args.resume != "none" and os.path.isfile(path):
-        step = load_state(path, model, optimizer, scaler, args)
+        step = C.load_state(path, model, optimizer, scaler, args)
     elif args.resume not in ("auto", "none"):
         C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
     else:
@@ -293,7 +246,7 @@ def fit(model, optimizer, data, args):
                 logger.log(step, {"epoch": epoch, **stats})
             if step == end:
                 break
-        save_state(ckpt, model, optimizer, scaler, step, args)
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
         done = step % args.steps_per_epoch == 0
         if done and args.knn_every and (step // args.steps_per_epoch) % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=step == end)

@@ -1,0 +1,480 @@
+"""MoCo v1/v2/v3 - Momentum Contrast for Unsupervised Visual Representation Learning (He, Fan, Wu,
+Xie, Girshick, CVPR 2020) https://arxiv.org/abs/1911.05722; v2: Improved Baselines with Momentum
+Contrastive Learning (Chen, Fan, Girshick, He 2020) https://arxiv.org/abs/2003.04297; v3: An
+Empirical Study of Training Self-Supervised Vision Transformers (Chen, Xie, He, ICCV 2021)
+https://arxiv.org/abs/2104.02057
+Reference code: facebookresearch/moco (moco/builder.py, main_moco.py, colab CIFAR-10 demo) and
+facebookresearch/moco-v3 (moco/builder.py, moco/optimizer.py, vits.py)
+Objective (Eq. 1): L_q = -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_{k- in queue} exp(q.k-/tau));
+v3: 2 tau (L(q1, k2) + L(q2, k1)) with the keys of the global batch as candidates.
+vs simclr.py: (1) keys come from a momentum (EMA) encoder, updated before the key forward; (2) v1/v2
+take negatives from a queue of K past keys (gathered from all processes, no gradient, enqueued after
+the loss), v3 from the keys of the global batch; (3) only the query side gets gradients, and the
+loss is one-directional (v1/v2); (4) shuffle-BN (v1/v2) instead of SyncBN, emulated in one process
+by split BN; (5) v1 linear head, v2 MLP head, v3 BN-MLP projector + predictor; (6) SGD with step
+(v1) or cosine (v2) lr at batch 256; v3 LARS / AdamW at batch 4096.
+Run: torchrun --nproc_per_node=8 moco.py --preset imagenet --dataset imagenet --data-dir /path
+     python moco.py                      (CIFAR-10 preset, v2, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+OPTS, SCHEDULES, AUGS = (
+    ("sgd", "lars", "adamw"),
+    ("step", "cosine-epoch", "cosine"),
+    ("v1", "v2", "asym"),
+)
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "seed: model init identical on all ranks, data RNG seed + rank")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    version: str = arg("v2", "v1 [MoCo]; v2 [MoCo v2]; v3 [MoCo v3]", choices=("v1", "v2", "v3"))
+    arch: str = arg("resnet50", "backbone [MoCo §4; v3 also vit_small/base]", choices=C.ARCHS)
+    epochs: int = arg(200, "epochs [MoCo §4.1; v3 R50 100, ref: moco-v3 CONFIG.md]")
+    batch_size: int = arg(256, "GLOBAL batch [MoCo §4.1; v3 4096, ref: CONFIG.md]")
+    lr: float = arg(0.03, "lr per 256 [MoCo §4.1; v3 LARS 0.6 / ViT AdamW 1.5e-4, CONFIG.md]")
+    wd: float = arg(1e-4, "weight decay, all params with sgd [MoCo §4.1; v3 1e-6 / ViT 0.1]")
+    optimizer: str = arg("sgd", "sgd [MoCo §4.1]; v3 lars (R50) / adamw (ViT)", choices=OPTS)
+    schedule: str = arg(
+        "step",
+        "v1 step [MoCo §4.1]; v2 cosine-epoch [ref: main_moco.py --cos]; "
+        "v3 cosine per step after warm-up [ref: moco-v3]",
+        choices=SCHEDULES,
+    )
+    lr_milestones: tuple = arg((120, 160), "epochs of the x0.1 lr steps [MoCo §4.1]")
+    warmup_epochs: int = arg(0, "linear warm-up epochs [v3: 10 R50 / 40 ViT, ref: CONFIG.md]")
+    tau: float = arg(0.07, "temperature [MoCo §3.3: 0.07; v2 0.2; v3 1.0 R50 / 0.2 ViT]")
+    m: float = arg(0.999, "key-encoder momentum [MoCo §3.2; v3 0.99 -> 1 by cosine]")
+    m_cos: bool = arg(False, "m -> 1 by 1 - (1 - m)(1 + cos(pi t / T)) / 2 [MoCo v3 §4]")
+    queue_size: int = arg(65536, "queue K, a multiple of the global batch [MoCo §3.3; v3 0]")
+    dim: int = arg(128, "embedding dim [MoCo §3.3; v3 256]")
+    hidden_dim: int = arg(4096, "v3 projector/predictor hidden dim [ref: moco-v3 --moco-mlp-dim]")
+    bn_splits: int = arg(
+        0,
+        "v1/v2 in ONE process: BN groups emulating shuffle-BN on that many "
+        "GPUs [ref: colab SplitBatchNorm]; 0: 8, or 1 under DDP",
+    )
+    aug: str = arg("v1", "v1 [MoCo §4.1], v2 aug+ [MoCo v2], asym [MoCo v3]", choices=AUGS)
+    crop_min: float = arg(0.2, "min crop scale [MoCo §4.1; ref: moco-v3 CONFIG.md R50 0.2]")
+    blur: bool = arg(True, "Gaussian blur in v2/asym augmentation (off at CIFAR size)")
+    patch_size: int = arg(16, "ViT patch size [MoCo v3 §4; CIFAR 4]")
+    stop_grad_conv1: bool = arg(True, "v3 ViT: frozen random patch projection [MoCo v3 §5.3]")
+    linear_epochs: int = arg(100, "linear-eval epochs [ref: main_lincls.py; v3 90]")
+    linear_lr: float = arg(30.0, "linear lr per 256 [ref: main_lincls.py; v3 0.1 R50 / 3 ViT]")
+    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: main_lincls.py]")
+    linear_batch_size: int = arg(256, "linear-eval global batch [ref: main_lincls.py; v3 1024]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: main_lincls.py: plain 0.9]")
+    linear_milestones: tuple = arg((60, 80), "linear lr x0.1 at epochs (empty: cosine, v3)")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "v2", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this version / preset / arch."""
+        vit = arch.startswith("vit")
+        r = {}
+        if version == "v2":  # [ref: moco README "--mlp --moco-t 0.2 --aug-plus --cos"]
+            r = {"tau": 0.2, "aug": "v2", "schedule": "cosine-epoch"}
+        if version == "v3":  # [ref: moco-v3 CONFIG.md, main_moco.py]
+            r = {
+                "epochs": 300 if vit else 100,
+                "batch_size": 4096,
+                "optimizer": "lars",
+                "lr": 0.6,
+                "wd": 1e-6,
+                "schedule": "cosine",
+                "warmup_epochs": 10,
+                "tau": 1.0,
+                "m": 0.99,
+                "m_cos": True,
+                "queue_size": 0,
+                "dim": 256,
+                "aug": "asym",
+                "linear_epochs": 90,
+                "linear_lr": 0.1,
+                "linear_batch_size": 1024,
+                "linear_milestones": (),
+            }
+            if vit:
+                r.update(
+                    optimizer="adamw",
+                    lr=1.5e-4,
+                    wd=0.1,
+                    warmup_epochs=40,
+                    tau=0.2,
+                    crop_min=0.08,
+                    linear_lr=3.0,
+                )
+        if preset == "cifar":  # [ref: moco colab CIFAR-10 demo: R18, K 4096, m 0.99, no blur]
+            r.update(
+                arch="resnet18",
+                epochs=200,
+                batch_size=512,
+                wd=5e-4,
+                crop_min=0.08,
+                blur=False,
+                patch_size=4,
+            )
+            if version != "v3":
+                r.update(queue_size=4096, m=0.99, schedule="cosine-epoch", aug="v2")
+                r["tau"] = 0.1 if version == "v1" else 0.2
+            else:  # [ref: solo-learn mocov3 cifar: LARS 0.3 per 256, tau 0.2, wd 1e-6]
+                r.update(
+                    lr=0.3, wd=1e-6, tau=0.2, epochs=1000, linear_epochs=100, linear_batch_size=512
+                )
+        return r
+
+
+# ==== 2. model: heads + MoCo(nn.Module), all method state as persistent buffers =========
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BN over `num_splits` contiguous chunks of the batch [ref: moco colab SplitBatchNorm]: one
+    process reproduces the per-GPU BN of num_splits GPUs (and, with the key permutation of
+    `shuffled_keys`, their shuffle-BN). Running stats: average of the chunks' statistics."""
+
+    def __init__(self, num_features: int, num_splits: int):
+        super().__init__(num_features)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        chunks = x.chunk(self.num_splits)
+        with torch.no_grad():
+            self.running_mean.lerp_(
+                torch.stack([c.float().mean((0, 2, 3)) for c in chunks]).mean(0), self.momentum
+            )
+            self.running_var.lerp_(
+                torch.stack([c.float().var((0, 2, 3)) for c in chunks]).mean(0), self.momentum
+            )
+        return torch.cat(
+            [
+                F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                for c in chunks
+            ]
+        )
+
+
+def v3_mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequential:
+    """[ref: moco-v3 builder._build_mlp] Linear (no bias) -> BN -> ReLU, ...; the last Linear is
+    followed by BN without affine when last_bn."""
+    mods = []
+    for i in range(layers):
+        d1, d2 = in_dim if i == 0 else hidden, out_dim if i == layers - 1 else hidden
+        mods.append(nn.Linear(d1, d2, bias=False))
+        if i < layers - 1:
+            mods += [nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
+        elif last_bn:
+            mods.append(nn.BatchNorm1d(d2, affine=False))
+    return nn.Sequential(*mods)
+
+
+class MoCo(nn.Module):
+    def __init__(self, args: Args, bn_splits: int = 1):
+        super().__init__()
+        self.version, self.tau, v3, vit = (
+            args.version,
+            args.tau,
+            args.version == "v3",
+            args.arch[:3] == "vit",
+        )
+        norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else None
+        self.backbone, self.feat_dim = C.build_backbone(
+            args.arch,
+            args.img_size,
+            zero_init_residual=v3,
+            norm_layer=norm,  # [ref: moco-v3]
+            patch_size=args.patch_size,
+            num_heads=12 if v3 and args.arch == "vit_small" else 0,
+            freeze_patch_embed=v3 and args.stop_grad_conv1,
+            pos_embed="sincos" if v3 else "learned",
+        )
+        f, d = self.feat_dim, args.dim
+        if args.version == "v1":  # the fc layer of the ResNet, 128-d [MoCo §3.3]
+            self.projector = nn.Linear(f, d)
+        elif args.version == "v2":  # 2-layer MLP head, no BN [MoCo v2 §2; ref: builder.py mlp]
+            self.projector = nn.Sequential(nn.Linear(f, f), nn.ReLU(inplace=True), nn.Linear(f, d))
+        else:  # BN-MLPs: 2 (ResNet) / 3 (ViT) layers; predictor only on the query side
+            self.projector = v3_mlp(3 if vit else 2, f, args.hidden_dim, d, last_bn=True)
+            self.predictor = v3_mlp(2, d, args.hidden_dim, d, last_bn=vit)
+        self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        if args.queue_size:  # rows are l2-normalised keys; random at start [ref: builder.py]
+            self.register_buffer("queue", F.normalize(torch.randn(args.queue_size, d), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        else:
+            self.queue = None
+
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.momentum_projector(self.momentum_backbone(x)), dim=1)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        if self.version != "v3":  # x1 -> query, x2 -> key; negatives from the queue
+            q = F.normalize(self.projector(self.backbone(x1)), dim=1)  # [B, D]
+            k = shuffled_keys(self.key, x2)  # [B, D], no gradient
+            return info_nce_loss(q, k, self.queue.clone(), self.tau), q, k
+        # v3: both directions; keys of the whole global batch are the candidates
+        q1 = F.normalize(self.predictor(self.projector(self.backbone(x1))), dim=1)
+        q2 = F.normalize(self.predictor(self.projector(self.backbone(x2))), dim=1)
+        with torch.no_grad():
+            k1, k2 = self.key(x1), self.key(x2)
+        loss = info_nce_loss(q1, k2, None, self.tau) + info_nce_loss(q2, k1, None, self.tau)
+        return loss * 2 * self.tau, q1, k2  # x 2 tau as the official code [ref: builder.py]
+
+
+@torch.no_grad()
+def shuffled_keys(key_encoder, x: torch.Tensor) -> torch.Tensor:
+    """Shuffle-BN [MoCo §3.3]: the global key batch is permuted (rank 0 draws, broadcasts) so each
+    process encodes a random slice and BN statistics never pair a query with its key; the keys
+    are un-permuted after. Crosses processes: images and keys (gathered, no gradient) and the
+    permutation. In one process SplitBatchNorm over the permuted batch plays the GPUs."""
+    w, r = C.get_world_size(), C.get_rank()
+    x_all = C.gather_no_grad(x)  # [N, ...]
+    perm = torch.randperm(len(x_all), device=x.device)
+    if w > 1:
+        dist.broadcast(perm, src=0)
+    k_all = C.gather_no_grad(key_encoder(x_all[perm.view(w, -1)[r]]))  # [N, D], permuted
+    return k_all[torch.argsort(perm)].view(w, -1, k_all.shape[1])[r]  # [B, D], this rank's
+
+
+# ==== 3. loss: info_nce_loss(...) -> Tensor, pure, fp32 inside ============================
+def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue, tau: float) -> torch.Tensor:
+    """InfoNCE [MoCo Eq. 1]. q, k: [B, D] l2-normalised queries and keys of this process.
+    queue [K, D]: logits [l_pos, q @ queue.T], positive at index 0 (v1/v2). queue None: the keys
+    of all processes are gathered (no gradient) and the positive of query i is key rank*B + i
+    (v3). Mean cross-entropy over the B queries."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.float(), k.float()
+        if queue is not None:
+            l_pos = (q * k).sum(1, keepdim=True)  # [B, 1]
+            logits = torch.cat([l_pos, q @ queue.float().T], dim=1) / tau  # [B, 1 + K]
+            labels = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        else:
+            logits = q @ C.gather_no_grad(k).T / tau  # [B, N]
+            labels = torch.arange(len(q), device=q.device) + C.get_rank() * len(q)
+        return F.cross_entropy(logits, labels)
+
+
+# ==== 4. method state: @torch.no_grad() momentum_update / enqueue ==========================
+@torch.no_grad()
+def momentum_update(model: MoCo, m: float):
+    """key encoder <- m * key encoder + (1 - m) * query encoder, parameters only: the key
+    encoder's BN running stats come from its own forward passes [ref: builder.py]."""
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    target = [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
+    C.ema_(target, online, m)
+
+
+@torch.no_grad()
+def enqueue(model: MoCo, k: torch.Tensor):
+    """FIFO: the keys of ALL processes (gathered) replace the oldest rows, so the queue is the
+    same on every rank. Index arithmetic on the device: no host sync."""
+    k = C.gather_no_grad(k)  # [N, D]
+    idx = (model.queue_ptr + torch.arange(len(k), device=k.device)) % len(model.queue)
+    model.queue.index_copy_(0, idx, k.to(model.queue.dtype))
+    model.queue_ptr.copy_((model.queue_ptr + len(k)) % len(model.queue))
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    (x1, x2), _, _ = batch
+    net = C.unwrap(model)
+    lr, m = args.sched["lr"][step], args.sched["m"][step]
+    C.set_lr(optimizer, lr)
+    momentum_update(net, m)  # before the key forward [MoCo Alg. 1]
+    with C.autocast(args):
+        loss, q, k = model(x1, x2)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    if net.queue is not None:
+        enqueue(net, k)  # after the loss: a batch's keys are never its own negatives
+    return {
+        "loss": loss.detach(),
+        "lr": lr,
+        "m": m,
+        "tau": args.tau,
+        "grad_norm": grad_norm,
+        "z_std": C.collapse_std(q),
+    }
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the query backbone output h [ref: main_lincls.py]."""
+    return C.unwrap(model).backbone(x)
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also export and the linear probe, after which
+    the backbone must be bit-identical (MoCo main_lincls sanity check)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(C.linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank augmentation streams
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        for views, y, idx in C.loader_epoch(loader, epoch, args, skip):
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not finite:
+                    C.fail(
+                        f"non-finite loss by step {step} (lr {stats['lr']:.3g}); lower --lr "
+                        "or pass --amp off"
+                    )
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        done = step % args.steps_per_epoch == 0
+        if done and args.knn_every and (step // args.steps_per_epoch) % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=step == end)
+        elif step == end:
+            evaluate(model, data, args, logger, step, final=True)
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.close()
+
+
+# ==== 7. main(args) ========================================================================
+def main(args: Args):
+    device = C.setup_ddp(args)
+    if args.queue_size and args.queue_size % args.batch_size:
+        k = args.batch_size * max(1, args.queue_size // args.batch_size)
+        C.fail(
+            f"--queue-size {args.queue_size} is not divisible by the global batch "
+            f"{args.batch_size}; pass a multiple of it, e.g. --queue-size {k}"
+        )
+    bn_splits = args.bn_splits or (8 if args.world_size == 1 else 1)
+    if args.version != "v3" and args.batch_size_per_gpu % bn_splits:
+        C.fail(
+            f"batch per process {args.batch_size_per_gpu} is not divisible by --bn-splits "
+            f"{bn_splits}; change --batch-size or --bn-splits"
+        )
+    scale = (args.crop_min, 1.0)
+    augs = {
+        "v1": lambda ms: C.moco_v1_augment(args.img_size, ms, scale),
+        "v2": lambda ms: C.moco_v2_augment(args.img_size, ms, scale, args.blur),
+        "asym": lambda ms: C.byol_augment(args.img_size, ms, scale, args.blur).transforms,
+    }
+    pair = lambda ms: C.MultiView(
+        augs[args.aug](ms) if args.aug == "asym" else [augs[args.aug](ms)] * 2
+    )
+    data = C.build_data(args, pair, normalize=True)
+    C.prepare_run(args)
+    model = MoCo(args, bn_splits if args.version != "v3" else 1)
+    if args.version == "v3":  # SyncBN everywhere in v3 [MoCo v3 §4]; v1/v2 keep per-GPU BN
+        model = C.convert_sync_bn(model)
+    model = model.to(device)
+    lr, spe, T = args.lr * args.batch_size / 256, args.steps_per_epoch, args.total_steps
+    if args.schedule == "step":
+        lrs = [lr * 0.1 ** sum(s // spe >= e for e in args.lr_milestones) for s in range(T)]
+    elif args.schedule == "cosine-epoch":  # updated once per epoch [ref: main_moco.py]
+        lrs = [lr * 0.5 * (1 + math.cos(math.pi * (s // spe) / args.epochs)) for s in range(T)]
+    else:
+        lrs = C.cosine_schedule(lr, 0.0, T, args.warmup_epochs * spe)
+    ms = C.cosine_schedule(args.m, 1.0, T) if args.m_cos else [args.m] * max(T, 1)
+    args.sched = {"lr": lrs or [lr], "m": ms}
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if args.optimizer == "sgd":  # wd on all params [ref: main_moco.py]
+        optimizer = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=args.wd, **fused)
+    elif args.optimizer == "lars":  # no wd / adaptation for 1-D params [ref: moco-v3 optimizer.py]
+        optimizer = C.LARS(params, lr, weight_decay=args.wd, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(params, lr, weight_decay=args.wd, **fused)
+    fit(model, optimizer, data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))
