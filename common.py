@@ -76,19 +76,48 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[B, ...] -> [W*B, ...]; backward sums every process's gradient into the local slice
-    (torch.distributed.nn), so DDP's gradient averaging equals one process on the global batch."""
-    if get_world_size() == 1:
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient of the gathered tensor and
+    returns this process's slice, so DDP's gradient averaging equals one process on the global
+    batch (a plain all_gather has no gradient; torch.distributed.nn's is deprecated in 2.14)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(get_world_size())[get_rank()]
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """y = sum_r x_r on every process; the gradient of a sum is all-reduced too."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x)
         return x
-    return torch.cat(dist.nn.functional.all_gather(x.contiguous()))
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [W*B, ...] in rank order, differentiable (SimCLR's negatives)."""
+    return x if get_world_size() == 1 else _GatherWithGrad.apply(x)
 
 
 def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Sum over processes with an all-reduce in backward too (differentiable statistics)."""
-    if get_world_size() == 1:
-        return x
-    return dist.nn.functional.all_reduce(x)
+    """Sum over processes, differentiable (statistics such as global BN moments)."""
+    return x if get_world_size() == 1 else _AllReduceWithGrad.apply(x)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -140,6 +169,8 @@ def convert_sync_bn(module: nn.Module) -> nn.Module:
                 child.track_running_stats,
             )
             new.load_state_dict(child.state_dict())
+            for n, p in new.named_parameters():  # e.g. a frozen BN beta stays frozen
+                p.requires_grad_(getattr(child, n).requires_grad)
             setattr(module, name, new)
         else:
             convert_sync_bn(child)

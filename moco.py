@@ -21,6 +21,7 @@ Run: torchrun --nproc_per_node=8 moco.py --preset imagenet --dataset imagenet --
 import copy
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -389,6 +390,7 @@ def fit(model, optimizer, data, args):
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
         ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
     loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
     logger = C.Logger(args, args.total_steps, step)

@@ -1,0 +1,46 @@
+"""Small shared helpers for the tests (not collected: no test_ prefix)."""
+
+import os
+import subprocess
+import sys
+
+import common as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "synthetic", "--arch", "smallcnn", "--img-size", "16", "--workers", "0"]
+TINY += ["--knn-every", "0", "--linear-epochs", "0", "--log-every", "1", "--device", "cpu"]
+
+
+def tiny_args(module, out_dir, *extra):
+    """Args for a seconds-long CPU run: synthetic 16px images, the small CNN, no evaluation."""
+    return C.parse_args(module.Args, [*TINY, "--out-dir", str(out_dir), *map(str, extra)])
+
+
+def run(cmd, timeout=240, **kw):
+    """Run a command from the repo root with the current interpreter; return CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        cmd, cwd=kw.pop("cwd", ROOT), env=env, capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+def python(*args, **kw):
+    return run([sys.executable, *map(str, args)], **kw)
+
+
+def torchrun(nproc, *args, **kw):
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_port=0",
+            *map(str, args),
+        ],
+        **kw,
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]

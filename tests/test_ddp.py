@@ -1,0 +1,132 @@
+"""Real 2-process gloo runs vs one process on the same global batch: loss, gradients, state."""
+
+import importlib
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import TINY
+
+import common as C
+import moco
+import simclr
+
+GLOBAL_B = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world, port, out, extra):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(fn(*extra), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world, tmp_path, *extra) -> list:
+    mp.spawn(_entry, args=(fn, world, free_port(), str(tmp_path), extra), nprocs=world)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def one_step(name, flags, bn_splits=1, seed=5):
+    """One train_step of `module` on this process's slice of a fixed, non-symmetric global
+    batch; returns loss, the (DDP-averaged) gradients and the method state."""
+    module = importlib.import_module(name)
+    args = C.parse_args(
+        module.Args, [*TINY, "--out-dir", "unused", "--batch-size", str(GLOBAL_B), *flags]
+    )
+    C.setup_ddp(args)
+    args.img_size, args.sched = 16, {"lr": [0.1], "m": [0.9]}
+    torch.manual_seed(0)
+    if module is moco:
+        model = moco.MoCo(args, bn_splits)
+        model = C.convert_sync_bn(model) if args.version == "v3" else model
+    else:
+        model = C.convert_sync_bn(simclr.SimCLR(args))
+    ddp = model
+    if args.world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = (
+        torch.rand(GLOBAL_B, 3, 16, 16, generator=g),
+        torch.rand(GLOBAL_B, 3, 16, 16, generator=g),
+    )
+    x2[: GLOBAL_B // 2] *= 0.5  # ranks see differently distributed data
+    b = args.batch_size_per_gpu
+    mine = slice(args.rank * b, (args.rank + 1) * b)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(seed)  # the shuffle-BN permutation is drawn on rank 0 from this state
+    stats = module.train_step(ddp, ([x1[mine], x2[mine]], None, None), opt, scaler, 0, args)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    state = {n: b.clone() for n, b in model.named_buffers() if n.startswith("queue")}
+    return {"loss": stats["loss"], "grads": grads, "state": state}
+
+
+def single(fn, *extra):
+    """The same function in this process, torch.distributed not initialised."""
+    assert not dist.is_initialized()
+    return fn(*extra)
+
+
+def assert_parity(ranks, ref, atol=1e-5):
+    loss = torch.stack([r["loss"] for r in ranks]).mean()
+    assert loss.item() == pytest.approx(ref["loss"].item(), abs=1e-5)
+    assert ref["grads"].keys() == ranks[0]["grads"].keys() and ref["grads"]
+    for name, g in ref["grads"].items():
+        for r in ranks:
+            torch.testing.assert_close(r["grads"][name], g, atol=atol, rtol=1e-4, msg=name)
+
+
+def test_simclr_two_processes_equal_one(tmp_path):
+    ranks = spawn(one_step, 2, tmp_path, "simclr", [])
+    assert_parity(ranks, single(one_step, "simclr", []))
+
+
+def test_moco_v3_two_processes_equal_one(tmp_path):
+    ranks = spawn(one_step, 2, tmp_path, "moco", ["--version", "v3"])
+    assert_parity(ranks, single(one_step, "moco", ["--version", "v3"]))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_moco_shuffle_bn_two_processes_equal_split_bn(tmp_path, version):
+    """2 processes with shuffle-BN == 1 process with split BN over 2 groups and the same key
+    permutation: same loss and gradients, and identical queues on every rank."""
+    flags = ["--version", version, "--queue-size", "32"]
+    ranks = spawn(one_step, 2, tmp_path, "moco", flags, 1)
+    ref = single(one_step, "moco", flags, 2)
+    assert_parity(ranks, ref)
+    for r in ranks:
+        assert torch.equal(r["state"]["queue_ptr"], ref["state"]["queue_ptr"])
+        torch.testing.assert_close(r["state"]["queue"], ref["state"]["queue"], atol=1e-6, rtol=0)
+    assert torch.equal(ranks[0]["state"]["queue"], ranks[1]["state"]["queue"])
+    assert ranks[0]["state"]["queue_ptr"].item() == GLOBAL_B  # keys of BOTH ranks enqueued
+
+
+def _gather_roundtrip():
+    r, w = C.get_rank(), C.get_world_size()
+    x = (torch.arange(6.0).view(3, 2) + 10 * r).t().contiguous().t().requires_grad_()
+    y = C.gather_with_grad(x)  # [w*3, 2]
+    (y * torch.arange(1.0, 1 + y.numel()).view_as(y)).sum().backward()
+    k = C.gather_no_grad(torch.full((2,), float(r)))
+    return {"y": y.detach(), "grad": x.grad, "k": k, "w": w}
+
+
+def test_gathers_across_processes(tmp_path):
+    ranks = spawn(_gather_roundtrip, 2, tmp_path)
+    for r, out in enumerate(ranks):
+        assert torch.equal(out["y"], ranks[0]["y"]) and out["y"].shape == (6, 2)
+        assert torch.equal(out["k"], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+        # d/dx_r of sum over BOTH ranks' losses (each rank weights the gathered tensor)
+        weights = torch.arange(1.0, 13.0).view(6, 2)[3 * r : 3 * r + 3]
+        assert torch.equal(out["grad"], 2 * weights)
