@@ -70,7 +70,7 @@ def get_rank() -> int:
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """[B, ...] per process -> [W*B, ...] in rank order, no gradient (keys, indices, features)."""
     if get_world_size() == 1:
-        return x
+        return x.detach()
     out = [torch.empty_like(x) for _ in range(get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
@@ -228,7 +228,7 @@ def npz_images(path: str, split: str) -> ArrayImages:
     x = torch.empty(len(off) - 1, 32, 32, 3, dtype=torch.uint8)
     for i in range(len(off) - 1):
         with Image.open(io.BytesIO(hdr + scans[off[i] : off[i + 1]].tobytes() + eoi)) as im:
-            x[i] = torch.from_numpy(np.asarray(im.convert("RGB")))
+            x[i] = torch.from_numpy(np.array(im.convert("RGB")))
     return ArrayImages(x, torch.from_numpy(d[f"y_{split}"]))
 
 
@@ -276,10 +276,12 @@ def base_datasets(args) -> tuple:
 
 
 class Indexed(torch.utils.data.Dataset):
-    """(transform(image), label, index): the index travels with the batch (memory banks)."""
+    """(transform(image), label, index): the index travels with the batch (memory banks). Keys
+    (index, epoch) from ResumableSampler seed the sample's augmentation from (seed, epoch,
+    index): independent of worker count and order, so a resume anywhere in an epoch is exact."""
 
-    def __init__(self, base, transform, n: int = 0, labelled_only: bool = False):
-        self.base, self.transform = base, transform
+    def __init__(self, base, transform, n: int = 0, labelled_only: bool = False, seed=None):
+        self.base, self.transform, self.seed = base, transform, seed
         idx = range(len(base))
         if labelled_only and hasattr(base, "labels"):  # STL-10 unlabeled images have label -1
             idx = [i for i in idx if base.labels[i] >= 0]
@@ -288,9 +290,20 @@ class Indexed(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.idx)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         img, y = self.base[self.idx[i]]
-        return self.transform(img), y, i
+        if epoch is None or self.seed is None:
+            return self.transform(img), y, i
+        s = (self.seed * 1_000_003 + epoch) * 100_000_007 + i
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            state = random.getstate()
+            random.seed(s)
+            try:
+                return self.transform(img), y, i
+            finally:
+                random.setstate(state)
 
 
 def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
@@ -305,9 +318,9 @@ def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
     ev, lin = (eval_transform(args.img_size, mean_std), linear_transform(args.img_size, mean_std))
     cap = args.knn_subset
     data = SimpleNamespace(
-        train=Indexed(train, train_tf(mean_std), args.subset),
+        train=Indexed(train, train_tf(mean_std), args.subset, seed=args.seed),
         train_eval=Indexed(train, ev, cap or args.subset, labelled_only=True),
-        train_linear=Indexed(train, lin, args.subset, labelled_only=True),
+        train_linear=Indexed(train, lin, args.subset, labelled_only=True, seed=args.seed),
         test=Indexed(test, ev, cap) if test is not None else None,
         num_classes=nc,
     )
@@ -322,33 +335,20 @@ def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler(shuffle, drop_last) that can skip the first samples of one epoch
-    (exact mid-epoch resume without loading the skipped images)."""
+    """DistributedSampler(shuffle, drop_last) yielding (index, epoch) keys for Indexed; `skip`
+    drops the first samples of one epoch (mid-epoch resume without loading them)."""
 
     skip = 0
 
     def __iter__(self):
-        it = list(super().__iter__())[self.skip :]
+        keys = [(i, self.epoch) for i in super().__iter__()][self.skip :]
         self.skip = 0
-        return iter(it)
+        return iter(keys)
 
 
-def seed_worker(worker_id: int):
-    random.seed(torch.initial_seed() % 2**32)
-
-
-def make_loader(ds, args, batch_size: int, train: bool = True, shard: bool = True):
-    """Training: every rank draws a disjoint shard, reshuffled per epoch (set_epoch), drop_last.
-    The worker seeds come from a generator reseeded each epoch by `loader_epoch`, so the
-    augmentation stream is a function of (seed, rank, epoch) and resume is exact."""
-    sampler = ResumableSampler(
-        ds,
-        args.world_size if shard else 1,
-        args.rank if shard else 0,
-        shuffle=train,
-        seed=args.seed,
-        drop_last=train,
-    )
+def make_loader(ds, args, batch_size: int, train: bool = True):
+    """Every rank draws a disjoint shard, reshuffled per epoch (set_epoch); drop_last."""
+    sampler = ResumableSampler(ds, args.world_size, args.rank, train, args.seed, drop_last=train)
     return torch.utils.data.DataLoader(
         ds,
         batch_size,
@@ -356,16 +356,14 @@ def make_loader(ds, args, batch_size: int, train: bool = True, shard: bool = Tru
         num_workers=args.workers,
         drop_last=train,
         pin_memory=args.device.startswith("cuda"),
-        worker_init_fn=seed_worker,
-        generator=torch.Generator(),
-        persistent_workers=False,
+        persistent_workers=args.workers > 0,
+        generator=torch.Generator(),  # its own: iterating must not advance the global RNG
     )
 
 
-def loader_epoch(loader, epoch: int, args, skip_batches: int = 0):
+def loader_epoch(loader, epoch: int, skip_batches: int = 0):
     loader.sampler.set_epoch(epoch)
     loader.sampler.skip = skip_batches * loader.batch_size
-    loader.generator.manual_seed(args.seed * 100003 + epoch * 1009 + args.rank)
     return loader
 
 
@@ -610,7 +608,7 @@ class LARS(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
@@ -833,7 +831,7 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         else:
             batches = (
                 (b[0].to(device, non_blocking=True), b[1].to(device))
-                for b in loader_epoch(loader, epoch, args)
+                for b in loader_epoch(loader, epoch)
             )
         for x, y in batches:
             if not args.linear_cached:

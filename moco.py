@@ -56,7 +56,9 @@ class Args:
     workers: int = arg(8, "DataLoader worker processes per process")
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "seed: model init identical on all ranks, data RNG seed + rank")
+    seed: int = arg(
+        0, "seed: model init (same on all ranks); augmentation from (seed, epoch, index)"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
@@ -96,7 +98,7 @@ class Args:
     )
     aug: str = arg("v1", "v1 [MoCo §4.1], v2 aug+ [MoCo v2], asym [MoCo v3]", choices=AUGS)
     crop_min: float = arg(0.2, "min crop scale [MoCo §4.1; ref: moco-v3 CONFIG.md R50 0.2]")
-    blur: bool = arg(True, "Gaussian blur in v2/asym augmentation (off at CIFAR size)")
+    blur: bool = arg(True, "blur in v2/asym aug [MoCo v2 §2; off at CIFAR size, ref: colab]")
     patch_size: int = arg(16, "ViT patch size [MoCo v3 §4; CIFAR 4]")
     stop_grad_conv1: bool = arg(True, "v3 ViT: frozen random patch projection [MoCo v3 §5.3]")
     linear_epochs: int = arg(100, "linear-eval epochs [ref: main_lincls.py; v3 90]")
@@ -104,7 +106,9 @@ class Args:
     linear_wd: float = arg(0.0, "linear-eval weight decay [ref: main_lincls.py]")
     linear_batch_size: int = arg(256, "linear-eval global batch [ref: main_lincls.py; v3 1024]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: main_lincls.py: plain 0.9]")
-    linear_milestones: tuple = arg((60, 80), "linear lr x0.1 at epochs (empty: cosine, v3)")
+    linear_milestones: tuple = arg(
+        (60, 80), "linear lr x0.1 at epochs [ref: main_lincls.py]; v3 cosine"
+    )
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -166,9 +170,8 @@ class Args:
                 r.update(queue_size=4096, m=0.99, schedule="cosine-epoch", aug="v2")
                 r["tau"] = 0.1 if version == "v1" else 0.2
             else:  # [ref: solo-learn mocov3 cifar: LARS 0.3 per 256, tau 0.2, wd 1e-6]
-                r.update(
-                    lr=0.3, wd=1e-6, tau=0.2, epochs=1000, linear_epochs=100, linear_batch_size=512
-                )
+                r.update(tau=0.2, epochs=1000, linear_epochs=100, linear_batch_size=512)
+                r.update({} if vit else {"lr": 0.3, "wd": 1e-6})  # ViT keeps AdamW 1.5e-4 / 0.1
         return r
 
 
@@ -382,7 +385,7 @@ def fit(model, optimizer, data, args):
     elif args.resume not in ("auto", "none"):
         C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
     else:
-        torch.manual_seed(args.seed + args.rank)  # per-rank augmentation streams
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -400,7 +403,7 @@ def fit(model, optimizer, data, args):
     finite = torch.ones((), dtype=torch.bool, device=device)
     while step < end:
         epoch, skip = divmod(step, args.steps_per_epoch)
-        for views, y, idx in C.loader_epoch(loader, epoch, args, skip):
+        for views, y, idx in C.loader_epoch(loader, epoch, skip):
             views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
             batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
             stats = train_step(ddp, batch, optimizer, scaler, step, args)

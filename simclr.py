@@ -44,7 +44,9 @@ class Args:
     workers: int = arg(8, "DataLoader worker processes per process")
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "seed: model init identical on all ranks, data RNG seed + rank")
+    seed: int = arg(
+        0, "seed: model init (same on all ranks); augmentation from (seed, epoch, index)"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
@@ -77,7 +79,7 @@ class Args:
     linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: README; CIFAR 0]")
     linear_batch_size: int = arg(4096, "linear-eval global batch [ref: README]")
     linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: model.py use_nesterov]")
-    linear_milestones: tuple = arg((), "linear lr x0.1 at these epochs (empty: cosine)")
+    linear_milestones: tuple = arg((), "linear lr steps (empty: cosine) [SimCLR §B.5]")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -215,7 +217,7 @@ def fit(model, optimizer, data, args):
     elif args.resume not in ("auto", "none"):
         C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
     else:
-        torch.manual_seed(args.seed + args.rank)  # per-rank augmentation streams
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -233,7 +235,7 @@ def fit(model, optimizer, data, args):
     finite = torch.ones((), dtype=torch.bool, device=device)
     while step < end:
         epoch, skip = divmod(step, args.steps_per_epoch)
-        for views, y, idx in C.loader_epoch(loader, epoch, args, skip):
+        for views, y, idx in C.loader_epoch(loader, epoch, skip):
             views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
             batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
             stats = train_step(ddp, batch, optimizer, scaler, step, args)

@@ -35,7 +35,7 @@ def torchrun(nproc, *args, **kw):
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
-            "--master_port=0",
+            "--standalone",
             *map(str, args),
         ],
         **kw,

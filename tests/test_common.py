@@ -214,7 +214,8 @@ def test_convert_sync_bn_is_noop_in_one_process():
 def test_gathers_are_identity_in_one_process():
     assert not torch.distributed.is_initialized()
     x = torch.randn(3, 4, requires_grad=True)
-    assert C.gather_no_grad(x) is x
+    y = C.gather_no_grad(x)  # same values, cut from the graph (as across processes)
+    assert torch.equal(y, x) and not y.requires_grad
     for fn in (C.gather_with_grad, C.all_reduce_with_grad):
         y = fn(x * 2)
         torch.testing.assert_close(y, x.detach() * 2)
@@ -414,16 +415,18 @@ def test_indexed():
 def test_resumable_sampler():
     ds = list(range(20))
     s = C.ResumableSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
-    full = list(s)
-    assert sorted(full) == ds and full != ds
+    keys = list(s)  # (index, epoch): the epoch seeds each sample's augmentation
+    full = [i for i, _ in keys]
+    assert sorted(full) == ds and full != ds and {e for _, e in keys} == {0}
     s.skip = 7
-    assert list(s) == full[7:]
-    assert list(s) == full  # skip lasts one iteration
+    assert list(s) == keys[7:]
+    assert list(s) == keys  # skip lasts one iteration
     s.set_epoch(1)
     other = list(s)
-    assert sorted(other) == ds and other != full
+    assert sorted(i for i, _ in other) == ds and [i for i, _ in other] != full
+    assert {e for _, e in other} == {1}
     shards = [
-        list(C.ResumableSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=0, drop_last=True))
+        [i for i, _ in C.ResumableSampler(ds, 2, r, shuffle=True, seed=0, drop_last=True)]
         for r in range(2)
     ]
     assert len(shards[0]) == len(shards[1]) == 10
@@ -435,15 +438,14 @@ def _run_loader(args, ds, epochs=(0, 1)):
     torch.manual_seed(0), random.seed(0)
     loader = C.make_loader(ds, args, batch_size=4)
     return [
-        [(x.clone(), y.clone(), i.clone()) for x, y, i in C.loader_epoch(loader, e, args)]
-        for e in epochs
+        [(x.clone(), y.clone(), i.clone()) for x, y, i in C.loader_epoch(loader, e)] for e in epochs
     ]
 
 
 def test_make_loader_reproducible_with_workers_0():
     args = SimpleNamespace(world_size=1, rank=0, seed=3, workers=0, device="cpu")
     tf = T.Compose([T.RandomResizedCrop(8, scale=(0.2, 1.0)), T.ToTensor()])
-    ds = C.Indexed(C.synthetic_images(18, 8, 0), tf)
+    ds = C.Indexed(C.synthetic_images(18, 8, 0), tf, seed=3)
     run1, run2 = _run_loader(args, ds), _run_loader(args, ds)
     for e1, e2 in zip(run1, run2):
         assert len(e1) == len(e2) == 4  # 18 // 4, drop_last
@@ -463,11 +465,30 @@ def test_loader_epoch_skip_batches_resumes_the_same_order():
     args = SimpleNamespace(world_size=1, rank=0, seed=5, workers=0, device="cpu")
     ds = C.Indexed(C.synthetic_images(16, 8, 0), T.ToTensor())
     loader = C.make_loader(ds, args, batch_size=4)
-    full = [i.tolist() for _, _, i in C.loader_epoch(loader, 2, args)]
-    resumed = [i.tolist() for _, _, i in C.loader_epoch(loader, 2, args, skip_batches=3)]
+    full = [i.tolist() for _, _, i in C.loader_epoch(loader, 2)]
+    resumed = [i.tolist() for _, _, i in C.loader_epoch(loader, 2, skip_batches=3)]
     assert resumed == full[3:]
-    again = [i.tolist() for _, _, i in C.loader_epoch(loader, 2, args)]
+    again = [i.tolist() for _, _, i in C.loader_epoch(loader, 2)]
     assert again == full
+
+
+def test_mid_epoch_resume_reproduces_augmentations_with_workers():
+    """Indexed seeds each sample's augmentation from (seed, epoch, index): skipping batches
+    must not change the crops of the batches that follow, whatever the worker count."""
+    args = SimpleNamespace(world_size=1, rank=0, seed=3, workers=2, device="cpu")
+    tf = T.Compose([T.RandomResizedCrop(8, scale=(0.2, 1.0)), T.ToTensor()])
+    ds = C.Indexed(C.synthetic_images(8, 8, 0), tf, seed=3)
+    loader = C.make_loader(ds, args, batch_size=2)
+    full = [(x, i) for x, _, i in C.loader_epoch(loader, 0)]
+    again = [(x, i) for x, _, i in C.loader_epoch(loader, 0)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full, again))  # reseeded per epoch
+    resumed = [(x, i) for x, _, i in C.loader_epoch(loader, 0, skip_batches=1)]
+    assert [i.tolist() for _, i in resumed] == [i.tolist() for _, i in full[1:]]
+    same = [torch.equal(a[0], b[0]) for a, b in zip(full[1:], resumed)]
+    assert all(same), f"augmentations after a mid-epoch resume differ (batch equal: {same})"
+    args.workers = 0
+    single = [x for x, _, _ in C.loader_epoch(C.make_loader(ds, args, batch_size=2), 0)]
+    assert all(torch.equal(a[0], b) for a, b in zip(full, single))  # worker count irrelevant
 
 
 # ==== CLI ===================================================================================
