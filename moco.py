@@ -352,6 +352,51 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
 
 
 # ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
 def evaluate(model, data, args, logger, step: int, final: bool):
     """kNN top-1 on the test split; at the end also export and the linear probe, after which
     the backbone must be bit-identical (MoCo main_lincls sanity check)."""
@@ -365,7 +410,7 @@ def evaluate(model, data, args, logger, step: int, final: bool):
         res["knn_top1"] = C.knn_eval(fn, data, args)
     if final and args.linear_epochs:
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        res.update(C.linear_probe(fn, model.feat_dim, data, args))
+        res.update(linear_probe(fn, model.feat_dim, data, args))
         if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
             raise RuntimeError("linear eval changed the frozen model")
     logger.write(res)
@@ -403,7 +448,8 @@ def fit(model, optimizer, data, args):
     finite = torch.ones((), dtype=torch.bool, device=device)
     while step < end:
         epoch, skip = divmod(step, args.steps_per_epoch)
-        for views, y, idx in C.loader_epoch(loader, epoch, skip):
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
             views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
             batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
             stats = train_step(ddp, batch, optimizer, scaler, step, args)
@@ -448,8 +494,8 @@ def main(args: Args):
         )
     scale = (args.crop_min, 1.0)
     augs = {
-        "v1": lambda ms: C.moco_v1_augment(args.img_size, ms, scale),
-        "v2": lambda ms: C.moco_v2_augment(args.img_size, ms, scale, args.blur),
+        "v1": lambda ms: C.moco_augment(args.img_size, ms, "v1", scale),
+        "v2": lambda ms: C.moco_augment(args.img_size, ms, "v2", scale, args.blur),
         "asym": lambda ms: C.byol_augment(args.img_size, ms, scale, args.blur).transforms,
     }
     pair = lambda ms: C.MultiView(

@@ -162,7 +162,9 @@ def test_loop_reshuffles_every_epoch(tmp_path, monkeypatch):
     epochs = []
     orig = C.ResumableSampler.set_epoch
     monkeypatch.setattr(
-        C.ResumableSampler, "set_epoch", lambda self, e: (epochs.append(e), orig(self, e))
+        C.ResumableSampler,
+        "set_epoch",
+        lambda self, e, skip=0: (epochs.append(e), orig(self, e, skip)),
     )
     simclr.main(tiny_args(simclr, tmp_path, "--subset", 32, "--batch-size", 16, "--epochs", 3))
     assert epochs == [0, 1, 2]
@@ -188,6 +190,6 @@ def test_linear_probe_leaves_the_model_bit_identical_and_learns(tmp_path):
     torch.manual_seed(0)
     model = simclr.SimCLR(args).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = C.linear_probe(lambda x: simclr.features(model, x), model.feat_dim, data, args)
+    res = simclr.linear_probe(lambda x: simclr.features(model, x), model.feat_dim, data, args)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert res["linear_top1"] > 30 and res["linear_top5"] >= res["linear_top1"]
