@@ -14,6 +14,7 @@ import time
 from functools import partial
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -25,8 +26,7 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 
-def fail(msg: str):
-    """Stop with one line that names the fix (a non-zero exit, no traceback)."""
+def fail(msg: str):  # one line that names the fix; a non-zero exit, no traceback
     raise SystemExit(f"error: {msg}")
 
 
@@ -39,15 +39,13 @@ def setup_ddp(args) -> torch.device:
         if cuda:
             torch.cuda.set_device(args.local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
-    args.rank, args.world_size = get_rank(), get_world_size()
-    args.is_main, args.device = args.rank == 0, f"cuda:{args.local_rank}" if cuda else args.device
-    args.device = args.device or "cpu"
-    if args.batch_size % args.world_size:
-        w = args.world_size
+    args.rank, args.world_size, args.is_main = get_rank(), get_world_size(), get_rank() == 0
+    args.device = f"cuda:{args.local_rank}" if cuda else (args.device or "cpu")
+    if args.batch_size % (w := args.world_size):
         fail(f"--batch-size {args.batch_size} is not divisible by world size {w}; pass a multiple")
-    args.batch_size_per_gpu = args.batch_size // args.world_size
-    if args.amp == "auto":
-        args.amp = "bf16" if args.device.startswith("cuda") else "off"
+    args.batch_size_per_gpu = args.batch_size // w
+    cpu = not args.device.startswith("cuda")
+    args.amp = ("off" if cpu else "bf16") if args.amp == "auto" else args.amp
     return torch.device(args.device)
 
 
@@ -70,8 +68,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums all processes' gradients and keeps this process's slice, so
-    DDP's averaging equals one process on the global batch (torch.distributed.nn's: deprecated)."""
+    """all_gather; backward sums every process's gradient and keeps this process's slice."""
 
     @staticmethod
     def forward(ctx, x):
@@ -98,11 +95,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch on any backend (gloo/CPU too): the moments are summed
-    over processes with gradient. On NCCL `convert_sync_bn` uses torch's nn.SyncBatchNorm."""
+    """BatchNorm over the global batch on any backend (gloo/CPU too): moments summed over
+    processes with gradient. (torch's SyncBatchNorm needs CUDA; convert_sync_bn uses it on NCCL.)"""
 
-    def _check_input_dim(self, x):
-        assert x.dim() >= 2, f"expected at least 2-D input, got {x.dim()}-D"
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim  # any input with >= 2 dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or get_world_size() == 1:
@@ -112,14 +108,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = all_reduce_with_grad(xf.sum(dims)) / n
         xc = xf - mean.view(shape)
         var = all_reduce_with_grad((xc * xc).sum(dims)) / n
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
+        if self.track_running_stats:  # the unbiased variance, as torch's BatchNorm
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
         y = xc * torch.rsqrt(var + self.eps).view(shape)
-        y = y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
-        return y.to(x.dtype)
+        w, b = (self.weight.view(shape), self.bias.view(shape)) if self.affine else (1.0, 0.0)
+        return (y * w + b).to(x.dtype)
 
 
 def convert_sync_bn(module: nn.Module) -> nn.Module:
@@ -163,8 +158,6 @@ def synthetic_images(n: int, size: int, seed: int, num_classes: int = 10) -> Arr
 
 def npz_images(path: str, split: str) -> ArrayImages:
     """CIFAR-10 JPEG npz: image i = header + scans[off[i]:off[i+1]] + EOI (see its README)."""
-    import numpy as np  # a torchvision dependency
-
     d = np.load(path)
     hdr, scans, off = d["jpeg_header"].tobytes(), d[f"{split}_scans"], d[f"{split}_offsets"]
     x = torch.empty(len(off) - 1, 32, 32, 3, dtype=torch.uint8)
@@ -211,18 +204,17 @@ class Indexed(torch.utils.data.Dataset):
     index): views independent of worker count and order, so resume is exact anywhere."""
 
     def __init__(self, base, transform, n: int = 0, labelled_only: bool = False, seed=None):
-        self.base, self.transform, self.seed = base, transform, seed
-        idx = range(len(base))
+        self.transform, self.seed, idx = transform, seed, list(range(len(base)))
         if labelled_only and hasattr(base, "labels"):  # STL-10 unlabeled images have label -1
             idx = [i for i in idx if base.labels[i] >= 0]
-        self.idx = list(idx)[:n] if n else list(idx)
+        self.dataset, self.indices = base, idx[:n] if n else idx
 
     def __len__(self):
-        return len(self.idx)
+        return len(self.indices)
 
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, None)
-        img, y = self.base[self.idx[i]]
+        img, y = self.dataset[self.indices[i]]
         if epoch is None or self.seed is None:
             return self.transform(img), y, i
         s, state = (self.seed * 1_000_003 + epoch) * 100_000_007 + i, random.getstate()
@@ -244,7 +236,7 @@ def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
     ev, seed = eval_transform(size, mean_std), args.seed
     data = SimpleNamespace(num_classes=nc, train=Indexed(train, train_tf(mean_std), n, seed=seed))
     data.train_eval = Indexed(train, ev, cap or n, labelled_only=True)
-    data.train_linear = Indexed(train, linear_transform(size, mean_std), n, True, seed)
+    data.train_linear = Indexed(train, eval_transform(size, mean_std, train=True), n, True, seed)
     data.test = Indexed(test, ev, cap) if test is not None else None
     args.steps_per_epoch = len(data.train) // args.batch_size
     if args.steps_per_epoch == 0:
@@ -254,10 +246,9 @@ def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler yielding (index, epoch) keys for Indexed; `skip` drops the first samples
-    of one epoch (mid-epoch resume without loading them)."""
+    """DistributedSampler yielding (index, epoch) keys; skip: resume mid-epoch without loading."""
 
-    skip = 0
+    skip = 0  # samples to drop at the start of the next epoch
 
     def set_epoch(self, epoch: int, skip: int = 0):
         self.epoch, self.skip = epoch, skip
@@ -281,14 +272,11 @@ def gaussian_blur(img):
     return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
 
-class MultiView:
-    """One image -> a list of independently augmented views (2 views, asymmetric, multi-crop)."""
-
-    def __init__(self, transforms: list):
-        self.transforms = transforms
+class MultiView(list):
+    """A list of transforms; one image -> the list of its views (2, asymmetric, multi-crop)."""
 
     def __call__(self, img) -> list:
-        return [t(img) for t in self.transforms]
+        return [t(img) for t in self]
 
 
 def to_tensor(ops: list, mean_std=None) -> T.Compose:
@@ -300,8 +288,7 @@ AUG.update(blur_p=0.0, solarize_p=0.0, gray_first=False, bicubic=False)
 
 
 def augmentation(size: int, mean_std=None, **kw) -> T.Compose:
-    """The recipe skeleton: crop, colour jitter (random op order), grayscale, blur, solarize,
-    flip; knobs (defaults in AUG) set to each paper's values by the named recipes below."""
+    """Crop, colour jitter (random op order), grayscale, blur, solarize, flip; knobs: AUG."""
     o = SimpleNamespace(**{**AUG, **kw})
     mode = T.InterpolationMode.BICUBIC if o.bicubic else T.InterpolationMode.BILINEAR
     color = [T.RandomApply([T.ColorJitter(*o.jitter)], p=o.jitter_p), T.RandomGrayscale(o.gray_p)]
@@ -322,11 +309,9 @@ def simclr_augment(size, mean_std=None, s=1.0, blur=True):
 def moco_augment(size, mean_std, version="v2", scale=(0.2, 1.0), blur=True):
     """v1 [MoCo §4; ref: main_moco.py]: gray 0.2 then jitter 0.4 always; v2 [MoCo v2 §2; ref:
     --aug-plus]: jitter (0.4, 0.4, 0.4, 0.1) p=0.8, gray 0.2, blur p=0.5."""
-    if version == "v1":
-        return augmentation(
-            size, mean_std, scale=scale, jitter=(0.4,) * 4, jitter_p=1, gray_first=1
-        )
-    return augmentation(size, mean_std, scale=scale, blur_p=0.5 * blur)
+    v1 = {"jitter": (0.4,) * 4, "jitter_p": 1.0, "gray_first": True}
+    knobs = v1 if version == "v1" else {"blur_p": 0.5 * blur}
+    return augmentation(size, mean_std, scale=scale, **knobs)
 
 
 def byol_augment(size, mean_std, scale=(0.08, 1.0), blur=True) -> MultiView:
@@ -342,15 +327,13 @@ def multicrop_augment(global_tf, local_tf, n_global: int = 2, n_local: int = 6) 
     return MultiView([global_tf] * n_global + [local_tf] * n_local)
 
 
-def eval_transform(size: int, mean_std=None) -> T.Compose:
-    """Resize 256/224 + centre crop at ImageNet scale; the plain image at CIFAR scale."""
+def eval_transform(size: int, mean_std=None, train: bool = False) -> T.Compose:
+    """train (linear probe): random resized crop + flip [MoCo main_lincls.py]; test: resize
+    256/224 + centre crop at ImageNet scale, the plain image at CIFAR scale."""
+    if train:
+        return to_tensor([T.RandomResizedCrop(size), T.RandomHorizontalFlip()], mean_std)
     ops = [T.Resize(size * 8 // 7), T.CenterCrop(size)] if size > 64 else [T.Resize(size)]
     return to_tensor(ops, mean_std)
-
-
-def linear_transform(size: int, mean_std=None) -> T.Compose:
-    """Linear-probe training: random resized crop + flip only [MoCo main_lincls.py]."""
-    return to_tensor([T.RandomResizedCrop(size), T.RandomHorizontalFlip()], mean_std)
 
 
 # ==== 4. backbones =========================================================================
@@ -359,10 +342,9 @@ VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 
 
 def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer=None, **kw):
-    """-> (module mapping [B, C, H, W] to h [B, feat_dim], feat_dim). ResNets: torchvision's
-    without fc, with the CIFAR stem (3x3 stride-1 conv, no max-pool) [SimCLR resnet.py
-    cifar_stem] when img_size <= 64. kw: in_chans, width (multiplier); for ViTs (12 blocks)
-    patch_size (16; 4 at <= 64 px), num_heads, pos_embed (learned/sincos), freeze_patch_embed."""
+    """-> (module: [B, C, H, W] -> h [B, feat_dim], feat_dim). ResNets: torchvision's minus fc,
+    CIFAR stem (3x3 stride-1 conv, no max-pool) [SimCLR resnet.py] at <= 64 px. kw: in_chans,
+    width; ViT: patch_size (16; 4 at <= 64 px), num_heads, pos_embed, freeze_patch_embed."""
     in_chans, width = kw.get("in_chans", 3), kw.get("width", 1.0)
     if arch in ARCHS and arch.startswith("resnet"):
         kw = {"norm_layer": norm_layer, "width_per_group": int(64 * width)}
@@ -432,9 +414,8 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=not sincos)
         self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02), nn.init.zeros_(m.bias)
+        for m in (m for m in self.modules() if isinstance(m, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02), nn.init.zeros_(m.bias)
 
     def forward(self, x):
         x, pos = self.patch_embed(x), self.pos_embed  # [B, dim, gh, gw]
@@ -449,9 +430,8 @@ class ViT(nn.Module):
 
 # ==== 5. optimisation ======================================================================
 class LARS(torch.optim.Optimizer):
-    """LARS [You et al. 2017] as in SimCLR/BYOL/MoCo v3 (ref: moco-v3 moco/optimizer.py): for
-    params with ndim > 1, d = g + wd*w is scaled by the trust ratio eta*|w|/|d|; 1-D params
-    (biases, norms) get neither weight decay nor adaptation. m <- mu*m + d; w <- w - lr*m."""
+    """LARS [You et al. 2017; ref: moco-v3 optimizer.py]: for ndim > 1, d = g + wd*w scaled by
+    eta*|w|/|d|; 1-D params (biases, norms): no decay, no adaptation. m <- mu*m + d; w -= lr*m."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
@@ -471,14 +451,11 @@ class LARS(torch.optim.Optimizer):
                 p.add_(buf.mul_(g["momentum"]).add_(d), alpha=-g["lr"])
 
 
-def param_groups(modules, weight_decay: float) -> list[dict]:
+def param_groups(modules, wd: float) -> list[dict]:
     """Weight decay on >= 2-D params only; biases and norm params (ndim <= 1) get none."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps=0, warmup_start=0.0):
@@ -609,9 +586,8 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
 
 # ==== 8. config, CLI and logging ===========================================================
 def parse_args(cls, argv=None):
-    """argparse from the dataclass: a flag per field, help from the field metadata. Values are,
-    in order: field defaults (the paper's ImageNet recipe), cls.recipe(version, preset, arch)
-    overrides (e.g. the CIFAR preset), then the flags given."""
+    """argparse from the dataclass (help from field metadata). Values: field defaults (the paper's
+    ImageNet recipe) < cls.recipe(version, preset, arch) (e.g. the CIFAR preset) < given flags."""
     doc, raw = sys.modules[cls.__module__].__doc__, argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=doc, formatter_class=raw)
     for f in (f for f in dataclasses.fields(cls) if not f.metadata.get("derived")):
@@ -629,9 +605,8 @@ def parse_args(cls, argv=None):
 
 
 def config_dict(args) -> dict:
-    keep = ("world_size", "batch_size_per_gpu")
-    fields = [f.name for f in dataclasses.fields(args) if not f.metadata.get("derived")]
-    return {k: getattr(args, k) for k in fields + list(keep)}
+    names = [f.name for f in dataclasses.fields(args) if not f.metadata.get("derived")]
+    return {k: getattr(args, k) for k in names + ["world_size", "batch_size_per_gpu"]}
 
 
 def prepare_run(args):

@@ -496,7 +496,7 @@ def main(args: Args):
     augs = {
         "v1": lambda ms: C.moco_augment(args.img_size, ms, "v1", scale),
         "v2": lambda ms: C.moco_augment(args.img_size, ms, "v2", scale, args.blur),
-        "asym": lambda ms: C.byol_augment(args.img_size, ms, scale, args.blur).transforms,
+        "asym": lambda ms: C.byol_augment(args.img_size, ms, scale, args.blur),
     }
     pair = lambda ms: C.MultiView(
         augs[args.aug](ms) if args.aug == "asym" else [augs[args.aug](ms)] * 2

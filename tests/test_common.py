@@ -85,7 +85,7 @@ def test_param_groups_split_by_ndim():
     frozen = b[1].weight
     extra = nn.Module()
     extra.pos = nn.Parameter(torch.zeros(1, 3, 5))
-    groups = C.param_groups([a, b, extra], weight_decay=0.05)
+    groups = C.param_groups([a, b, extra], wd=0.05)
     wd_group = [g for g in groups if g["weight_decay"] == 0.05]
     no_wd = [g for g in groups if g["weight_decay"] == 0.0]
     assert len(wd_group) == 1 and len(no_wd) == 1 and len(groups) == 2
