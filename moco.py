@@ -34,11 +34,8 @@ import common as C
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
-OPTS, SCHEDULES, AUGS = (
-    ("sgd", "lars", "adamw"),
-    ("step", "cosine-epoch", "cosine"),
-    ("v1", "v2", "asym"),
-)
+OPTS, SCHEDULES = ("sgd", "lars", "adamw"), ("step", "cosine-epoch", "cosine")
+AUGS = ("v1", "v2", "asym")
 
 
 def arg(default, help: str, **kw):
@@ -122,56 +119,26 @@ class Args:
     @staticmethod
     def recipe(version: str = "v2", preset: str = "cifar", arch: str = "") -> dict:
         """Fields that differ from the defaults above for this version / preset / arch."""
-        vit = arch.startswith("vit")
-        r = {}
+        vit, r = arch.startswith("vit"), {}
         if version == "v2":  # [ref: moco README "--mlp --moco-t 0.2 --aug-plus --cos"]
             r = {"tau": 0.2, "aug": "v2", "schedule": "cosine-epoch"}
         if version == "v3":  # [ref: moco-v3 CONFIG.md, main_moco.py]
-            r = {
-                "epochs": 300 if vit else 100,
-                "batch_size": 4096,
-                "optimizer": "lars",
-                "lr": 0.6,
-                "wd": 1e-6,
-                "schedule": "cosine",
-                "warmup_epochs": 10,
-                "tau": 1.0,
-                "m": 0.99,
-                "m_cos": True,
-                "queue_size": 0,
-                "dim": 256,
-                "aug": "asym",
-                "linear_epochs": 90,
-                "linear_lr": 0.1,
-                "linear_batch_size": 1024,
-                "linear_milestones": (),
-            }
-            if vit:
-                r.update(
-                    optimizer="adamw",
-                    lr=1.5e-4,
-                    wd=0.1,
-                    warmup_epochs=40,
-                    tau=0.2,
-                    crop_min=0.08,
-                    linear_lr=3.0,
-                )
+            r = {"epochs": 300 if vit else 100, "batch_size": 4096, "queue_size": 0, "dim": 256}
+            r.update(optimizer="lars", lr=0.6, wd=1e-6, schedule="cosine", warmup_epochs=10)
+            r.update(tau=1.0, m=0.99, m_cos=True, aug="asym", linear_milestones=())
+            r.update(linear_epochs=90, linear_lr=0.1, linear_batch_size=1024)
+        if version == "v3" and vit:  # AdamW, 40 warm-up epochs [MoCo v3 §4; ref: CONFIG.md]
+            r.update(optimizer="adamw", lr=1.5e-4, wd=0.1, warmup_epochs=40, tau=0.2)
+            r.update(crop_min=0.08, linear_lr=3.0)
         if preset == "cifar":  # [ref: moco colab CIFAR-10 demo: R18, K 4096, m 0.99, no blur]
-            r.update(
-                arch="resnet18",
-                epochs=200,
-                batch_size=512,
-                wd=5e-4,
-                crop_min=0.08,
-                blur=False,
-                patch_size=4,
-            )
-            if version != "v3":
-                r.update(queue_size=4096, m=0.99, schedule="cosine-epoch", aug="v2")
-                r["tau"] = 0.1 if version == "v1" else 0.2
-            else:  # [ref: solo-learn mocov3 cifar: LARS 0.3 per 256, tau 0.2, wd 1e-6]
-                r.update(tau=0.2, epochs=1000, linear_epochs=100, linear_batch_size=512)
-                r.update({} if vit else {"lr": 0.3, "wd": 1e-6})  # ViT keeps AdamW 1.5e-4 / 0.1
+            r.update(arch="resnet18", epochs=200, batch_size=512, wd=5e-4, crop_min=0.08)
+            r.update(blur=False, patch_size=4)
+        if preset == "cifar" and version != "v3":
+            r.update(queue_size=4096, m=0.99, schedule="cosine-epoch", aug="v2")
+            r["tau"] = 0.1 if version == "v1" else 0.2
+        if preset == "cifar" and version == "v3":  # [ref: solo-learn mocov3 cifar: tau 0.2]
+            r.update(tau=0.2, epochs=1000, linear_epochs=100, linear_batch_size=512)
+            r.update({} if vit else {"lr": 0.3, "wd": 1e-6})  # LARS 0.3 per 256 [solo-learn]
         return r
 
 
@@ -221,22 +188,16 @@ def v3_mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -
 class MoCo(nn.Module):
     def __init__(self, args: Args, bn_splits: int = 1):
         super().__init__()
-        self.version, self.tau, v3, vit = (
-            args.version,
-            args.tau,
-            args.version == "v3",
-            args.arch[:3] == "vit",
-        )
+        self.version, self.tau = args.version, args.tau
+        v3, vit = args.version == "v3", args.arch.startswith("vit")
         norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else None
+        # v3 ViT: sin-cos positions, 12 heads for ViT-S, frozen patch projection [MoCo v3 §4, §5.3]
+        vit_kw = {"patch_size": args.patch_size, "pos_embed": "sincos" if v3 else "learned"}
+        vit_kw["num_heads"] = 12 if v3 and args.arch == "vit_small" else 0
+        vit_kw["freeze_patch_embed"] = v3 and args.stop_grad_conv1
+        # zero-init of each residual block's last BN in v3 [ref: moco-v3 main_moco.py]
         self.backbone, self.feat_dim = C.build_backbone(
-            args.arch,
-            args.img_size,
-            zero_init_residual=v3,
-            norm_layer=norm,  # [ref: moco-v3]
-            patch_size=args.patch_size,
-            num_heads=12 if v3 and args.arch == "vit_small" else 0,
-            freeze_patch_embed=v3 and args.stop_grad_conv1,
-            pos_embed="sincos" if v3 else "learned",
+            args.arch, args.img_size, v3, norm, **vit_kw
         )
         f, d = self.feat_dim, args.dim
         if args.version == "v1":  # the fc layer of the ResNet, 128-d [MoCo §3.3]
@@ -492,16 +453,12 @@ def main(args: Args):
             f"batch per process {args.batch_size_per_gpu} is not divisible by --bn-splits "
             f"{bn_splits}; change --batch-size or --bn-splits"
         )
-    scale = (args.crop_min, 1.0)
-    augs = {
-        "v1": lambda ms: C.moco_augment(args.img_size, ms, "v1", scale),
-        "v2": lambda ms: C.moco_augment(args.img_size, ms, "v2", scale, args.blur),
-        "asym": lambda ms: C.byol_augment(args.img_size, ms, scale, args.blur),
-    }
-    pair = lambda ms: C.MultiView(
-        augs[args.aug](ms) if args.aug == "asym" else [augs[args.aug](ms)] * 2
-    )
-    data = C.build_data(args, pair, normalize=True)
+    scale, size = (args.crop_min, 1.0), args.img_size
+    if args.aug == "asym":  # two recipes: blur 1.0 / 0.1, solarize 0 / 0.2 [MoCo v3 §4]
+        views = lambda ms: C.byol_augment(size, ms, scale, args.blur)
+    else:  # the same recipe for query and key
+        views = lambda ms: C.MultiView([C.moco_augment(size, ms, args.aug, scale, args.blur)] * 2)
+    data = C.build_data(args, views, normalize=True)  # mean/std-normalised [ref: main_moco.py]
     C.prepare_run(args)
     model = MoCo(args, bn_splits if args.version != "v3" else 1)
     if args.version == "v3":  # SyncBN everywhere in v3 [MoCo v3 §4]; v1/v2 keep per-GPU BN

@@ -1,6 +1,7 @@
 """Small shared helpers for the tests (not collected: no test_ prefix)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,12 +17,24 @@ def tiny_args(module, out_dir, *extra):
     return C.parse_args(module.Args, [*TINY, "--out-dir", str(out_dir), *map(str, extra)])
 
 
-def run(cmd, timeout=240, **kw):
-    """Run a command from the repo root with the current interpreter; return CompletedProcess."""
+def run(cmd, timeout=240, cwd=ROOT):
+    """Run a command (own process group: a hung torchrun is killed with all its workers)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        cmd, cwd=kw.pop("cwd", ROOT), env=env, capture_output=True, text=True, timeout=timeout, **kw
+    p = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def python(*args, **kw):
