@@ -297,14 +297,8 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
     grad_norm = C.optimizer_step(loss, optimizer, scaler)
     if net.queue is not None:
         enqueue(net, k)  # after the loss: a batch's keys are never its own negatives
-    return {
-        "loss": loss.detach(),
-        "lr": lr,
-        "m": m,
-        "tau": args.tau,
-        "grad_norm": grad_norm,
-        "z_std": C.collapse_std(q),
-    }
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "m": m, "tau": args.tau}
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(q)}
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import common as C
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+VERS = ("v1", "v2")
 
 
 def arg(default, help: str, **kw):
@@ -58,28 +59,24 @@ class Args:
     knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
-    version: str = arg(
-        "v1",
-        "v1: 2-layer head [SimCLR]; v2: 3-layer head, wd 1e-4 [SimCLRv2 §2]",
-        choices=("v1", "v2"),
-    )
+    version: str = arg("v1", "v1 [SimCLR]; v2: 3-layer head, wd 1e-4 [SimCLRv2 §2]", choices=VERS)
     arch: str = arg("resnet50", "backbone [SimCLR §3]", choices=C.ARCHS)
-    epochs: int = arg(100, "epochs [SimCLR §B.9: 100 for ablations, 1000 best; ref: README]")
-    batch_size: int = arg(4096, "GLOBAL batch [SimCLR §3; ref: README --train_batch_size]")
-    lr: float = arg(0.3, "LARS lr per 256 images, x batch/256 [SimCLR §B.1]")
-    wd: float = arg(1e-6, "weight decay, not on biases/BN [SimCLR §B.1; v2 1e-4, ref: README]")
-    warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine [SimCLR §B.1]")
+    epochs: int = arg(100, "epochs [SimCLR §2.3 default setting: 100; 1000 in Tab. 6]")
+    batch_size: int = arg(4096, "GLOBAL batch [SimCLR §2.3 default setting]")
+    lr: float = arg(0.3, "LARS lr per 256 images, x batch/256 [SimCLR §2.3: 4.8 at 4096]")
+    wd: float = arg(1e-6, "weight decay, not on biases/BN [SimCLR §2.3; v2 1e-4, ref: README]")
+    warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine [SimCLR §2.3]")
     tau: float = arg(0.1, "NT-Xent temperature [SimCLR Tab. 5; ref: README --temperature]")
     proj_layers: int = arg(2, "projector layers (v1 2, v2 3) [ref: model_util.projection_head]")
-    proj_dim: int = arg(128, "projector output dim [SimCLR §B.1; ref: --proj_out_dim]")
+    proj_dim: int = arg(128, "projector output dim [SimCLR §2.3; ref: --proj_out_dim]")
     color_s: float = arg(1.0, "colour jitter strength s [SimCLR App. A; CIFAR 0.5]")
     blur: bool = arg(True, "Gaussian blur p=0.5 [SimCLR App. A; off at CIFAR size]")
-    linear_epochs: int = arg(90, "linear-eval epochs [SimCLR §B.5; ref: README]")
-    linear_lr: float = arg(0.1, "linear-eval lr per 256, cosine [SimCLR §B.5; ref: README]")
+    linear_epochs: int = arg(90, "linear-eval epochs [ref: simclr README linear-eval command]")
+    linear_lr: float = arg(0.1, "linear-eval lr per 256, cosine [ref: simclr README, model.py]")
     linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: README; CIFAR 0]")
     linear_batch_size: int = arg(4096, "linear-eval global batch [ref: README]")
     linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: model.py use_nesterov]")
-    linear_milestones: tuple = arg((), "linear lr steps (empty: cosine) [SimCLR §B.5]")
+    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: simclr README]")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -94,7 +91,7 @@ class Args:
     def recipe(version: str = "v1", preset: str = "cifar", arch: str = "") -> dict:
         """Fields that differ from the defaults above for this version / preset."""
         r = {"proj_layers": 3, "wd": 1e-4, "epochs": 800} if version == "v2" else {}
-        if preset == "cifar":  # [SimCLR §B.9; ref: README CIFAR-10 command]
+        if preset == "cifar":  # [SimCLR App. B.9; ref: README CIFAR-10 command]
             r.update(
                 arch="resnet18",
                 batch_size=512,
@@ -175,7 +172,8 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
     with C.autocast(args):
         loss, z = model(x1, x2)
     grad_norm = C.optimizer_step(loss, optimizer, scaler)
-    return {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,10 @@ import common as C
 import moco
 import simclr
 
-NPZ = "/work/shared/data/cifar10_jpeg.npz"
+NPZ = os.environ.get(  # the real CIFAR-10 copy next to the checkout, when there is one
+    "CLEANSSL_CIFAR_NPZ",
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_jpeg.npz"),
+)
 
 
 def _exit_message(excinfo) -> str:
