@@ -312,6 +312,8 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
     head = nn.Linear(feat_dim, data.num_classes).to(device)
     nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}

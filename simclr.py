@@ -15,6 +15,7 @@ Run: torchrun --nproc_per_node=8 simclr.py --preset imagenet --dataset imagenet 
 """
 
 # ==== 0. imports ===========================================================================
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -63,7 +64,13 @@ class Args:
     arch: str = arg("resnet50", "backbone [SimCLR §3]", choices=C.ARCHS)
     epochs: int = arg(100, "epochs [SimCLR §2.3 default setting: 100; 1000 in Tab. 6]")
     batch_size: int = arg(4096, "GLOBAL batch [SimCLR §2.3 default setting]")
-    lr: float = arg(0.3, "LARS lr per 256 images, x batch/256 [SimCLR §2.3: 4.8 at 4096]")
+    lr: float = arg(0.3, "LARS lr, x batch/256 [SimCLR §2.3: 4.8 at 4096]; v2: 0.1 x sqrt(batch)")
+    lr_scaling: str = arg(
+        "linear",
+        "linear: lr x B/256; sqrt: lr x sqrt(B) [SimCLRv2 App. B; "
+        "ref: run.py --learning_rate_scaling]",
+        choices=("linear", "sqrt"),
+    )
     wd: float = arg(1e-6, "weight decay, not on biases/BN [SimCLR §2.3; v2 1e-4, ref: README]")
     warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine [SimCLR §2.3]")
     tau: float = arg(0.1, "NT-Xent temperature [SimCLR Tab. 5; ref: README --temperature]")
@@ -90,20 +97,13 @@ class Args:
     @staticmethod
     def recipe(version: str = "v1", preset: str = "cifar", arch: str = "") -> dict:
         """Fields that differ from the defaults above for this version / preset."""
-        r = {"proj_layers": 3, "wd": 1e-4, "epochs": 800} if version == "v2" else {}
+        r = {}
+        if version == "v2":  # [SimCLRv2 App. B; ref: README: 3-layer head, wd 1e-4, 800 epochs]
+            r.update(proj_layers=3, wd=1e-4, epochs=800, lr=0.1, lr_scaling="sqrt")
         if preset == "cifar":  # [SimCLR App. B.9; ref: README CIFAR-10 command]
-            r.update(
-                arch="resnet18",
-                batch_size=512,
-                lr=1.0,
-                epochs=1000,
-                tau=0.5,
-                color_s=0.5,
-                blur=False,
-                linear_epochs=100,
-                linear_wd=0.0,
-                linear_batch_size=512,
-            )
+            r.update(arch="resnet18", batch_size=512, lr=1.0, epochs=1000, tau=0.5, color_s=0.5)
+            r.update(blur=False, lr_scaling="linear", linear_epochs=100, linear_wd=0.0)
+            r["linear_batch_size"] = 512
         return r
 
 
@@ -187,6 +187,8 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
     head = nn.Linear(feat_dim, data.num_classes).to(device)
     nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -315,7 +317,8 @@ def main(args: Args):
     data = C.build_data(args, lambda ms: C.MultiView([aug(ms), aug(ms)]), normalize=False)
     C.prepare_run(args)
     model = C.convert_sync_bn(SimCLR(args)).to(device)  # global BN [SimCLR §3 "Global BN"]
-    lr = args.lr * args.batch_size / 256
+    sqrt = args.lr_scaling == "sqrt"
+    lr = args.lr * (math.sqrt(args.batch_size) if sqrt else args.batch_size / 256)
     warmup = args.warmup_epochs * args.steps_per_epoch
     args.sched = {"lr": C.cosine_schedule(lr, 0.0, args.total_steps, warmup)}
     optimizer = C.LARS(C.param_groups([model], args.wd), lr=lr, weight_decay=args.wd)
