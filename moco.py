@@ -355,8 +355,8 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
 
 
 def evaluate(model, data, args, logger, step: int, final: bool):
-    """kNN top-1 on the test split; at the end also export and the linear probe, after which
-    the backbone must be bit-identical (MoCo main_lincls sanity check)."""
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
     model = C.unwrap(model)
     if data.test is None:
         return
@@ -400,7 +400,7 @@ def fit(model, optimizer, data, args):
     loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
     logger = C.Logger(args, args.total_steps, step)
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 and args.knn_every:
+    if step == 0 < end and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite = torch.ones((), dtype=torch.bool, device=device)
     while step < end:
@@ -414,19 +414,15 @@ def fit(model, optimizer, data, args):
             finite &= torch.isfinite(stats["loss"])
             if step % args.log_every == 0 or step == end:
                 if not finite:
-                    C.fail(
-                        f"non-finite loss by step {step} (lr {stats['lr']:.3g}); lower --lr "
-                        "or pass --amp off"
-                    )
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
                 logger.log(step, {"epoch": epoch, **stats})
             if step == end:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args)
-        done = step % args.steps_per_epoch == 0
-        if done and args.knn_every and (step // args.steps_per_epoch) % args.knn_every == 0:
-            evaluate(model, data, args, logger, step, final=step == end)
-        elif step == end:
-            evaluate(model, data, args, logger, step, final=True)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
     if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
         C.save_checkpoint(
             os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()

@@ -1,5 +1,7 @@
 """End to end: main() in-process and as `python X.py` / `torchrun`, resume, bad input."""
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -193,3 +195,12 @@ def test_linear_probe_leaves_the_model_bit_identical_and_learns(tmp_path):
     res = simclr.linear_probe(lambda x: simclr.features(model, x), model.feat_dim, data, args)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert res["linear_top1"] > 30 and res["linear_top5"] >= res["linear_top1"]
+
+
+def test_epochs_0_evaluates_the_random_init_encoder(tmp_path):
+    flags = ["--subset", 64, "--batch-size", 16, "--epochs", 0, "--knn-every", 1]
+    moco.main(tiny_args(moco, tmp_path, *flags, "--linear-epochs", 1, "--linear-cached"))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["step"] == 0  # no training step, one evaluation
+    assert {"knn_top1", "linear_top1", "linear_top5"} <= records[0].keys()
+    assert (tmp_path / "backbone.pth").exists()
