@@ -288,7 +288,7 @@ def fit(model, optimizer, data, args):
             step += 1
             finite &= torch.isfinite(stats["loss"])
             if step % args.log_every == 0 or step == end:
-                if not finite:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
                     C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
                 logger.log(step, {"epoch": epoch, **stats})
             if step == end:
