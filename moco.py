@@ -34,7 +34,7 @@ import common as C
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
-OPTS, SCHEDULES = ("sgd", "lars", "adamw"), ("step", "cosine-epoch", "cosine")
+OPTS, SCHED = ("sgd", "lars", "adamw"), ("step", "cosine-epoch", "cosine")
 AUGS = ("v1", "v2", "asym")
 
 
@@ -53,9 +53,7 @@ class Args:
     workers: int = arg(8, "DataLoader worker processes per process")
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(
-        0, "seed: model init (same on all ranks); augmentation from (seed, epoch, index)"
-    )
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
@@ -69,32 +67,29 @@ class Args:
     # -- method block --
     version: str = arg("v2", "v1 [MoCo]; v2 [MoCo v2]; v3 [MoCo v3]", choices=("v1", "v2", "v3"))
     arch: str = arg("resnet50", "backbone [MoCo §4; v3 also vit_small/base]", choices=C.ARCHS)
-    epochs: int = arg(200, "epochs [MoCo §4.1; v3 R50 100, ref: moco-v3 CONFIG.md]")
-    batch_size: int = arg(256, "GLOBAL batch [MoCo §4.1; v3 4096, ref: CONFIG.md]")
-    lr: float = arg(0.03, "lr per 256 [MoCo §4.1; v3 LARS 0.6 / ViT AdamW 1.5e-4, CONFIG.md]")
-    wd: float = arg(1e-4, "weight decay, all params with sgd [MoCo §4.1; v3 1e-6 / ViT 0.1]")
-    optimizer: str = arg("sgd", "sgd [MoCo §4.1]; v3 lars (R50) / adamw (ViT)", choices=OPTS)
-    schedule: str = arg(
-        "step",
-        "v1 step [MoCo §4.1]; v2 cosine-epoch [ref: main_moco.py --cos]; "
-        "v3 cosine per step after warm-up [ref: moco-v3]",
-        choices=SCHEDULES,
+    epochs: int = arg(200, "epochs [MoCo §4 Training; v3 R50 100, ref: moco-v3 CONFIG.md]")
+    batch_size: int = arg(256, "GLOBAL batch [MoCo §4 Training; v3 4096, ref: CONFIG.md]")
+    lr: float = arg(0.03, "lr per 256 [MoCo §4; v3 LARS 0.6 / ViT AdamW 1.5e-4, CONFIG.md]")
+    wd: float = arg(1e-4, "weight decay, all params with sgd [MoCo §4; v3 1e-6 / ViT 0.1]")
+    optimizer: str = arg(
+        "sgd", "sgd [MoCo §4]; v3 lars (R50) / adamw (ViT) [MoCo v3 §4]", choices=OPTS
     )
-    lr_milestones: tuple = arg((120, 160), "epochs of the x0.1 lr steps [MoCo §4.1]")
+    schedule: str = arg(
+        "step", "step [MoCo §4]; v2 cosine-epoch [ref: --cos]; v3 cosine", choices=SCHED
+    )
+    lr_milestones: tuple = arg((120, 160), "epochs of the x0.1 lr steps [MoCo §4 Training]")
     warmup_epochs: int = arg(0, "linear warm-up epochs [v3: 10 R50 / 40 ViT, ref: CONFIG.md]")
     tau: float = arg(0.07, "temperature [MoCo §3.3: 0.07; v2 0.2; v3 1.0 R50 / 0.2 ViT]")
-    m: float = arg(0.999, "key-encoder momentum [MoCo §3.2; v3 0.99 -> 1 by cosine]")
+    m: float = arg(0.999, "key-encoder momentum [MoCo §3.2, §4.1; v3 0.99 -> 1 by cosine]")
     m_cos: bool = arg(False, "m -> 1 by 1 - (1 - m)(1 + cos(pi t / T)) / 2 [MoCo v3 §4]")
-    queue_size: int = arg(65536, "queue K, a multiple of the global batch [MoCo §3.3; v3 0]")
+    queue_size: int = arg(
+        65536, "queue K, a multiple of the global batch [MoCo §4.1; ref: --moco-k]"
+    )
     dim: int = arg(128, "embedding dim [MoCo §3.3; v3 256]")
     hidden_dim: int = arg(4096, "v3 projector/predictor hidden dim [ref: moco-v3 --moco-mlp-dim]")
-    bn_splits: int = arg(
-        0,
-        "v1/v2 in ONE process: BN groups emulating shuffle-BN on that many "
-        "GPUs [ref: colab SplitBatchNorm]; 0: 8, or 1 under DDP",
-    )
-    aug: str = arg("v1", "v1 [MoCo §4.1], v2 aug+ [MoCo v2], asym [MoCo v3]", choices=AUGS)
-    crop_min: float = arg(0.2, "min crop scale [MoCo §4.1; ref: moco-v3 CONFIG.md R50 0.2]")
+    bn_splits: int = arg(0, "v1/v2: BN groups per process (0: 8 alone, 1 in DDP) [ref: colab]")
+    aug: str = arg("v1", "v1 [MoCo §3.3], v2 aug+ [MoCo v2], asym [MoCo v3]", choices=AUGS)
+    crop_min: float = arg(0.2, "min crop scale [ref: main_moco.py 0.2; moco-v3 CONFIG.md R50 0.2]")
     blur: bool = arg(True, "blur in v2/asym aug [MoCo v2 §2; off at CIFAR size, ref: colab]")
     patch_size: int = arg(16, "ViT patch size [MoCo v3 §4; CIFAR 4]")
     stop_grad_conv1: bool = arg(True, "v3 ViT: frozen random patch projection [MoCo v3 §5.3]")
@@ -103,9 +98,7 @@ class Args:
     linear_wd: float = arg(0.0, "linear-eval weight decay [ref: main_lincls.py]")
     linear_batch_size: int = arg(256, "linear-eval global batch [ref: main_lincls.py; v3 1024]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: main_lincls.py: plain 0.9]")
-    linear_milestones: tuple = arg(
-        (60, 80), "linear lr x0.1 at epochs [ref: main_lincls.py]; v3 cosine"
-    )
+    linear_milestones: tuple = arg((60, 80), "linear lr x0.1 epochs [ref: main_lincls.py]")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)

@@ -46,9 +46,7 @@ class Args:
     workers: int = arg(8, "DataLoader worker processes per process")
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(
-        0, "seed: model init (same on all ranks); augmentation from (seed, epoch, index)"
-    )
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
