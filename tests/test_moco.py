@@ -168,3 +168,32 @@ def test_momentum_schedule_cosine_to_one():
     assert ms[0] == pytest.approx(0.99) and ms[-1] == pytest.approx(1.0, abs=1e-5)
     t = 37  # m = 1 - (1 - m0)(1 + cos(pi t / T)) / 2 [MoCo v3]
     assert ms[t] == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi * t / 100)) / 2)
+
+
+def test_v3_vit_layout_and_step(tmp_path):
+    """MoCo v3 with a ViT: frozen random patch projection and sin-cos positions, 3-layer
+    projector, predictor ending in BN, AdamW recipe; one step trains everything else."""
+    flags = ["--arch", "vit_tiny", "--preset", "imagenet", "--patch-size", "4"]
+    model, args = tiny_model(tmp_path, "v3", *flags)
+    assert args.optimizer == "adamw" and args.tau == 0.2 and args.warmup_epochs == 40
+    vit = model.backbone
+    assert not any(p.requires_grad for p in vit.patch_embed.parameters())
+    assert not vit.pos_embed.requires_grad and vit.patch_embed.kernel_size == (4, 4)
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.projector) == 3
+    assert isinstance(model.predictor[-1], torch.nn.BatchNorm1d)
+    args.sched = {"lr": [1e-3], "m": [0.99]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, 1e-3)
+    before = [p.clone() for p in params]
+    x = torch.rand(4, 3, 16, 16)
+    moco.train_step(
+        model,
+        ([x, x.flip(3)], None, None),
+        opt,
+        torch.amp.GradScaler("cpu", enabled=False),
+        0,
+        args,
+    )
+    assert all(not torch.equal(a, b) for a, b in zip(before, params))
+    frozen_ema = model.momentum_backbone.patch_embed.weight  # EMA of a constant: itself
+    torch.testing.assert_close(vit.patch_embed.weight, frozen_ema, atol=1e-7, rtol=0)
