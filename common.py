@@ -67,27 +67,29 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather; backward sums every process's gradient and keeps this process's slice."""
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over processes; its gradient is the sum of every process's gradient (all-reduced)."""
 
     @staticmethod
     def forward(ctx, x):
-        return gather_no_grad(x)
+        dist.all_reduce(x := x.clone(memory_format=torch.contiguous_format))
+        return x
 
-    @staticmethod
-    def backward(ctx, grad):
-        dist.all_reduce(grad := grad.contiguous())
-        return grad.chunk(get_world_size())[get_rank()]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[B, ...] -> [W*B, ...] in rank order, differentiable (e.g. SimCLR's negatives)."""
-    return x if get_world_size() == 1 else _GatherWithGrad.apply(x)
+    backward = forward  # d(sum_r x_r) / dx_r = 1: the backward is the same all-reduce
 
 
 def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Sum over processes, differentiable: the gradient of the sum reaches every process."""
-    return x if get_world_size() == 1 else gather_with_grad(x[None]).sum(0)
+    """Sum over processes, differentiable (Barlow Twins' cross-correlation, global BN moments)."""
+    return x if get_world_size() == 1 else _AllReduceWithGrad.apply(x)
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [W*B, ...] in rank order, differentiable: blocks of zeros summed over ranks."""
+    if get_world_size() == 1:
+        return x
+    out = x.new_zeros(get_world_size(), *x.shape)
+    out[get_rank()] = x
+    return all_reduce_with_grad(out).flatten(0, 1)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -314,10 +316,11 @@ def moco_augment(size, mean_std, version="v2", scale=(0.2, 1.0), blur=True):
     return augmentation(size, mean_std, scale=scale, **knobs)
 
 
-def byol_augment(size, mean_std, scale=(0.08, 1.0), blur=True) -> MultiView:
-    """Asymmetric pair [BYOL Tab. 6; MoCo v3 main_moco.py]: jitter (0.4,0.4,0.2,0.1) p=0.8,
-    gray 0.2, blur p=1.0 / 0.1, solarize p=0 / 0.2."""
-    view = partial(augmentation, size, mean_std, scale=scale, jitter=(0.4, 0.4, 0.2, 0.1))
+def byol_augment(size, mean_std, scale=(0.08, 1.0), blur=True, bicubic=False) -> MultiView:
+    """Asymmetric pair [BYOL Tab. 6; MoCo v3 main_moco.py]: jitter (0.4,0.4,0.2,0.1) p=0.8, gray
+    0.2, blur p=1.0 / 0.1, solarize p=0 / 0.2; bicubic crops in BYOL / Barlow Twins."""
+    kw = {"scale": scale, "jitter": (0.4, 0.4, 0.2, 0.1), "bicubic": bicubic}
+    view = partial(augmentation, size, mean_std, **kw)
     return MultiView([view(blur_p=1.0 * blur), view(blur_p=0.1 * blur, solarize_p=0.2)])
 
 
@@ -591,7 +594,7 @@ def parse_args(cls, argv=None):
     doc, raw = sys.modules[cls.__module__].__doc__, argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=doc, formatter_class=raw)
     for f in (f for f in dataclasses.fields(cls) if not f.metadata.get("derived")):
-        kw = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        kw = {"help": f.metadata.get("help", "").replace("%", "%%"), "default": argparse.SUPPRESS}
         flag, default = "--" + f.name.replace("_", "-"), f.default
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -645,6 +648,3 @@ class Logger:
                 tqdm.write(json.dumps(record))
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-    def close(self):
-        self.bar.close()

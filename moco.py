@@ -420,7 +420,7 @@ def fit(model, optimizer, data, args):
         C.save_checkpoint(
             os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
         )
-    logger.close()
+    logger.bar.close()
 
 
 # ==== 7. main(args) ========================================================================
@@ -438,11 +438,13 @@ def main(args: Args):
             f"batch per process {args.batch_size_per_gpu} is not divisible by --bn-splits "
             f"{bn_splits}; change --batch-size or --bn-splits"
         )
-    scale, size = (args.crop_min, 1.0), args.img_size
+    scale = (args.crop_min, 1.0)  # args.img_size is resolved inside build_data, read it late
     if args.aug == "asym":  # two recipes: blur 1.0 / 0.1, solarize 0 / 0.2 [MoCo v3 §4]
-        views = lambda ms: C.byol_augment(size, ms, scale, args.blur)
+        views = lambda ms: C.byol_augment(args.img_size, ms, scale, args.blur)
     else:  # the same recipe for query and key
-        views = lambda ms: C.MultiView([C.moco_augment(size, ms, args.aug, scale, args.blur)] * 2)
+        views = lambda ms: C.MultiView(
+            [C.moco_augment(args.img_size, ms, args.aug, scale, args.blur)] * 2
+        )
     data = C.build_data(args, views, normalize=True)  # mean/std-normalised [ref: main_moco.py]
     C.prepare_run(args)
     model = MoCo(args, bn_splits if args.version != "v3" else 1)

@@ -300,7 +300,7 @@ def fit(model, optimizer, data, args):
         C.save_checkpoint(
             os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
         )
-    logger.close()
+    logger.bar.close()
 
 
 # ==== 7. main(args) ========================================================================

@@ -204,3 +204,16 @@ def test_epochs_0_evaluates_the_random_init_encoder(tmp_path):
     assert len(records) == 1 and records[0]["step"] == 0  # no training step, one evaluation
     assert {"knn_top1", "linear_top1", "linear_top5"} <= records[0].keys()
     assert (tmp_path / "backbone.pth").exists()
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco", "byol", "simsiam", "barlow_twins"])
+def test_default_image_size_is_resolved_before_augmentations(tmp_path, name):
+    """No --img-size: the dataset's default size (32 for CIFAR-like data) must reach the crops."""
+    module = pytest.importorskip(name)
+    flags = ["--dataset", "synthetic", "--arch", "smallcnn", "--workers", "0", "--device", "cpu"]
+    flags += ["--knn-every", "0", "--linear-epochs", "0", "--subset", "64", "--batch-size", "16"]
+    flags += ["--max-steps", "1", "--out-dir", str(tmp_path)]
+    flags += ["--queue-size", "32"] if name == "moco" else []
+    args = C.parse_args(module.Args, flags)
+    module.main(args)
+    assert args.img_size == 32 and (tmp_path / "ckpt.pth").exists()

@@ -1,0 +1,325 @@
+"""Barlow Twins - Self-Supervised Learning via Redundancy Reduction (Zbontar, Jing, Misra, LeCun,
+Deny, ICML 2021) https://arxiv.org/abs/2103.03230
+Reference code: facebookresearch/barlowtwins (main.py BarlowTwins, LARS, adjust_learning_rate;
+evaluate.py)
+Objective (Eq. 1-2): L = sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, where C_ij = sum_b
+z1_bi z2_bj / N is the cross-correlation of the two views' embeddings, each standardised per
+dimension over the global batch of N images.
+vs simclr.py: (1) no negatives and no temperature: the loss pulls the D x D cross-correlation of the
+two views towards the identity (invariance on the diagonal, redundancy reduction off it); (2) what
+crosses processes is per-dimension sums and the D x D matrix C, summed WITH gradient, not the
+embeddings; (3) a huge projector (8192-8192-8192, no bias, no BN at the end) whose output the loss
+standardises; (4) one encoder pass per view (BN statistics per view); (5) LARS with separate lrs
+for weights (0.2) and biases/BN (0.0048), x B/256, cosine to 1/1000; (6) BYOL's asymmetric views.
+Run: torchrun --nproc_per_node=8 barlow_twins.py --preset imagenet --dataset imagenet \
+       --data-dir /path
+     python barlow_twins.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    arch: str = arg("resnet50", "backbone [BT §2 Implementation details]", choices=C.ARCHS)
+    epochs: int = arg(1000, "epochs [BT §2 Implementation details; ref: main.py --epochs]")
+    batch_size: int = arg(2048, "GLOBAL batch [BT §2 Implementation details; ref: --batch-size]")
+    lr: float = arg(0.2, "LARS lr of weights, x batch/256 [BT §2; ref: --learning-rate-weights]")
+    lr_biases: float = arg(0.0048, "biases/BN lr, x batch/256 [BT §2; ref: --learning-rate-biases]")
+    wd: float = arg(1.5e-6, "weight decay, not on biases/BN [BT §2: 1.5e-6; ref: main.py 1e-6]")
+    warmup_epochs: int = arg(10, "linear warm-up, then cosine to lr/1000 [BT §2; ref: main.py]")
+    lambd: float = arg(0.0051, "off-diagonal weight lambda [ref: main.py --lambd; BT §2: 5e-3]")
+    projector: str = arg("8192-8192-8192", "projector widths [BT §2; ref: main.py --projector]")
+    blur: bool = arg(True, "blur p=1.0 / 0.1 [BT §2; ref: main.py Transform; off at CIFAR size]")
+    linear_epochs: int = arg(100, "linear-eval epochs [ref: evaluate.py --epochs]")
+    linear_lr: float = arg(0.3, "linear-eval lr at batch 256 [ref: evaluate.py --lr-classifier]")
+    linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: evaluate.py --weight-decay]")
+    linear_batch_size: int = arg(256, "linear-eval global batch [ref: evaluate.py --batch-size]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: evaluate.py: SGD momentum 0.9]")
+    linear_milestones: tuple = arg((), "lr x0.1 epochs (empty: cosine) [ref: evaluate.py cosine]")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (no versions)."""
+        r = {}
+        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/barlow.yaml]
+            r.update(arch="resnet18", projector="2048-2048-2048", batch_size=256, lr=0.3, wd=1e-4)
+            r.update(lr_biases=0.03, blur=False)  # solo: lr 0.3 x scale_loss 0.1 on biases/BN
+        return r
+
+
+# ==== 2. model: heads + BarlowTwins(nn.Module), all method state as persistent buffers =====
+def projection_head(in_dim: int, widths: str) -> nn.Sequential:
+    """[ref: main.py BarlowTwins.__init__] "8192-8192-8192": (Linear without bias -> BN -> ReLU)
+    for every width but the last, then a Linear without bias. The official code follows it with
+    BatchNorm1d(affine=False); here that standardisation is part of the loss."""
+    sizes, mods = [in_dim, *map(int, widths.split("-"))], []
+    for d1, d2 in zip(sizes[:-2], sizes[1:-1]):
+        mods += [nn.Linear(d1, d2, bias=False), nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
+    return nn.Sequential(*mods, nn.Linear(sizes[-2], sizes[-1], bias=False))
+
+
+class BarlowTwins(nn.Module):
+    def __init__(self, args: Args):
+        super().__init__()
+        # zero-init of each residual block's last BN gamma [ref: main.py resnet50(zero_init_...)]
+        self.backbone, self.feat_dim = C.build_backbone(
+            args.arch, args.img_size, zero_init_residual=True
+        )
+        self.projector = projection_head(self.feat_dim, args.projector)
+        self.lambd = args.lambd
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        # one pass per view, as the official code: BN statistics never mix the two views
+        z1 = self.projector(self.backbone(x1))  # [B, D]
+        z2 = self.projector(self.backbone(x2))  # [B, D]
+        return barlow_twins_loss(z1, z2, self.lambd), z1, z2
+
+
+# ==== 3. loss: barlow_twins_loss(...) -> Tensor, pure, fp32 inside ========================
+def standardize(z: torch.Tensor) -> torch.Tensor:
+    """(z - mean) / sqrt(var + 1e-5) per dimension over the GLOBAL batch (biased variance): the
+    official BatchNorm1d(affine=False) under SyncBN, in training mode. The per-dimension sums
+    cross processes with gradient, as SyncBN's backward does."""
+    n = len(z) * C.get_world_size()
+    z = z - C.all_reduce_with_grad(z.sum(0)) / n  # [B, D]
+    return z * torch.rsqrt(C.all_reduce_with_grad((z * z).sum(0)) / n + 1e-5)
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tensor:
+    """Barlow Twins [BT Eq. 1-2]. z1, z2: this process's [B, D] projector outputs of the two
+    views. Each is standardised over the global batch, C = z1^T z2 / N is summed over processes
+    and L = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2 (sums, not means: L grows with D).
+    Every process returns the same L.
+    DEVIATION: the official code sums C with a plain torch.distributed.all_reduce, which has no
+    backward: each process back-propagates through its own share of C only and DDP averages, so
+    its gradients are 1/world_size of dL/dtheta. Here C crosses processes with gradient
+    (C.all_reduce_with_grad): W processes give the gradients of one process on the global batch
+    (tests/test_barlow_twins.py). Under LARS the official 1/W equals wd x W on the weights and
+    lr_biases / W on biases/BN: pass those to reproduce a W-GPU official run exactly."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = standardize(z1.float()), standardize(z2.float())
+        c = C.all_reduce_with_grad(z1.T @ z2) / (len(z1) * C.get_world_size())  # [D, D]
+        on_diag = c.diagonal()
+        return (1 - on_diag).pow(2).sum() + lambd * (c.pow(2).sum() - on_diag.pow(2).sum())
+
+
+# ==== 4. method state: none (Barlow Twins keeps no state beyond its parameters) ===========
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    (x1, x2), _, _ = batch
+    factor = args.sched["lr"][step]  # batch/256 x warm-up/cosine; each group has its own scale
+    for g in optimizer.param_groups:  # weights: x lr, biases/BN: x lr_biases [ref: main.py]
+        g["lr"] = factor * g["lr_scale"]
+    with C.autocast(args):
+        loss, z1, z2 = model(x1, x2)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    with torch.no_grad():  # mean C_ii over the global batch: 1 when the twins agree everywhere
+        n = len(z1) * C.get_world_size()
+        c_ii = C.all_reduce_with_grad((standardize(z1.float()) * standardize(z2.float())).sum(0))
+    lr = optimizer.param_groups[0]["lr"]  # the weights' lr
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "lambd": args.lambd}
+    stats.update(on_diag=c_ii.mean() / n, grad_norm=grad_norm)
+    return {**stats, "z_std": C.collapse_std(z1)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the backbone output h [ref: main.py saves the backbone]."""
+    return C.unwrap(model).backbone(x)
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 < end and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.bar.close()
+
+
+# ==== 7. main(args) ========================================================================
+def main(args: Args):
+    device = C.setup_ddp(args)
+    if not all(w.isdigit() and int(w) > 0 for w in args.projector.split("-")):
+        C.fail(f"--projector {args.projector}: pass widths joined by '-', e.g. 8192-8192-8192")
+    # asymmetric pair: blur 1.0 / 0.1, solarize 0 / 0.2, mean/std-normalised [ref: main.py
+    # Transform], bicubic crops as official
+    views = lambda ms: C.byol_augment(args.img_size, ms, blur=args.blur, bicubic=True)
+    data = C.build_data(args, views, normalize=True)
+    C.prepare_run(args)
+    model = C.convert_sync_bn(BarlowTwins(args)).to(device)  # whole model [ref: main.py]
+    base, warmup = args.batch_size / 256, args.warmup_epochs * args.steps_per_epoch
+    # per-step factor: warm-up to batch/256, then cosine to 1/1000 of it [ref: adjust_learning_rate]
+    args.sched = {"lr": C.cosine_schedule(base, base * 0.001, args.total_steps, warmup)}
+    groups = C.param_groups([model], args.wd)  # weights (ndim > 1) | biases and BN (ndim <= 1)
+    groups[0]["lr_scale"], groups[1]["lr_scale"] = args.lr, args.lr_biases
+    # 1-D params: no wd, no LARS adaptation [ref: main.py exclude_bias_and_norm]
+    optimizer = C.LARS(groups, lr=0.0, weight_decay=args.wd)
+    fit(model, optimizer, data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))

@@ -1,0 +1,336 @@
+"""BYOL - Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning (Grill, Strub,
+Altché, Tallec, Richemond et al., NeurIPS 2020) https://arxiv.org/abs/2006.07733
+Reference code: google-deepmind/deepmind-research byol/ (byol_experiment.py, utils/networks.py,
+utils/helpers.py regression_loss, utils/schedules.py, configs/byol.py, configs/eval.py)
+Objective (Eq. 2, symmetrised): L = ||q(z1)/|q(z1)| - z_m2/|z_m2|||^2 + (views swapped), i.e.
+(2 - 2 cos(p1, z_m2)) + (2 - 2 cos(p2, z_m1)), mean over the batch; z_m from the target network.
+vs simsiam.py: (1) the targets z_m come from a TARGET network (backbone + projector), an EMA of
+the online one with tau 0.996 -> 1 by a per-step cosine, updated after the optimizer step; SimSiam
+uses the online network itself under stop-gradient; (2) projector Linear(+bias) -> BN -> ReLU ->
+Linear 4096 -> 256, no output BN; predictor the same shape 256 -> 4096 -> 256; (3) the two
+directions are summed, each 2 - 2 cos (SimSiam: -cos, averaged); (4) asymmetric views: blur
+1.0 / 0.1, solarize 0 / 0.2; (5) LARS (bias/BN excluded) at batch 4096, 10 warm-up epochs + cosine.
+Run: torchrun --nproc_per_node=8 byol.py --preset imagenet --dataset imagenet --data-dir /path
+     python byol.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import copy
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    arch: str = arg("resnet50", "backbone, ResNet-50 v1 [BYOL §3.2]", choices=C.ARCHS)
+    zero_init_residual: bool = arg(
+        False, "zero-init each block's last BN gamma; the paper ran without [ref: byol README]"
+    )
+    epochs: int = arg(1000, "epochs [BYOL §3.2; ref: configs/byol.py presets 40/100/300/1000]")
+    batch_size: int = arg(4096, "GLOBAL batch [BYOL §3.2: 4096 over 512 TPU v3 cores]")
+    lr: float = arg(0.2, "LARS lr per 256, x B/256 [BYOL §3.2; ref: configs/byol.py _LR_PRESETS]")
+    wd: float = arg(1.5e-6, "weight decay, not on biases/BN [BYOL §3.2; ref: _WD_PRESETS]")
+    warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine to 0 per step [BYOL §3.2]")
+    m: float = arg(0.996, "tau_base: target EMA, -> 1 by cosine [BYOL §3.2; ref: _EMA_PRESETS]")
+    dim: int = arg(256, "projector/predictor output dim [BYOL §3.2; ref: projector_output_size]")
+    hidden_dim: int = arg(4096, "projector hidden dim [BYOL §3.2; ref: projector_hidden_size]")
+    pred_hidden_dim: int = arg(4096, "predictor hidden dim [BYOL §3.2; ref: predictor_hidden_size]")
+    crop_min: float = arg(0.08, "min crop scale [BYOL Tab. 6; ref: dataset.py 0.08]")
+    blur: bool = arg(True, "blur p=1.0 / 0.1 [BYOL Tab. 6; off at CIFAR size, ref: solo-learn]")
+    linear_epochs: int = arg(80, "linear-eval epochs [BYOL App. C.1; ref: configs/eval.py]")
+    linear_lr: float = arg(0.2, "linear lr per 256, cosine [ref: configs/eval.py; App. C.1 sweep]")
+    linear_wd: float = arg(0.0, "linear-eval weight decay: none [BYOL App. C.1]")
+    linear_batch_size: int = arg(1024, "linear-eval global batch [BYOL App. C.1]")
+    linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: configs/eval.py nesterov]")
+    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: eval.py]")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (BYOL has one version)."""
+        r = {}
+        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/byol.yaml, asymmetric.yaml]
+            r.update(arch="resnet18", batch_size=256, lr=1.0, wd=1e-5, epochs=1000, m=0.99)
+            r.update(blur=False)  # view 1 no blur, view 2 solarize 0.2 only
+            # DEVIATION: solo-learn's LARS has eta 0.02 + lr clipping; ours keeps eta 1e-3
+            # no official CIFAR linear protocol: BYOL's (Nesterov, cosine, no wd) at the
+            # 100 epochs / batch 512 of the other CIFAR presets
+            r.update(linear_epochs=100, linear_batch_size=512)
+        return r
+
+
+# ==== 2. model: heads + BYOL(nn.Module), all method state as persistent buffers =========
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """[ref: networks.MLP] Linear (with bias) -> BN -> ReLU -> Linear (no bias); no output BN.
+    Init as Haiku's Linear: truncated normal (2 std), std 1/sqrt(fan_in), zero bias."""
+    mods = [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+    mods.append(nn.Linear(hidden, out_dim, bias=False))
+    for lin in (mods[0], mods[3]):
+        s = 1 / math.sqrt(lin.in_features)
+        nn.init.trunc_normal_(lin.weight, std=s, a=-2 * s, b=2 * s)
+    nn.init.zeros_(mods[0].bias)
+    return nn.Sequential(*mods)
+
+
+class BYOL(nn.Module):
+    """Online: backbone -> projector -> predictor. Target: momentum_backbone -> momentum_projector,
+    an EMA of the online parameters, never trained (requires_grad False, so DDP skips them).
+    Target BN running stats: its OWN, from its own train-mode forwards; the EMA averages
+    parameters only [ref: byol_experiment.py: target_state comes from forward.apply]."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        # gamma = 1 in every BN by default: the paper's setting [ref: README "Note on batch norm"]
+        self.backbone, self.feat_dim = C.build_backbone(
+            args.arch, args.img_size, args.zero_init_residual
+        )
+        self.projector = mlp(self.feat_dim, args.hidden_dim, args.dim)
+        self.predictor = mlp(args.dim, args.pred_hidden_dim, args.dim)
+        # target starts as a copy (DEVIATION: the official code initialises it from another
+        # seed and notes no significant difference [ref: _make_initial_state])
+        self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        # each view on its own: BN statistics per view, as the official apply_once_fn
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))  # [B, D]
+        p1, p2 = self.predictor(z1), self.predictor(z2)  # [B, D]
+        with torch.no_grad():  # target in train mode: batch statistics, like the online net
+            z_m1 = self.momentum_projector(self.momentum_backbone(x1))  # [B, D]
+            z_m2 = self.momentum_projector(self.momentum_backbone(x2))
+        return byol_loss(p1, z_m2) + byol_loss(p2, z_m1), z1  # SUM of the two directions
+
+
+# ==== 3. loss: byol_loss(...) -> Tensor, pure, fp32 inside ================================
+def byol_loss(p: torch.Tensor, z_m: torch.Tensor) -> torch.Tensor:
+    """[BYOL Eq. 2; ref: helpers.regression_loss] mean over the batch of
+    ||p/|p| - z_m/|z_m|||^2 = 2 - 2 cos(p, z_m). p: [B, D] online predictions; z_m: [B, D]
+    target projections, detached (stop-gradient). Per process: DDP's gradient averaging makes it
+    the mean over the global batch; nothing crosses processes here (only SyncBN does)."""
+    with torch.autocast(p.device.type, enabled=False):
+        p, z_m = F.normalize(p.float(), dim=1), F.normalize(z_m.detach().float(), dim=1)
+        return (2 - 2 * (p * z_m).sum(1)).mean()
+
+
+# ==== 4. method state: @torch.no_grad() momentum_update ====================================
+@torch.no_grad()
+def momentum_update(model: BYOL, m: float):
+    """target <- m * target + (1 - m) * online, parameters only: the target's BN running stats
+    are its own (from its forward passes) [BYOL Eq. 1; ref: byol_experiment._update_fn]."""
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    target = [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
+    C.ema_(target, online, m)
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    (x1, x2), _, _ = batch
+    net = C.unwrap(model)
+    lr, m = args.sched["lr"][step], args.sched["m"][step]
+    C.set_lr(optimizer, lr)
+    with C.autocast(args):
+        loss, z = model(x1, x2)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    # AFTER the optimizer step, with the new online weights [BYOL §3.1 "after each training
+    # step"; ref: _update_fn]; MoCo instead updates before its key forward
+    momentum_update(net, m)
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "m": m}
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the online backbone output h [ref: eval_experiment.py]."""
+    return C.unwrap(model).backbone(x)
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 < end and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.bar.close()
+
+
+# ==== 7. main(args) ========================================================================
+def main(args: Args):
+    device = C.setup_ddp(args)
+    if not 0.0 <= args.m <= 1.0:
+        C.fail(f"--m {args.m} is not an EMA coefficient; pass a value in [0, 1], e.g. 0.996")
+    # view 1: blur 1.0, no solarize; view 2: blur 0.1, solarize 0.2 [BYOL Tab. 6]; img_size is
+    # read when build_data calls this (it fills in the default size first)
+    scale = (args.crop_min, 1.0)  # bicubic crops [ref: byol utils/augmentations.py]
+    views = lambda ms: C.byol_augment(args.img_size, ms, scale, args.blur, bicubic=True)
+    data = C.build_data(args, views, normalize=True)  # mean/std [ref: dataset.normalize_images]
+    C.prepare_run(args)
+    model = C.convert_sync_bn(BYOL(args)).to(device)  # cross-replica BN everywhere [BYOL §3.2]
+    lr, spe, T = args.lr * args.batch_size / 256, args.steps_per_epoch, args.total_steps
+    args.sched = {  # per step: lr warm-up + cosine; tau_k = 1 - (1 - tau_base)(cos(pi k/K) + 1)/2
+        "lr": C.cosine_schedule(lr, 0.0, T, args.warmup_epochs * spe),
+        "m": C.cosine_schedule(args.m, 1.0, T),
+    }
+    optimizer = C.LARS(C.param_groups([model], args.wd), lr=lr, weight_decay=args.wd)
+    fit(model, optimizer, data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))

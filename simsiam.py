@@ -1,0 +1,339 @@
+"""SimSiam - Exploring Simple Siamese Representation Learning (Chen, He, CVPR 2021)
+https://arxiv.org/abs/2011.10566
+Reference code: facebookresearch/simsiam (simsiam/builder.py, main_simsiam.py, main_lincls.py)
+Objective (Eq. 4): L = D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2, D(p, z) = -cos(p, z), mean over the
+batch; sg = stop-gradient, minimum -1.
+vs byol.py: (1) no momentum (target) encoder: the target is sg(z) of the SAME network's other view,
+so there is one set of weights and nothing to EMA; (2) the loss is the symmetric negative cosine
+(BYOL's 2 - 2 cos up to scale and offset), with the stop-gradient inside the loss; (3) SGD
+momentum 0.9 at batch 512, lr 0.05 x B/256, wd 1e-4 on all params, cosine per epoch, no warm-up,
+instead of LARS at 4096 with warm-up; (4) the predictor's lr stays fixed (not decayed); (5) the
+projector is 2048-2048-2048 with BN on every layer (the last without affine) and the predictor a
+smaller bottleneck 2048 -> 512 -> 2048 (BYOL 256 -> 4096 -> 256); (6) both views use the same MoCo
+v2 recipe (BYOL: asymmetric blur / solarize).
+Run: torchrun --nproc_per_node=8 simsiam.py --preset imagenet --dataset imagenet --data-dir /path
+     python simsiam.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+LINEAR = (  # the linear-eval optimizer: the paper's SGD variant, as section 6 is SGD only
+    "DEVIATION: official LARS at batch 4096, lr 0.1 x B/256 (paper text 0.02) [ref: main_lincls.py"
+    " --lars]; here the SGD variant of [SimSiam App. A] (lr 30, batch 256: ~1 point lower there)"
+)
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    arch: str = arg("resnet50", "backbone [SimSiam §3 Baseline settings]", choices=C.ARCHS)
+    epochs: int = arg(100, "epochs [SimSiam §3 Baseline settings; ref: main_simsiam.py]")
+    batch_size: int = arg(512, "GLOBAL batch [SimSiam §3; ref: main_simsiam.py --batch-size]")
+    lr: float = arg(0.05, "SGD lr per 256, x batch/256 [SimSiam §3; ref: main_simsiam.py --lr]")
+    wd: float = arg(1e-4, "weight decay on ALL params incl. BN/bias [SimSiam App. A; ref: --wd]")
+    warmup_epochs: int = arg(
+        0, "linear warm-up x cosine, not on a fixed predictor lr [SimSiam §3: none]"
+    )
+    fix_pred_lr: bool = arg(
+        True, "predictor lr fixed at the base lr [SimSiam Tab. 1; ref: README --fix-pred-lr]"
+    )
+    proj_layers: int = arg(3, "projector layers [SimSiam §3: 3; App. D CIFAR: 2]")
+    proj_hidden: int = arg(2048, "projector hidden width [SimSiam §3: 2048-d; ref: builder.py]")
+    dim: int = arg(2048, "z and p dim d [SimSiam §3, App. B; ref: main_simsiam.py --dim]")
+    pred_dim: int = arg(512, "predictor hidden (bottleneck) dim [SimSiam §3; ref: --pred-dim]")
+    crop_min: float = arg(0.2, "min crop scale [SimSiam App. A; ref: main_simsiam.py]")
+    blur: bool = arg(True, "Gaussian blur p=0.5 [SimSiam App. A; App. D: off on CIFAR]")
+    linear_epochs: int = arg(90, "linear-eval epochs [SimSiam App. A; ref: main_lincls.py]")
+    linear_lr: float = arg(30.0, f"linear-eval SGD lr per 256, cosine. {LINEAR}")
+    linear_wd: float = arg(0.0, "linear-eval weight decay [SimSiam App. A; ref: main_lincls.py]")
+    linear_batch_size: int = arg(256, f"linear-eval global batch. {LINEAR}")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [SimSiam App. A: plain momentum 0.9]")
+    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [SimSiam App. A]")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (SimSiam has no versions)."""
+        r = {}
+        if preset == "cifar":  # [SimSiam App. D: CIFAR ResNet-18, 2-layer projector, no blur]
+            r.update(arch="resnet18", epochs=800, batch_size=512, lr=0.03, wd=5e-4)
+            r.update(proj_layers=2, blur=False)
+        return r
+
+
+# ==== 2. model: heads + SimSiam(nn.Module), all method state as persistent buffers =========
+def projection_mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
+    """[ref: builder.py encoder.fc] (Linear without bias -> BN -> ReLU) x (layers - 1) -> Linear
+    -> BN without affine. Hidden width 2048 [SimSiam §3] (builder.py: the backbone width, also
+    2048 for ResNet-50). The official output Linear keeps a bias, frozen at its init ("hack: not
+    use bias as it is followed by BN"); BN's mean subtraction cancels it, so here it is absent.
+    Default PyTorch init: a fixed std of 0.01 "may not converge" [SimSiam App. A]."""
+    mods, d = [], in_dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        d = hidden
+    return nn.Sequential(
+        *mods, nn.Linear(d, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False)
+    )
+
+
+def prediction_mlp(dim: int, hidden: int) -> nn.Sequential:
+    """[ref: builder.py predictor] bottleneck Linear (no bias) -> BN -> ReLU -> Linear (bias), no
+    BN on the output [SimSiam §3, §4.4]."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, dim),
+    )
+
+
+class SimSiam(nn.Module):
+    def __init__(self, args: Args):
+        super().__init__()
+        # zero-init of each block's last BN gamma [SimSiam App. A; ref: builder.py]
+        self.backbone, self.feat_dim = C.build_backbone(
+            args.arch, args.img_size, zero_init_residual=True
+        )
+        self.projector = projection_mlp(self.feat_dim, args.proj_hidden, args.dim, args.proj_layers)
+        self.predictor = prediction_mlp(args.dim, args.pred_dim)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        # one pass per view, as builder.py: BN statistics are per view (over the global batch)
+        z1 = self.projector(self.backbone(x1))  # [B, D]
+        z2 = self.projector(self.backbone(x2))  # [B, D]
+        p1, p2 = self.predictor(z1), self.predictor(z2)  # [B, D]
+        return simsiam_loss(p1, p2, z1, z2), z1
+
+
+# ==== 3. loss: simsiam_loss(...) -> Tensor, pure, fp32 inside ============================
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor):
+    """[SimSiam Eq. 4] -(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2, mean over this process's B rows
+    (= the global mean once DDP averages gradients). The stop-gradient lives here: z gets its
+    gradient only through p. Nothing crosses processes but BN moments (SyncBN) and gradients."""
+    with torch.autocast(p1.device.type, enabled=False):
+        p1, p2, z1, z2 = p1.float(), p2.float(), z1.detach().float(), z2.detach().float()
+        cos12, cos21 = F.cosine_similarity(p1, z2, dim=1), F.cosine_similarity(p2, z1, dim=1)
+        return -(cos12.mean() + cos21.mean()) / 2
+
+
+# ==== 4. method state: none (no momentum encoder, queue or bank: the stop-gradient suffices) ==
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    (x1, x2), _, _ = batch
+    lr = args.sched["lr"][step]
+    C.set_lr(optimizer, lr)  # a group with "fixed_lr" (the predictor) keeps its lr
+    with C.autocast(args):
+        loss, z = model(x1, x2)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    stats = {"loss": loss.detach(), "lr": lr, "lr_pred": optimizer.param_groups[-1]["lr"]}
+    return {**stats, "wd": args.wd, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the backbone output h (pool5) [SimSiam App. A]."""
+    return C.unwrap(model).backbone(x)
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 < end and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.bar.close()
+
+
+# ==== 7. main(args) ========================================================================
+def build_optimizer(model: SimSiam, lr: float, args: Args) -> torch.optim.SGD:
+    """SGD momentum 0.9, wd on every parameter [SimSiam App. A; ref: main_simsiam.py]; with
+    --fix-pred-lr the predictor is its own group whose lr C.set_lr leaves at `lr`."""
+    enc = [p for m in (model.backbone, model.projector) for p in m.parameters() if p.requires_grad]
+    pred = {"params": [p for p in model.predictor.parameters() if p.requires_grad]}
+    pred.update({"fixed_lr": lr} if args.fix_pred_lr else {})
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.SGD([{"params": enc}, pred], lr, momentum=0.9, weight_decay=args.wd, **fused)
+
+
+def main(args: Args):
+    device = C.setup_ddp(args)
+    if args.batch_size < 2:
+        C.fail(f"--batch-size {args.batch_size}: BatchNorm needs >= 2 samples a view; pass >= 2")
+    if args.proj_layers < 1:
+        C.fail(f"--proj-layers {args.proj_layers}: the projector needs >= 1 layer (paper: 3)")
+    # the same MoCo v2 recipe for both views [SimSiam App. A; ref: main_simsiam.py]
+    aug = lambda ms: C.moco_augment(args.img_size, ms, "v2", (args.crop_min, 1.0), args.blur)
+    data = C.build_data(args, lambda ms: C.MultiView([aug(ms)] * 2), normalize=True)
+    C.prepare_run(args)
+    model = C.convert_sync_bn(SimSiam(args)).to(device)  # SyncBN everywhere [SimSiam §3]
+    lr, spe, T = args.lr * args.batch_size / 256, args.steps_per_epoch, args.total_steps
+    warm = max(args.warmup_epochs * spe, 1)
+    # cosine evaluated once per epoch, no floor [ref: main_simsiam.py adjust_learning_rate]
+    cos = lambda s: 0.5 * (1 + math.cos(math.pi * (s // spe) / args.epochs))
+    args.sched = {"lr": [lr * min(1.0, (s + 1) / warm) * cos(s) for s in range(T)] or [lr]}
+    fit(model, build_optimizer(model, lr, args), data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))
