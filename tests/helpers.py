@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import torch
+
 import common as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,3 +59,32 @@ def torchrun(nproc, *args, **kw):
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def assert_same_tree(a, b, path="ckpt"):
+    """Nested dicts/lists of tensors and values are equal to the bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def assert_resume_exact(module, tmp_path, *flags) -> dict:
+    """4 steps straight == 2 steps (--max-steps 2: stop mid-epoch, checkpoint) + resume + 2 steps:
+    model (with buffers), optimizer, scaler and every rank's RNG. Returns the 4-step checkpoint."""
+    flags = ["--subset", 64, "--batch-size", 16, "--epochs", 2, *flags]  # an epoch is 4 steps
+    for out, steps in (("a", 4), ("b", 2), ("b", 4)):
+        module.main(tiny_args(module, tmp_path / out, *flags, "--max-steps", steps))
+    a, b = (torch.load(tmp_path / o / "ckpt.pth", weights_only=False) for o in "ab")
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "optimizer", "scaler", "rng"):
+        assert_same_tree(a[key], b[key], key)
+    return a

@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import TINY, error_lines, python, tiny_args, torchrun
+from helpers import TINY, assert_resume_exact, error_lines, python, tiny_args, torchrun
 from test_ddp import GLOBAL_B, assert_parity, single, spawn
-from test_e2e import assert_same_tree
 
 import barlow_twins as bt
 import common as C
@@ -234,15 +233,7 @@ def test_two_processes_equal_one_and_plain_all_reduce_gives_half(tmp_path):
 
 
 def test_two_steps_resume_two_steps_equals_four(tmp_path):
-    flags = ["--subset", 64, "--batch-size", 16, "--epochs", 2, "--warmup-epochs", 1, *PROJ]
-    run = lambda out, *extra: bt.main(tiny_args(bt, tmp_path / out, *flags, *extra))  # noqa: E731
-    run("a", "--max-steps", 4)  # 4 steps straight (one epoch is 4 steps)
-    run("b", "--max-steps", 2)  # stop mid-epoch, checkpoint...
-    run("b", "--max-steps", 4)  # ...and resume from it
-    a, b = (torch.load(tmp_path / o / "ckpt.pth", weights_only=False) for o in "ab")
-    assert a["step"] == b["step"] == 4
-    for key in ("model", "optimizer", "scaler", "rng"):
-        assert_same_tree(a[key], b[key], key)
+    a = assert_resume_exact(bt, tmp_path, "--warmup-epochs", 1, *PROJ)
     # main's LARS groups: weights (ndim > 1) with wd and lr x 0.3, biases/BN without wd, x 0.03
     weights, biases = a["optimizer"]["param_groups"]
     assert (weights["lr_scale"], weights["weight_decay"]) == (0.3, 1e-4)

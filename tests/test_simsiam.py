@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, error_lines, python, tiny_args, torchrun
+from helpers import TINY, assert_resume_exact, error_lines, python, tiny_args, torchrun
 from test_ddp import GLOBAL_B, assert_parity, single, spawn
-from test_e2e import assert_same_tree
 
 import common as C
 import simsiam
@@ -195,17 +194,7 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_two_steps_resume_two_steps_equals_four(tmp_path):
-    def run(out, *extra):
-        flags = ["--subset", 64, "--batch-size", 16, "--epochs", 2, *extra]
-        simsiam.main(tiny_args(simsiam, tmp_path / out, *flags))
-
-    run("a", "--max-steps", 4)  # 4 steps straight (one epoch is 4 steps)
-    run("b", "--max-steps", 2)  # stop mid-epoch, checkpoint...
-    run("b", "--max-steps", 4)  # ...and resume from it
-    a, b = (torch.load(tmp_path / o / "ckpt.pth", weights_only=False) for o in "ab")
-    assert a["step"] == b["step"] == 4
-    for key in ("model", "optimizer", "scaler", "rng"):
-        assert_same_tree(a[key], b[key], key)
+    a = assert_resume_exact(simsiam, tmp_path)
     assert a["optimizer"]["param_groups"][1]["fixed_lr"] == pytest.approx(0.03 * 16 / 256)
 
 
