@@ -44,8 +44,7 @@ def setup_ddp(args) -> torch.device:
     if args.batch_size % (w := args.world_size):
         fail(f"--batch-size {args.batch_size} is not divisible by world size {w}; pass a multiple")
     args.batch_size_per_gpu = args.batch_size // w
-    cpu = not args.device.startswith("cuda")
-    args.amp = ("off" if cpu else "bf16") if args.amp == "auto" else args.amp
+    args.amp = {"auto": "bf16" if args.device.startswith("cuda") else "off"}.get(args.amp, args.amp)
     return torch.device(args.device)
 
 
@@ -97,8 +96,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch on any backend (gloo/CPU too): moments summed over
-    processes with gradient. (torch's SyncBatchNorm needs CUDA; convert_sync_bn uses it on NCCL.)"""
+    """BN over the global batch on gloo/CPU too (torch's SyncBatchNorm, for NCCL, needs CUDA)."""
 
     _check_input_dim = nn.SyncBatchNorm._check_input_dim  # any input with >= 2 dims
 
@@ -513,15 +511,16 @@ def load_checkpoint(path: str) -> dict:
 
 
 def save_state(path: str, model, optimizer, scaler, step: int, args):
-    """Rank 0 writes model (+buffers), optimizer, scaler, step, config, every rank's RNG state."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """Rank 0 saves model, optimizer, scaler, step, config; all ranks RNG + `per_rank` buffers."""
+    net, rng = unwrap(model), {"torch": torch.get_rng_state(), "python": random.getstate()}
     rng.update({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
-    rngs = [rng] * get_world_size()
+    rng["buffers"] = {k: net.get_buffer(k).cpu() for k in getattr(net, "per_rank", ())}
+    ranks = [rng] * get_world_size()
     if get_world_size() > 1:  # every rank's streams (e.g. MoCo's key permutation on rank 0)
-        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(ranks, rng)
     if args.is_main:
-        state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
-        state.update(scaler=scaler.state_dict(), step=step, args=config_dict(args), rng=rngs)
+        state = {"model": net.state_dict(), "optimizer": optimizer.state_dict()}
+        state.update(scaler=scaler.state_dict(), step=step, args=config_dict(args), ranks=ranks)
         save_checkpoint(path, state)
 
 
@@ -535,12 +534,15 @@ def load_state(path: str, model, optimizer, scaler, args) -> int:
         why = str(e).splitlines()[0][:120]
         fail(f"checkpoint {path} does not fit this model ({why}); pass --resume none or --out-dir")
     scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == args.world_size:
-        rng = ckpt["rng"][args.rank]
-        torch.set_rng_state(rng["torch"]), random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    else:  # another world size cannot continue the same streams
+    net, same_world = unwrap(model), len(ckpt["ranks"]) == args.world_size
+    mine = ckpt["ranks"][args.rank] if same_world else {"buffers": {}}
+    for k in getattr(net, "per_rank", ()):  # another world size: they restart from zeros
+        net.get_buffer(k).copy_(mine["buffers"].get(k, torch.zeros(())))
+    if same_world:
+        torch.set_rng_state(mine["torch"]), random.setstate(mine["python"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
+    else:  # another world size cannot continue the same random streams
         torch.manual_seed(args.seed + args.rank + ckpt["step"])
     return ckpt["step"]
 

@@ -85,6 +85,6 @@ def assert_resume_exact(module, tmp_path, *flags) -> dict:
         module.main(tiny_args(module, tmp_path / out, *flags, "--max-steps", steps))
     a, b = (torch.load(tmp_path / o / "ckpt.pth", weights_only=False) for o in "ab")
     assert a["step"] == b["step"] == 4
-    for key in ("model", "optimizer", "scaler", "rng"):
+    for key in ("model", "optimizer", "scaler", "ranks"):
         assert_same_tree(a[key], b[key], key)
     return a

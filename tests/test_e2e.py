@@ -78,7 +78,7 @@ def test_torchrun_two_processes_moco_end_to_end(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(tmp_path / "ckpt.pth", weights_only=False)
-    assert ckpt["args"]["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 4
+    assert ckpt["args"]["world_size"] == 2 and len(ckpt["ranks"]) == 2 and ckpt["step"] == 4
 
 
 @pytest.mark.parametrize(
