@@ -472,11 +472,14 @@ def set_lr(optimizer, lr: float):
         g["lr"] = g.get("fixed_lr", lr)
 
 
-def optimizer_step(loss, optimizer, scaler, clip: float = 0.0) -> torch.Tensor:
-    """backward (loss-scaled under fp16), unscale, grad norm (no host sync), clip, step."""
+def optimizer_step(loss, optimizer, scaler, clip: float = 0.0, hook=None) -> torch.Tensor:
+    """backward (loss-scaled under fp16), unscale, hook() on the true gradients (e.g. cancel a
+    frozen layer's: p.grad = None), grad norm (no host sync), clip, step."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
+    if hook is not None:
+        hook()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
     scaler.step(optimizer)
