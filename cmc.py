@@ -1,0 +1,429 @@
+"""CMC - Contrastive Multiview Coding (Tian, Krishnan, Isola, ECCV 2020)
+https://arxiv.org/abs/1906.05849
+Reference code: HobbitLong/CMC (train_CMC.py, NCE/NCEAverage.py, NCE/NCECriterion.py
+NCESoftmaxLoss, models/resnet.py, dataset.py RGB2Lab, LinearProbing.py, models/LinearModel.py)
+Objective (§3.2, two views, both directions): L = L(V1 -> V2) + L(V2 -> V1), where for the L
+view L(V1 -> V2) = -log exp(z_l . v_ab[i] / tau) / sum_{j in {i} + noise} exp(z_l . v_ab[j] / tau)
+with v_ab the ab memory bank (and symmetrically z_ab against the L bank), mean over the batch.
+vs cpc.py: (1) the two views are colour channels of the SAME crop, L and ab of Lab (CPC: patches
+of one image, upper rows predicting lower ones); (2) two encoders, one per view, each half the
+width of a ResNet-50 (CPC: one shared LayerNorm encoder + a context network + predictors);
+(3) negatives are rows of two memory banks [N, 128] of past embeddings, K sampled or all (CPC:
+the other patches of the batch); (4) each embedding is compared with the OTHER view's bank, both
+directions summed; the banks move by normalise(0.5 old + 0.5 new) after the step; (5) no colour
+augmentation, SGD lr 0.03 at batch 128 with x0.1 steps; linear eval on both encoders concatenated.
+Run: torchrun --nproc_per_node=8 cmc.py --preset imagenet --dataset imagenet --data-dir /path
+     python cmc.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    arch: str = arg(
+        "resnet50", "each view's encoder [ref: train_CMC.py --model resnet50v1]", choices=C.ARCHS
+    )
+    width: float = arg(
+        0.5, "ResNet stage width, stem kept: v1 0.5, v2 1, v3 2 [ref: models/resnet.py ResNetV1]"
+    )
+    epochs: int = arg(240, "epochs [ref: train_CMC.py --epochs 240]")
+    batch_size: int = arg(128, "GLOBAL batch [ref: train_CMC.py --batch_size; README resnet50v1]")
+    lr: float = arg(0.03, "SGD lr, not scaled with the batch [ref: train_CMC.py --learning_rate]")
+    wd: float = arg(1e-4, "weight decay, on all params [ref: train_CMC.py --weight_decay]")
+    warmup_epochs: int = arg(0, "linear warm-up epochs: none [ref: train_CMC.py]")
+    lr_milestones: tuple = arg((120, 160, 200), "lr x0.1 epochs [ref: --lr_decay_epochs]")
+    tau: float = arg(0.07, "temperature [ref: --nce_t 0.07; README: 0.1 on STL-10]")
+    # K: 4096 in the README and for the released weights, 16384 as train_CMC.py's default
+    nce_k: int = arg(
+        4096, "noise rows per anchor, 0: softmax over the whole bank [README; code 16384]"
+    )
+    bank_m: float = arg(0.5, "bank momentum: row <- normalise(m row + (1 - m) z) [ref: --nce_m]")
+    dim: int = arg(128, "embedding dim per view [ref: train_CMC.py --feat_dim]")
+    crop_min: float = arg(0.08, "min crop scale, ResNets on ImageNet [ref: train_CMC.py crop_low]")
+    linear_epochs: int = arg(60, "linear-eval epochs [ref: LinearProbing.py --epochs]")
+    linear_lr: float = arg(30.0, "linear lr per 256 [ref: README: 30 resnet50v1/v2, 50 v3]")
+    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: LinearProbing.py]")
+    linear_batch_size: int = arg(256, "linear-eval global batch [ref: LinearProbing.py]")
+    linear_nesterov: bool = arg(False, "plain momentum 0.9 [ref: LinearProbing.py]")
+    linear_milestones: tuple = arg(
+        (30, 40, 50), "linear lr steps [ref: LinearProbing.py]; DEVIATION: x0.1, official x0.2"
+    )
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (CMC has one version)."""
+        r = {}
+        if preset == "cifar":  # no official CIFAR recipe; the CIFAR-10 recipe of InstDisc, whose
+            # memory-bank code CMC builds on [ref: lemniscate.pytorch cifar.py + README: ResNet-18,
+            # batch 128, lr 0.03, wd 5e-4, 200 epochs, x0.1 at 120 and 160, tau 0.1, --nce-k 0]
+            r.update(arch="resnet18", epochs=200, wd=5e-4, lr_milestones=(120, 160), tau=0.1)
+            r.update(nce_k=0)  # exact softmax over the 50k-row banks: affordable at CIFAR scale
+            r.update(crop_min=0.2)  # [ref: train_CMC.py crop_low 0.2 off full ImageNet; lemniscate]
+            # linear probe: CMC's protocol above (lr 30 on frozen features, as the MoCo CIFAR demo)
+        return r
+
+
+# ==== 2. model: heads + CMC(nn.Module), all method state as persistent buffers =============
+# sRGB -> linear RGB -> XYZ (sRGB primaries) -> CIE Lab, D65 white, 2-degree observer: the
+# formulas of skimage.color.rgb2lab, which the official dataset applies to every uint8 crop
+# [ref: dataset.py RGB2Lab]. Here it runs batched on the device, on the [0, 1] RGB tensor.
+RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169))
+RGB_TO_XYZ += ((0.019334, 0.119193, 0.950227),)
+WHITE_D65 = (0.95047, 1.0, 1.08883)
+# per channel: centre and half-range of L, a, b over the sRGB cube [ref: train_CMC.py normalize]
+LAB_MEAN = (50.0, (-86.183 + 98.233) / 2, (-107.857 + 94.478) / 2)
+LAB_STD = (50.0, (86.183 + 98.233) / 2, (107.857 + 94.478) / 2)
+
+
+def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] sRGB in [0, 1] -> [B, 3, H, W] Lab (L in [0, 100]), fp32 on x's device."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055).pow(2.4), x / 12.92)  # undo gamma
+        m = x.new_tensor(RGB_TO_XYZ) / x.new_tensor(WHITE_D65)[:, None]
+        t = torch.einsum("ij,bjhw->bihw", m, lin)  # XYZ / white
+        f = torch.where(t > 0.008856, t.clamp(min=0.008856).pow(1 / 3), 7.787 * t + 16 / 116)
+        fx, fy, fz = f.unbind(1)
+        return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=1)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """The inverse, skimage.color.lab2rgb (z clipped at 0, RGB clipped to [0, 1])."""
+    L, a, b = lab.unbind(1)
+    fy = (L + 16) / 116
+    f = torch.stack([fy + a / 500, fy, (fy - b / 200).clamp(min=0)], dim=1)
+    xyz = torch.where(f > 0.2068966, f.pow(3), (f - 16 / 116) / 7.787)
+    xyz = xyz * lab.new_tensor(WHITE_D65)[:, None, None]
+    lin = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(lab.new_tensor(RGB_TO_XYZ)), xyz)
+    gamma = 1.055 * lin.clamp(min=0.0031308).pow(1 / 2.4) - 0.055  # the sRGB gamma again
+    return torch.where(lin > 0.0031308, gamma, 12.92 * lin).clamp(0, 1)
+
+
+def lab_views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB in [0, 1] -> the two views, normalised: L [B, 1, H, W] and ab [B, 2, H, W]
+    [ref: models/resnet.py torch.split(x, [1, 2], dim=1)]."""
+    lab = rgb_to_lab(x)
+    mean, std = (lab.new_tensor(v)[:, None, None] for v in (LAB_MEAN, LAB_STD))
+    return ((lab - mean) / std).split([1, 2], dim=1)
+
+
+def encoder(arch: str, img_size: int, in_chans: int, width: float) -> tuple[nn.Module, int]:
+    """One view's encoder -> (module: x -> h, feat_dim). ResNets: torchvision's (CIFAR stem at
+    <= 64 px) with every stage's planes x width and the 64-channel stem kept, the official
+    ResNet(width) [ref: models/resnet.py base = int(64 * width)], He-normal fan-out convs (its
+    normal(0, sqrt(2 / n))). Others: C.build_backbone (smallcnn scales; ViTs ignore width)."""
+    if not arch.startswith("resnet"):
+        return C.build_backbone(arch, img_size, in_chans=in_chans, width=width)
+    net, _ = C.build_backbone(arch, img_size, in_chans=in_chans)
+    block, base, net.inplanes = type(net.layer1[0]), int(64 * width), 64
+    for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):  # rebuilt at this width
+        n = len(getattr(net, name))
+        setattr(net, name, net._make_layer(block, base * 2**i, n, stride=1 if i == 0 else 2))
+    for m in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net, base * 8 * block.expansion
+
+
+class TwoEncoders(nn.ModuleDict):
+    """The backbone: "l" (1 input channel) and "ab" (2). backbone.pth holds both half-width
+    encoders (keys l.* and ab.*); each is a torchvision ResNet minus fc, other input channels."""
+
+    def forward(self, l: torch.Tensor, ab: torch.Tensor):
+        return self["l"](l), self["ab"](ab)
+
+
+class CMC(nn.Module):
+    """Per view: encoder -> Linear(feat, dim) -> l2 norm [ref: models/resnet.py fc, l2norm].
+    Two memory banks [N, dim], one row per training image and view, identical on every rank.
+    BN per process, as the official DataParallel (no SyncBN: nothing is contrasted in-batch)."""
+
+    def __init__(self, args: Args, n: int):
+        super().__init__()
+        (enc_l, d), (enc_ab, _) = (encoder(args.arch, args.img_size, c, args.width) for c in (1, 2))
+        self.backbone, self.feat_dim = TwoEncoders({"l": enc_l, "ab": enc_ab}), 2 * d
+        self.projector = nn.ModuleDict({"l": nn.Linear(d, args.dim), "ab": nn.Linear(d, args.dim)})
+        self.tau, self.nce_k = args.tau, args.nce_k
+        stdv = 1 / math.sqrt(args.dim / 3)  # uniform rows of about unit norm [ref: NCEAverage]
+        self.register_buffer("bank_l", torch.rand(n, args.dim) * 2 * stdv - stdv)
+        self.register_buffer("bank_ab", torch.rand(n, args.dim) * 2 * stdv - stdv)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor):
+        h_l, h_ab = self.backbone(*lab_views(x))  # [B, feat] each
+        z_l = F.normalize(self.projector["l"](h_l).float(), dim=1)  # [B, D]
+        z_ab = F.normalize(self.projector["ab"](h_ab).float(), dim=1)
+        loss = cmc_loss(z_l, z_ab, self.bank_l, self.bank_ab, idx, self.tau, self.nce_k)
+        return loss, z_l, z_ab
+
+
+# ==== 3. loss: cmc_loss(...) -> Tensor, pure, fp32 inside ==================================
+def cmc_loss(
+    f_l: torch.Tensor,
+    f_ab: torch.Tensor,
+    bank_l: torch.Tensor,
+    bank_ab: torch.Tensor,
+    idx: torch.Tensor,
+    tau: float,
+    k: int,
+) -> torch.Tensor:
+    """[CMC §3.2; ref: NCEAverage.forward + NCESoftmaxLoss] f_l, f_ab: [B, D] l2-normalised
+    embeddings of the L and ab views; bank_l, bank_ab: [N, D] memory banks (no gradient); idx: [B]
+    dataset indices. Each view's embedding is scored against the OTHER view's bank: the positive
+    is that bank's row idx_i. k > 0: candidates = [idx_i] + k noise rows drawn uniformly with
+    replacement, torch.randint(N, (B, k)) from the global RNG on f_l's device, the same rows for
+    both directions [ref: AliasMethod draw, column 0 = index]; k = 0: all N rows. Returns
+    CE(L -> ab) + CE(ab -> L), each a mean over the B anchors (softmax-CE at label 0).
+    DEVIATION: only the softmax-CE variant; the official default is the binary NCE with
+    constants Z_l, Z_ab fixed on the first batch (see instdisc.py for that NCE); the README
+    expects softmax-CE to do better and its ImageNet-100 table (75.8%) used it."""
+    with torch.autocast(f_l.device.type, enabled=False):
+        f_l, f_ab, bank_l, bank_ab = (t.float() for t in (f_l, f_ab, bank_l, bank_ab))
+        bank_l, bank_ab = bank_l.detach(), bank_ab.detach()
+        if k > 0:
+            noise = torch.randint(len(bank_l), (len(idx), k), device=f_l.device)
+            cand = torch.cat([idx[:, None], noise], dim=1)  # [B, 1 + k], positive first
+            logits_l = torch.einsum("bd,bkd->bk", f_l, bank_ab[cand]) / tau  # [B, 1 + k]
+            logits_ab = torch.einsum("bd,bkd->bk", f_ab, bank_l[cand]) / tau
+            target = torch.zeros_like(idx)
+        else:  # the whole bank: logits [B, N], the positive in column idx_i
+            logits_l, logits_ab, target = f_l @ bank_ab.T / tau, f_ab @ bank_l.T / tau, idx
+        return F.cross_entropy(logits_l, target) + F.cross_entropy(logits_ab, target)
+
+
+# ==== 4. method state: @torch.no_grad() update_bank ========================================
+@torch.no_grad()
+def update_bank(bank: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, bank_m: float):
+    """bank[i] <- normalise(bank_m * bank[i] + (1 - bank_m) * z_i) for the rows of ALL
+    processes: z and idx are gathered (no gradient) and every rank writes the same rows, so
+    the banks stay identical [ref: NCEAverage.forward "update memory"; DataParallel there]."""
+    z, idx = C.gather_no_grad(z), C.gather_no_grad(idx)  # [N_batch, D], [N_batch]
+    rows = F.normalize(bank[idx] * bank_m + z.to(bank.dtype) * (1 - bank_m), dim=1)
+    bank.index_copy_(0, idx, rows)
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    (x,), _, idx = batch  # one RGB crop per image: both views come from it
+    net = C.unwrap(model)
+    lr = args.sched["lr"][step]
+    C.set_lr(optimizer, lr)
+    with C.autocast(args):
+        loss, z_l, z_ab = model(x, idx)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    # after the loss, with this step's embeddings: a row is the positive before it is rewritten
+    update_bank(net.bank_l, z_l, idx, args.bank_m)
+    update_bank(net.bank_ab, z_ab, idx, args.bank_m)
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z_l)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: RGB [0, 1] -> Lab views -> both encoders, concatenated
+    [B, feat_dim] [ref: LinearProbing.py torch.cat((feat_l, feat_ab), dim=1), --layer 6]."""
+    return torch.cat(C.unwrap(model).backbone(*lab_views(x)), dim=1)
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 < end and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.bar.close()
+
+
+# ==== 7. main(args) ========================================================================
+def main(args: Args):
+    device = C.setup_ddp(args)
+    if args.tau <= 0:
+        C.fail(f"--tau {args.tau} is not a temperature; pass a positive value, e.g. 0.07")
+    if not 0.0 <= args.bank_m < 1.0:
+        C.fail(f"--bank-m {args.bank_m} is not a momentum; pass a value in [0, 1), e.g. 0.5")
+    # one crop + flip, no colour augmentation [ref: train_CMC.py get_train_loader]; RGB in
+    # [0, 1] for every split: Lab and its split into views happen on the device (section 2)
+    scale = (args.crop_min, 1.0)  # args.img_size is resolved inside build_data, read it late
+    aug = lambda: C.augmentation(args.img_size, None, scale=scale, jitter_p=0.0, gray_p=0.0)
+    data = C.build_data(args, lambda ms: C.MultiView([aug()]), normalize=False)
+    n = len(data.train)
+    if not 0 <= args.nce_k <= n:
+        why = f"--nce-k {args.nce_k} is not in [0, {n}], {n} = training images"
+        C.fail(f"{why}; pass 0 (softmax over the whole bank) or a smaller K")
+    C.prepare_run(args)
+    model = CMC(args, n).to(device)
+    lr, spe, warm = args.lr, args.steps_per_epoch, args.warmup_epochs * args.steps_per_epoch
+    lrs = [
+        lr * 0.1 ** sum(s // spe >= e for e in args.lr_milestones) for s in range(args.total_steps)
+    ]
+    lrs = [v * min(1.0, (s + 1) / warm) if warm else v for s, v in enumerate(lrs)]
+    args.sched = {"lr": lrs or [lr]}  # x0.1 once epoch >= milestone [ref: util.py 1-based epoch >]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr, momentum=0.9, weight_decay=args.wd, **fused
+    )  # wd on all params [ref: train_CMC.py set_optimizer]
+    fit(model, optimizer, data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))

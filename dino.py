@@ -1,0 +1,463 @@
+"""DINO - Emerging Properties in Self-Supervised Vision Transformers (Caron, Touvron, Misra,
+Jégou, Mairal, Bojanowski, Joulin, ICCV 2021) https://arxiv.org/abs/2104.14294
+Reference code: facebookresearch/dino (main_dino.py DINOLoss, DataAugmentationDINO, train loop;
+utils.py clip_gradients, cancel_gradients_last_layer, cosine_scheduler, MultiCropWrapper;
+vision_transformer.py DINOHead; eval_knn.py; eval_linear.py)
+Objective (Eq. 3): min over the student of sum_{x in {x1g, x2g}} sum_{x' in V, x' != x}
+H(P_t(x), P_s(x')), H(a, b) = -sum_k a_k log b_k, P_s = softmax(g_s(x') / tau_s) over all V crops,
+P_t = softmax((g_t(x) - c) / tau_t) on the 2 global crops, no gradient; the code averages the pairs.
+vs swav.py: (1) the targets come from a TEACHER, an EMA of the student (0.996 -> 1 by a per-step
+cosine), not from Sinkhorn assignments of the network's own scores; (2) collapse is avoided by
+centring (c, an EMA 0.9 of the teacher's global-batch mean) plus sharpening (tau_t 0.04 -> 0.07)
+instead of equipartition, and there is no queue; (3) only the 2 global crops go through the
+teacher, each predicted from every other crop; (4) head: 3-layer GELU MLP 2048 -> 256, l2, then a
+weight-normalised Linear to 65536 (no BN, no bias); (5) ViT-S/16 with AdamW, wd 0.04 -> 0.4 by
+cosine and per-parameter gradient clipping 3.0 (SwAV: ResNet-50, LARS, wd 1e-6).
+Run: torchrun --nproc_per_node=8 dino.py --preset imagenet --dataset imagenet --data-dir /path
+     python dino.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import groupby
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+OPTS = ("adamw", "sgd", "lars")
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    arch: str = arg("vit_small", "backbone [DINO §4.1; ref: main_dino.py --arch]", choices=C.ARCHS)
+    patch_size: int = arg(16, "ViT patch size [DINO §4.1 ViT-S/16; ref: --patch_size; CIFAR 4]")
+    epochs: int = arg(800, "epochs [DINO Tab. 2 ViT-S/16 800 epochs; ref: README released runs]")
+    batch_size: int = arg(1024, "GLOBAL batch [DINO §4.1: 1024 over 16 GPUs for ViT-S/16]")
+    optimizer: str = arg("adamw", "adamw [DINO §4.1]; sgd: README RN50 recipe", choices=OPTS)
+    lr: float = arg(5e-4, "peak lr per 256, x B/256 [DINO §4.1; ref: --lr 0.0005]")
+    min_lr: float = arg(1e-6, "final lr of the per-step cosine [ref: main_dino.py --min_lr]")
+    warmup_epochs: int = arg(10, "linear lr warm-up epochs from 0 [DINO §4.1; ref: same flag]")
+    wd: float = arg(0.04, "initial wd, not on biases/norms [DINO §4.1; ref: --weight_decay]")
+    wd_end: float = arg(0.4, "final wd of the per-step cosine [DINO §4.1; ref: --weight_decay_end]")
+    clip_grad: float = arg(3.0, "per-parameter grad-norm clip (0: off) [ref: --clip_grad 3.0]")
+    freeze_last_layer: int = arg(1, "epochs with the head's last layer frozen [ref: same flag]")
+    m: float = arg(0.996, "teacher EMA, -> 1 by cosine [DINO §3.1; ref: --momentum_teacher]")
+    tau_s: float = arg(0.1, "student temperature [DINO §4.1; ref: DINOLoss student_temp]")
+    tau_t: float = arg(0.07, "tau_t after warm-up [DINO §4.1; ref: --teacher_temp, default .04]")
+    tau_t_warmup: float = arg(0.04, "tau_t at epoch 0 [DINO §4.1; ref: --warmup_teacher_temp]")
+    tau_t_warmup_epochs: int = arg(30, "tau_t linear warm-up epochs [DINO §4.1; code default 0]")
+    center_m: float = arg(0.9, "centre EMA coefficient [DINO Eq. 4; ref: center_momentum 0.9]")
+    out_dim: int = arg(65536, "head output dim K [DINO §3.1; ref: --out_dim 65536]")
+    hidden_dim: int = arg(2048, "head MLP hidden dim [DINO App.; ref: DINOHead hidden_dim]")
+    bottleneck_dim: int = arg(256, "head bottleneck dim [DINO App.; ref: DINOHead bottleneck_dim]")
+    head_bn: bool = arg(False, "BN in the head MLP [ref: --use_bn_in_head False, also for RN50]")
+    norm_last_layer: bool = arg(
+        True, "freeze weight-norm g at 1 [ref: --norm_last_layer; README: False better for ViT-S]"
+    )
+    n_local: int = arg(10, "local crops [DINO Tab. 8: 2x224 + 10x96; code default 8]")
+    local_size: int = arg(0, "local crop px (0: img_size x 96/224, min 8) [DINO §3.1: 96 px]")
+    global_scale: tuple = arg((0.4, 1.0), "global crop scale [ref: --global_crops_scale; RN50 .14]")
+    local_scale: tuple = arg((0.05, 0.4), "local crop scale [ref: --local_crops_scale; RN50 .14]")
+    blur: bool = arg(True, "blur 1.0 / 0.1 / 0.5 [ref: DataAugmentationDINO; off at CIFAR size]")
+    linear_epochs: int = arg(100, "linear-eval epochs [ref: eval_linear.py --epochs 100]")
+    linear_lr: float = arg(1e-3, "linear lr per 256, cosine [ref: eval_linear.py --lr 0.001]")
+    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: eval_linear.py weight_decay=0]")
+    linear_batch_size: int = arg(1024, "linear-eval global batch [ref: eval_linear.py 8 x 128]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py: plain SGD 0.9]")
+    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: eval_linear]")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset / arch."""
+        arch = arch or ("resnet18" if preset == "cifar" else "vit_small")
+        r = {"knn_k": 20, "knn_t": 0.07} if preset == "imagenet" else {}  # [ref: eval_knn.py]
+        if not arch.startswith("vit"):  # convnets [ref: README "ResNet-50 and other convnets"]
+            r.update(global_scale=(0.14, 1.0), local_scale=(0.05, 0.14))
+        if preset == "imagenet" and not arch.startswith("vit"):  # README RN50 command: 8 x 64
+            r.update(optimizer="sgd", lr=0.03, wd=1e-4, wd_end=1e-4, batch_size=512, epochs=100)
+            r.update(n_local=8, tau_t=0.04)  # the code defaults: 8 locals, tau_t 0.04 constant
+        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/dino.yaml]: R18, 4096
+            # prototypes, teacher EMA 0.9995 (also the README's advice for batch 256), 1000 ep
+            r.update(arch="resnet18", batch_size=256, epochs=1000, out_dim=4096, m=0.9995)
+            r.update(patch_size=4, blur=False, n_local=8)  # no blur at 32 px; 8 locals (code)
+            # DEVIATION: solo-learn uses LARS (lr 0.3, wd 1e-6) and 2 crops only; we keep
+            # DINO's AdamW + wd cosine and multi-crop with locals of img_size * 96 / 224 px
+            # DEVIATION: eval_linear.py's lr 0.001 suits ViT [CLS] features ("tweak the LR",
+            # README); the released RN50 eval log trains at 0.3 [dino issue #131]
+            r.update(linear_lr=0.1, linear_batch_size=512)
+        return r
+
+
+# ==== 2. model: heads + DINO(nn.Module), all method state as persistent buffers =========
+class DINOHead(nn.Module):
+    """[ref: vision_transformer.DINOHead] Linear -> [BN] -> GELU -> Linear -> [BN] -> GELU ->
+    Linear to the bottleneck (trunc-normal std 0.02, zero bias), l2-normalise, then a
+    weight-normalised Linear(bottleneck, K, bias=False) with g = 1 (frozen if norm_last_layer:
+    the logits are then cosine similarities to K prototypes)."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim, bottleneck_dim, bn=False, norm_last=True):
+        super().__init__()
+        norm = (lambda d: [nn.BatchNorm1d(d)]) if bn else (lambda d: [])
+        self.mlp = nn.Sequential(
+            *[nn.Linear(in_dim, hidden_dim), *norm(hidden_dim), nn.GELU()],
+            *[nn.Linear(hidden_dim, hidden_dim), *norm(hidden_dim), nn.GELU()],
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for lin in (m for m in self.mlp if isinstance(m, nn.Linear)):
+            nn.init.trunc_normal_(lin.weight, std=0.02), nn.init.zeros_(lin.bias)
+        # v keeps nn.Linear's default init, as officially (the init above runs before it)
+        wn = nn.utils.parametrizations.weight_norm  # weight = g * v / |v| per output row
+        self.last_layer = wn(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0  # [K, 1]
+        g.data.fill_(1.0)
+        g.requires_grad_(not norm_last)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(h), dim=-1))  # [N, K] logits
+
+
+class MultiCrop(nn.Module):
+    """[ref: utils.MultiCropWrapper] one backbone pass per run of consecutive crops with the same
+    resolution, one head pass on the concatenation; output rows crop-major: [V*B, K]."""
+
+    def __init__(self, backbone: nn.Module, head: DINOHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, views: list) -> torch.Tensor:
+        h = [self.backbone(torch.cat(list(g))) for _, g in groupby(views, lambda v: v.shape[-1])]
+        return self.head(torch.cat(h))
+
+
+class DINO(nn.Module):
+    """Student: backbone + DINOHead on all crops. Teacher: the same architecture, a copy of the
+    student at init, never trained (requires_grad False): an EMA of the student's parameters.
+    Teacher BN (ResNet) running stats are its own, from its train-mode forward, as officially.
+    State: the centre c [1, K], identical on every rank."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        backbone, self.feat_dim = C.build_backbone(
+            args.arch, args.img_size, patch_size=args.patch_size
+        )
+        # DEVIATION: no stochastic depth in common's ViT (the student uses drop_path 0.1)
+        dims = (self.feat_dim, args.out_dim, args.hidden_dim, args.bottleneck_dim)
+        head = DINOHead(*dims, args.head_bn, args.norm_last_layer)
+        self.student = MultiCrop(backbone, head)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)  # same init [ref]
+        self.register_buffer("center", torch.zeros(1, args.out_dim))  # [1, K]
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The evaluated and exported encoder: the TEACHER's [DINO §4.1; ref: eval_*.py
+        --checkpoint_key teacher]."""
+        return self.teacher.backbone
+
+    def forward(self, views: list) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            t = self.teacher(views[:2])  # [2B, K]: the 2 global crops only [DINO §3.1]
+        return self.student(views), t  # s: [V*B, K], all crops
+
+
+# ==== 3. loss: dino_loss(...) -> Tensor, pure, fp32 inside ================================
+def dino_loss(
+    s: list[torch.Tensor], t: list[torch.Tensor], center: torch.Tensor, tau_s: float, tau_t: float
+) -> torch.Tensor:
+    """[DINO Eq. 3; ref: main_dino.DINOLoss] s: student logits per crop, V tensors [B, K] (the
+    2 global crops first); t: raw teacher logits of the 2 global crops, [B, K] each; center:
+    [1, K]. P_t = softmax((t_i - c) / tau_t), no gradient; for every pair (global i, crop v),
+    v != i: mean over the batch of -sum_k P_t log softmax(s_v / tau_s). Eq. 3 SUMS over the
+    pairs; the code (and this function) takes their MEAN, 2(V - 1) pairs, so a uniform output
+    gives ln K. Per process: DDP's gradient averaging makes it the global-batch mean."""
+    with torch.autocast(s[0].device.type, enabled=False):
+        c = center.detach().float()
+        p_t = [F.softmax((x.detach().float() - c) / tau_t, dim=-1) for x in t]  # centre, sharpen
+        log_p_s = [F.log_softmax(x.float() / tau_s, dim=-1) for x in s]
+        terms = [
+            -(q * log_p).sum(-1).mean()
+            for i, q in enumerate(p_t)
+            for v, log_p in enumerate(log_p_s)
+            if v != i  # skip the pairs of a crop with itself
+        ]
+        return torch.stack(terms).mean()
+
+
+# ==== 4. method state: @torch.no_grad() update_center / momentum_update / clip_and_freeze ==
+@torch.no_grad()
+def update_center(model: DINO, t: torch.Tensor, center_m: float):
+    """c <- center_m * c + (1 - center_m) * mean of the teacher logits t [2B, K] (both global
+    crops) over the GLOBAL batch: the only tensor that crosses processes (an all-reduced sum,
+    no gradient), so c stays identical on every rank [DINO Eq. 4; ref: DINOLoss.update_center]."""
+    batch_center = t.float().sum(0, keepdim=True)  # [1, K]
+    if C.get_world_size() > 1:
+        dist.all_reduce(batch_center)
+    batch_center /= len(t) * C.get_world_size()
+    model.center.mul_(center_m).add_(batch_center, alpha=1 - center_m)
+
+
+@torch.no_grad()
+def momentum_update(model: DINO, m: float):
+    """teacher <- m * teacher + (1 - m) * student, parameters only (the weight-norm g and v
+    included; BN buffers are the teacher's own) [DINO §3.1; ref: train_one_epoch]."""
+    C.ema_(list(model.teacher.parameters()), list(model.student.parameters()), m)
+
+
+@torch.no_grad()
+def clip_and_freeze(student: MultiCrop, clip: float, freeze: bool):
+    """On the unscaled gradients: each parameter's gradient clipped to norm <= clip on its own
+    [ref: utils.clip_gradients], then the last layer's cancelled while frozen [ref:
+    utils.cancel_gradients_last_layer]. Tensor math only: no host sync."""
+    for p in (p for p in student.parameters() if p.grad is not None and clip > 0):
+        p.grad.mul_((clip / (torch.linalg.vector_norm(p.grad) + 1e-6)).clamp(max=1.0))
+    for p in student.head.last_layer.parameters() if freeze else []:
+        p.grad = None
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    views, _, _ = batch
+    net = C.unwrap(model)
+    lr, wd, m, tau_t = (args.sched[k][step] for k in ("lr", "wd", "m", "tau_t"))
+    C.set_lr(optimizer, lr)
+    optimizer.param_groups[0]["weight_decay"] = wd  # the regularised group only [ref]
+    with C.autocast(args):
+        s, t = model(views)
+    loss = dino_loss(s.chunk(len(views)), t.chunk(2), net.center, args.tau_s, tau_t)
+    update_center(net, t, args.center_m)  # AFTER the loss used the old c [ref: DINOLoss]
+    frozen = step < args.freeze_last_layer * args.steps_per_epoch
+    hook = partial(clip_and_freeze, net.student, args.clip_grad, frozen)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler, hook=hook)
+    # AFTER the optimizer step, with the new student weights [ref: train_one_epoch]
+    momentum_update(net, m)
+    stats = {"loss": loss.detach(), "lr": lr, "wd": wd, "m": m, "tau_t": tau_t}
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(t)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the TEACHER backbone output h [ref: eval_knn.py,
+    eval_linear.py --checkpoint_key teacher]. DEVIATION: for a ViT, the final-norm [CLS] only;
+    eval_linear.py concatenates the [CLS] of the last 4 blocks for ViT-S (n_last_blocks=4)."""
+    return C.unwrap(model).teacher.backbone(x)
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 < end and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.bar.close()
+
+
+# ==== 7. main(args) ========================================================================
+def main(args: Args):
+    device = C.setup_ddp(args)
+    for flag, v in (("--m", args.m), ("--center-m", args.center_m)):
+        if not 0.0 <= v <= 1.0:
+            C.fail(f"{flag} {v} is not an EMA coefficient; pass a value in [0, 1], e.g. 0.996")
+    if min(args.tau_s, args.tau_t, args.tau_t_warmup) <= 0:
+        C.fail("temperatures must be > 0; check --tau-s, --tau-t and --tau-t-warmup")
+    for flag, sc in (("--global-scale", args.global_scale), ("--local-scale", args.local_scale)):
+        if len(sc) != 2 or not 0 < sc[0] <= sc[1] <= 1:
+            C.fail(f"{flag} {' '.join(map(str, sc))}: pass two numbers lo hi, 0 < lo <= hi <= 1")
+    if args.n_local < 0:
+        C.fail(f"--n-local {args.n_local} is negative; pass 0 (two global crops only) or more")
+
+    # global 1: blur 1.0; global 2: blur 0.1 + solarize 0.2; locals: blur 0.5; jitter (0.4, 0.4,
+    # 0.2, 0.1) p=0.8, grayscale 0.2, bicubic crops [DINO §4.1; ref: DataAugmentationDINO]
+    def views(ms):  # build_data calls this after filling in the default img_size
+        args.local_size = args.local_size or max(8, round(args.img_size * 96 / 224))
+        kw = {"jitter": (0.4, 0.4, 0.2, 0.1), "bicubic": True}
+        g = partial(C.augmentation, args.img_size, ms, scale=tuple(args.global_scale), **kw)
+        local = {"scale": tuple(args.local_scale), "blur_p": 0.5 * args.blur}
+        loc = C.augmentation(args.local_size, ms, **local, **kw)
+        glob = [g(blur_p=1.0 * args.blur), g(blur_p=0.1 * args.blur, solarize_p=0.2)]
+        return C.MultiView(glob + [loc] * args.n_local)
+
+    data = C.build_data(args, views, normalize=True)  # ImageNet mean/std [ref: main_dino.py]
+    C.prepare_run(args)
+    model = C.convert_sync_bn(DINO(args)).to(device)  # student and teacher BN [ref]
+    if args.compile:  # fit() compiles model.backbone, the teacher's
+        model.student.backbone.compile()
+    lr, spe, T = args.lr * args.batch_size / 256, args.steps_per_epoch, args.total_steps
+    W = args.tau_t_warmup_epochs  # tau_t: linspace(warm-up, final, W) per EPOCH, then final
+    tau = lambda e: args.tau_t_warmup + (args.tau_t - args.tau_t_warmup) * e / max(W - 1, 1)
+    args.sched = {  # per step [ref: utils.cosine_scheduler]
+        "lr": C.cosine_schedule(lr, args.min_lr, T, args.warmup_epochs * spe),
+        "wd": C.cosine_schedule(args.wd, args.wd_end, T),
+        "m": C.cosine_schedule(args.m, 1.0, T),
+        "tau_t": [tau(k // spe) if k // spe < W else args.tau_t for k in range(T)] or [args.tau_t],
+    }
+    # regularised group first: wd from the schedule; biases and norms none [ref: get_params_groups]
+    params = C.param_groups([model.student], args.wd)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr, **fused)
+    elif args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr, momentum=0.9, **fused)
+    else:  # [ref: utils.LARS]: eta 1e-3, 1-D params excluded
+        optimizer = C.LARS(params, lr=lr, weight_decay=args.wd)
+    fit(model, optimizer, data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))

@@ -1,0 +1,400 @@
+"""InstDisc - Unsupervised Feature Learning via Non-Parametric Instance Discrimination (Wu, Xiong,
+Yu, Lin, CVPR 2018) https://arxiv.org/abs/1805.01978
+Reference code: zhirongw/lemniscate.pytorch (lib/NCEAverage.py, lib/NCECriterion.py,
+lib/LinearAverage.py, main.py, cifar.py, test.py)
+Objective (§3.1-3.2): P(i|f) = exp(v_i.f/tau) / Z with v_i the stored bank row of
+image i; NCE: L = -log P/(P + K/N) - sum_{K noise rows} log (K/N)/(P_noise + K/N), Z fixed after
+the first batch; or (K = 0) the exact N-way softmax over the bank.
+vs moco.py: (1) negatives and positives come from a memory BANK with one row per training image
+(the positive is image i's stored row v_i), not from a queue of keys and a momentum encoder;
+(2) the bank row is updated after use to normalise(0.5 v_i + 0.5 f_i): a momentum on the
+features, not on the weights; (3) one augmented view per image, no key encoder, so no
+shuffle-BN (per-process BN); (4) NCE with K=4096 uniform noise rows and a fixed Z (or the exact
+softmax over all N rows) instead of InfoNCE; (5) the paper's evaluation is a weighted kNN
+against the bank itself (bank_knn_top1).
+Run: torchrun --nproc_per_node=8 instdisc.py --preset imagenet --dataset imagenet --data-dir /path
+     python instdisc.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    arch: str = arg(
+        "resnet50", "backbone [ref: README ResNet-50 model; main.py default R18]", choices=C.ARCHS
+    )
+    epochs: int = arg(200, "epochs [ref: main.py --epochs 200]")
+    batch_size: int = arg(256, "GLOBAL batch [ref: main.py -b 256; cifar.py 128]")
+    lr: float = arg(0.03, "SGD lr, not scaled with the batch [ref: main.py --lr 0.03, README]")
+    wd: float = arg(1e-4, "weight decay, all params [ref: main.py --wd 1e-4; cifar.py 5e-4]")
+    lr_milestones: tuple = arg(
+        (120, 160), "x0.1 lr at these epochs [ref: main.py adjust_learning_rate]"
+    )
+    warmup_epochs: int = arg(0, "linear warm-up epochs [ref: main.py has none]")
+    tau: float = arg(0.07, "temperature [InstDisc §3.1; ref: --nce-t 0.07; cifar.py 0.1]")
+    nce_k: int = arg(4096, "noise rows K; 0: exact softmax over the bank [ref: main.py --nce-k]")
+    bank_m: float = arg(0.5, "bank momentum: v <- norm(m v + (1-m) f) [§3.3; ref: --nce-m 0.5]")
+    dim: int = arg(128, "embedding dim [InstDisc §3.1; ref: main.py --low-dim 128]")
+    crop_min: float = arg(0.2, "min crop scale [ref: main.py RandomResizedCrop scale=(0.2, 1)]")
+    aug: str = arg(
+        "imagenet",
+        "imagenet: gray, jitter, flip [ref: main.py]; cifar: jitter, gray, no flip [ref: cifar.py]",
+        choices=("imagenet", "cifar"),
+    )
+    linear_epochs: int = arg(100, "linear-eval epochs (DEVIATION: no official script; MoCo's)")
+    linear_lr: float = arg(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
+    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
+    linear_batch_size: int = arg(256, "linear-eval global batch [ref: moco main_lincls.py]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: moco main_lincls.py: plain 0.9]")
+    linear_milestones: tuple = arg((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (InstDisc has one version)."""
+        r = {}
+        if preset == "cifar":  # [ref: lemniscate cifar.py + README "--nce-k 0 --nce-t 0.1"]
+            r.update(arch="resnet18", batch_size=128, wd=5e-4, tau=0.1, nce_k=0, aug="cifar")
+            # lr 0.03, 200 epochs, x0.1 at 120 and 160 (lr * 0.1 ** ((epoch - 80) // 40)): as above
+        return r
+
+
+# ==== 2. model: heads + InstDisc(nn.Module), all method state as persistent buffers =========
+class InstDisc(nn.Module):
+    """backbone -> Linear(feat, 128) -> l2 norm, no MLP [ref: models/resnet.py fc + l2norm]. The
+    memory bank holds one l2-normalised row per training image; z is the NCE normaliser."""
+
+    def __init__(self, args: Args, n: int):
+        super().__init__()
+        self.tau, self.k = args.tau, args.nce_k
+        self.backbone, self.feat_dim = C.build_backbone(args.arch, args.img_size)
+        self.projector = nn.Linear(self.feat_dim, args.dim)  # the fc layer [InstDisc §3.1]
+        # uniform in +-1/sqrt(D/3) [ref: NCEAverage.py memory]; DEVIATION: rows then l2-normalised
+        # (the official rows have norm ~1 but are not normalised until first written)
+        s = 1 / math.sqrt(args.dim / 3)
+        self.register_buffer("bank", F.normalize(torch.rand(n, args.dim) * 2 * s - s, dim=1))
+        # the NCE normaliser Z; < 0 until estimated on the first batch [ref: NCEAverage params[2]]
+        self.register_buffer("z", torch.tensor(-1.0, dtype=torch.float64))
+        self.z_host = None  # z as a Python float, read once per process (no per-step host sync)
+        self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "z_host", None))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor):
+        f = F.normalize(self.projector(self.backbone(x)), dim=1)  # [B, D]
+        if self.k and self.z_host is None:  # Z: estimated on the first batch, then fixed
+            if self.z.item() < 0:
+                self.z.fill_(estimate_z(f.detach(), self.bank, idx, self.tau, self.k))
+            self.z_host = self.z.item()
+        return nce_loss(f, self.bank, idx, self.tau, self.k, self.z_host), f
+
+
+# ==== 3. loss: nce_loss(...) -> Tensor, pure, fp32 inside =================================
+def nce_scores(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float, k: int):
+    """s = v.f / tau for the positive row bank[idx] (column 0) and k noise rows per sample drawn
+    uniformly, with replacement, by torch.randint(N, (B, k), device=f.device) from torch's global
+    RNG (so they may include the positive) [ref: NCEAverage.py forward] -> [B, 1 + k]."""
+    noise = torch.randint(len(bank), (len(f), k), device=f.device)
+    rows = torch.cat([idx[:, None], noise], dim=1)  # [B, 1 + K]
+    return torch.einsum("bkd,bd->bk", bank[rows].float(), f.float()) / tau
+
+
+def log_mean_exp(s: torch.Tensor) -> torch.Tensor:
+    """log mean exp(s) over every element on every process (equal sizes), no gradient."""
+    lme = torch.logsumexp(s.detach().flatten(), 0) - math.log(s.numel())
+    return torch.logsumexp(C.gather_no_grad(lme[None]), 0) - math.log(C.get_world_size())
+
+
+def nce_loss(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float, k: int, z):
+    """f: [B, D] l2-normalised features of this process; bank: [N, D] stored rows (constants: no
+    gradient reaches them); idx: [B] dataset indices (the positives). Mean over the B samples.
+    k > 0: binary NCE [InstDisc §3.2; ref: NCECriterion.py], P = exp(s)/z, noise prob 1/N:
+    -log P_pos/(P_pos + k/N + 1e-7) - sum_noise log (k/N)/(P_noise + k/N + 1e-7); z None: z =
+    N * mean exp(s) over this batch's B x (1 + k) scores, averaged over processes [ref:
+    NCEAverage.py, Z < 0]. k = 0: the exact softmax, cross-entropy of f @ bank.T / tau against
+    idx [ref: LinearAverage.py + nn.CrossEntropyLoss]; z unused. Computed in log space."""
+    with torch.autocast(f.device.type, enabled=False):
+        f, bank, n = f.float(), bank.detach(), len(bank)  # the bank: constants
+        if k == 0:
+            return F.cross_entropy(f @ bank.float().T / tau, idx)  # [B, N] logits
+        s = nce_scores(f, bank, idx, tau, k)  # [B, 1 + K]
+        log_z = log_mean_exp(s) + math.log(n) if z is None else math.log(z)
+        log_p = s - log_z  # log P(i|f) = s - log Z
+        log_den = torch.logaddexp(log_p, torch.full_like(log_p, math.log(k / n + 1e-7)))
+        pos = log_p[:, 0] - log_den[:, 0]  # log P(D=1 | positive)
+        noise = (math.log(k / n) - log_den[:, 1:]).sum(1)  # log P(D=0 | noise rows)
+        return -(pos + noise).mean()
+
+
+# ==== 4. method state: @torch.no_grad() update_bank / estimate_z ============================
+@torch.no_grad()
+def update_bank(model: InstDisc, f: torch.Tensor, idx: torch.Tensor, bank_m: float):
+    """v_i <- normalise(bank_m * v_i + (1 - bank_m) * f_i) [InstDisc §3.3; ref: NCEAverage.py
+    backward]. The features and indices of ALL processes are gathered (no gradient) and every
+    rank writes the same rows, so the banks stay identical. In place."""
+    f, idx = C.gather_no_grad(f.float()), C.gather_no_grad(idx)  # [W*B, D], [W*B]
+    rows = F.normalize(bank_m * model.bank[idx] + (1 - bank_m) * f, dim=1)
+    model.bank.index_copy_(0, idx, rows.to(model.bank.dtype))
+
+
+@torch.no_grad()
+def estimate_z(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float, k: int):
+    """Z = N * mean exp(v.f / tau) over the positive and k uniform noise rows of every sample of
+    the global batch, as a float [ref: NCEAverage.py: params[2] = out.mean() * outputSize]."""
+    log_z = log_mean_exp(nce_scores(f, bank, idx, tau, k)) + math.log(len(bank))
+    return math.exp(log_z.item())  # float64 on the host: no overflow at small tau
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    (x,), _, idx = batch
+    net = C.unwrap(model)
+    lr = args.sched["lr"][step]
+    C.set_lr(optimizer, lr)
+    with C.autocast(args):
+        loss, f = model(x, idx)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    update_bank(net, f, idx, args.bank_m)  # after the loss: the positive was the stored row
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
+    stats.update({"nce_z": net.z.clone()} if net.k else {})
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(f)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the backbone output h (the paper's conv features)."""
+    return C.unwrap(model).backbone(x)
+
+
+@torch.no_grad()
+def bank_knn(model, data, args) -> float:
+    """The paper's evaluation [InstDisc §3.4; ref: test.py kNN(K=200, sigma=nce_t)]: weighted
+    kNN of the test images' 128-d features against the memory BANK rows (not recomputed), with
+    the training labels from the dataset. Top-1 in %."""
+    net, base = C.unwrap(model), data.train.dataset
+    ys = base.tensors[1] if isinstance(base, C.ArrayImages) else getattr(base, "targets", None)
+    ys = torch.as_tensor(base.labels if ys is None else ys)[torch.tensor(data.train.indices)]
+    ys = ys.to(net.bank.device)
+    net.eval()
+    fn = lambda x: F.normalize(net.projector(net.backbone(x)), dim=1)
+    test, test_y = C.extract(fn, data.test, args)
+    net.train()
+    known = ys >= 0  # STL-10's unlabeled images have label -1
+    scores = C.knn_predict(test, net.bank[known], ys[known], data.num_classes, args.knn_k, args.tau)
+    return (scores.argmax(1) == test_y).float().mean().item() * 100
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 < end and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.bar.close()
+
+
+# ==== 7. main(args) ========================================================================
+def main(args: Args):
+    device = C.setup_ddp(args)
+    if args.tau <= 0:
+        C.fail(f"--tau {args.tau} is not a temperature; pass a positive value, e.g. 0.07")
+    if not 0.0 <= args.bank_m <= 1.0:
+        C.fail(f"--bank-m {args.bank_m} is not a momentum; pass a value in [0, 1], e.g. 0.5")
+    scale = (args.crop_min, 1.0)  # args.img_size is resolved inside build_data, read it late
+    if args.aug == "imagenet":  # gray 0.2, then jitter 0.4 always, flip [ref: main.py] = MoCo v1
+        aug = lambda ms: C.moco_augment(args.img_size, ms, "v1", scale)
+    else:  # jitter first, then gray, NO flip [ref: cifar.py: RandomHorizontalFlip commented out]
+        jitter = transforms.ColorJitter(0.4, 0.4, 0.4, 0.4)
+        crop = lambda: transforms.RandomResizedCrop(args.img_size, scale)
+        aug = lambda ms: C.to_tensor([crop(), jitter, transforms.RandomGrayscale(0.2)], ms)
+    # one view per image; mean/std-normalised [ref: main.py; DEVIATION: cifar.py's CIFAR std
+    # is (0.2023, 0.1994, 0.2010), common.py's the exact (0.2470, 0.2435, 0.2616)]
+    data = C.build_data(args, lambda ms: C.MultiView([aug(ms)]), normalize=True)
+    if not 0 <= args.nce_k < len(data.train):
+        C.fail(
+            f"--nce-k {args.nce_k} is not in [0, {len(data.train)}) (the training images); "
+            "pass fewer noise rows, or 0 for the exact softmax"
+        )
+    C.prepare_run(args)
+    model = InstDisc(args, len(data.train)).to(device)  # per-process BN, as DataParallel's
+    spe, T = args.steps_per_epoch, args.total_steps
+    lrs = [args.lr * 0.1 ** sum(s // spe >= e for e in args.lr_milestones) for s in range(T)]
+    warm = args.warmup_epochs * spe
+    args.sched = {"lr": [lr * min(1.0, (s + 1) / warm) if warm else lr for s, lr in enumerate(lrs)]}
+    args.sched["lr"] = args.sched["lr"] or [args.lr]
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    # wd on all params [ref: main.py optim.SGD(model.parameters(), ...)]
+    optimizer = torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.wd, **fused)
+    fit(model, optimizer, data, args)
+    if args.knn_every and data.test is not None:  # the paper's kNN, against the memory bank
+        record = {"bank_knn_top1": bank_knn(model, data, args), "k": args.knn_k, "t": args.tau}
+        if args.is_main:
+            print(line := json.dumps(record))
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as out:
+                out.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))

@@ -1,0 +1,314 @@
+"""InvaSpread - Unsupervised Embedding Learning via Invariant and Spreading Instance Feature (Ye,
+Zhang, Yuen, Chang, CVPR 2019) https://arxiv.org/abs/1904.03436
+Reference code: mangye16/Unsupervised_Embedding_Learning (BatchAverage.py BatchCriterion,
+demo_seen.py, models/resnet_cifar.py, datasets/cifar.py)
+Objective (§3; ref: BatchCriterion, negM = 1): P_ij = exp(f_i.f_j/tau) / sum_{k != i}
+exp(f_i.f_k/tau) over the 2N rows of both views; L = -(1/2N) sum_i [log P_{i,pos(i)} +
+sum_{j != i, pos(i)} log(1 - P_ij)], every column (the other side of each similarity) detached.
+vs simclr.py: (1) besides the softmax term, a binary "spreading" term log(1 - P_ij) pushes every
+negative away; (2) gradients flow only through the anchor (row) side of every similarity, the
+columns and the positive are detached, so the gather crosses processes WITHOUT gradient; (3) the
+head is one Linear -> 128 + l2 norm, no MLP, no BN; (4) per-process BN over both views (no
+SyncBN); (5) SGD lr 0.03, batch 128, step decay, CIFAR-scale recipe (no ImageNet one exists).
+Run: torchrun --nproc_per_node=8 invaspread.py --preset imagenet --dataset imagenet --data-dir /path
+     python invaspread.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    # The official code has only the CIFAR-10 / STL-10 setting: the defaults below are it.
+    arch: str = arg("resnet18", "backbone [ref: demo_seen.py ResNet18]", choices=C.ARCHS)
+    epochs: int = arg(301, "epochs [ref: demo_seen.py range(start_epoch, start_epoch + 301)]")
+    batch_size: int = arg(128, "GLOBAL batch, images [ref: demo_seen.py --batch-size 128]")
+    lr: float = arg(0.03, "SGD lr, not scaled with the batch [ref: demo_seen.py --lr; README]")
+    wd: float = arg(5e-4, "weight decay, all params [ref: demo_seen.py optim.SGD]")
+    lr_milestones: tuple = arg((120, 160, 200), "lr steps [ref: adjust_learning_rate]")
+    lr_factors: tuple = arg((0.1, 0.05, 0.01), "lr x these from each step [ref: idem]")
+    warmup_epochs: int = arg(0, "linear warm-up epochs [ref: demo_seen.py has none]")
+    tau: float = arg(0.1, "temperature [ref: demo_seen.py --batch-t 0.1; README 0.05-0.1]")
+    dim: int = arg(128, "embedding dim [ref: demo_seen.py --low-dim 128]")
+    crop_min: float = arg(0.2, "min crop scale [ref: demo_seen.py RandomResizedCrop (0.2, 1)]")
+    linear_epochs: int = arg(100, "linear-eval epochs (DEVIATION: no official script; MoCo's)")
+    linear_lr: float = arg(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
+    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
+    linear_batch_size: int = arg(256, "linear-eval global batch [ref: moco main_lincls.py]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: moco main_lincls.py: plain 0.9]")
+    linear_milestones: tuple = arg((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above: none. The defaults ARE the official CIFAR-10
+        recipe [ref: demo_seen.py]; there is no ImageNet recipe, so --preset imagenet keeps these
+        values (the same augmentation recipe at 224 px, ImageNet stem and mean/std)."""
+        return {}
+
+
+# ==== 2. model: heads + InvaSpread(nn.Module), all method state as persistent buffers =====
+class InvaSpread(nn.Module):
+    """backbone -> Linear(feat, 128) -> l2 norm [ref: models/resnet_cifar.py linear + l2norm]."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.backbone, self.feat_dim = C.build_backbone(args.arch, args.img_size)
+        self.projector = nn.Linear(self.feat_dim, args.dim)
+        self.tau = args.tau
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        # both views in one pass, as the official cat((inputs1, inputs2)): BN statistics over the
+        # 2B views of this process (on one GPU the same as the official DataParallel)
+        z1, z2 = F.normalize(self.projector(self.backbone(torch.cat([x1, x2]))), dim=1).chunk(2)
+        return invaspread_loss(z1, z2, self.tau), z1
+
+
+# ==== 3. loss: invaspread_loss(...) -> Tensor, pure, fp32 inside ==========================
+def log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a <= 0, accurate near 0 and at -inf (-> 0)."""
+    return torch.where(a > -0.6931, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def invaspread_loss(f1: torch.Tensor, f2: torch.Tensor, tau: float) -> torch.Tensor:
+    """[InvaSpread §3; ref: BatchAverage.py BatchCriterion, negM = 1] f1, f2: [B, D]
+    l2-normalised features of the two views on this process. Rows (anchors): the local 2B
+    features, WITH gradient. Columns: both views of ALL processes, gathered WITHOUT gradient,
+    in the official order [view 1 of the global batch, view 2 of the global batch] -- the
+    official code detaches the column side (x.t().data) and the positive (reordered_x.data),
+    so the gradient of every similarity flows into its row only and nothing needs a
+    differentiable gather. P_ij = softmax over the 2N - 1 other columns (positive included);
+    loss_i = -log P_i,pos - sum_{j != i, pos} log(1 - P_ij); mean over the local rows (DDP's
+    average makes it the official mean over all 2N rows). Log space: finite for any tau."""
+    with torch.autocast(f1.device.type, enabled=False):
+        f1, f2 = f1.float(), f2.float()
+        B, N = len(f1), len(f1) * C.get_world_size()
+        cands = torch.cat([C.gather_no_grad(f1), C.gather_no_grad(f2)])  # [2N, D], detached
+        logits = torch.cat([f1, f2]) @ cands.T / tau  # [2B, 2N]
+        own = torch.arange(B, device=f1.device) + C.get_rank() * B  # rows of f1 in cands
+        self_idx, pos_idx = torch.cat([own, own + N]), torch.cat([own + N, own])
+        logits = logits.masked_fill(F.one_hot(self_idx, 2 * N).bool(), float("-inf"))
+        log_p = logits.log_softmax(dim=1)  # [2B, 2N], -inf on the own column
+        pos = F.one_hot(pos_idx, 2 * N).bool()
+        spread = log1mexp(log_p.masked_fill(pos, float("-inf"))).sum(1)  # negatives only
+        return -(log_p[pos] + spread).mean()
+
+
+# ==== 4. method state: none (InvaSpread keeps no state beyond its parameters) ============
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    (x1, x2), _, _ = batch
+    lr = args.sched["lr"][step]
+    C.set_lr(optimizer, lr)
+    with C.autocast(args):
+        loss, z = model(x1, x2)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the backbone output h (before the 128-d head)."""
+    return C.unwrap(model).backbone(x)
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 < end and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.bar.close()
+
+
+# ==== 7. main(args) ========================================================================
+def main(args: Args):
+    device = C.setup_ddp(args)
+    if args.tau <= 0:
+        C.fail(f"--tau {args.tau} is not a temperature; pass a positive value, e.g. 0.1")
+    if len(args.lr_factors) != len(args.lr_milestones):
+        C.fail("--lr-factors needs one factor per --lr-milestones epoch; pass as many of each")
+    # the SAME random recipe for both views: crop (0.2, 1), jitter 0.4 always, then gray 0.2,
+    # flip [ref: demo_seen.py transform_train, datasets/cifar.py img1/img2]; DEVIATION: CIFAR
+    # std (0.2470, 0.2435, 0.2616) from common.py, the official uses (0.2023, 0.1994, 0.2010)
+    knobs = {"scale": (args.crop_min, 1.0), "jitter": (0.4,) * 4, "jitter_p": 1.0}
+    aug = lambda ms: C.augmentation(args.img_size, ms, **knobs)
+    data = C.build_data(args, lambda ms: C.MultiView([aug(ms), aug(ms)]), normalize=True)
+    C.prepare_run(args)
+    model = InvaSpread(args).to(device)  # per-process BN (the official: per-GPU DataParallel)
+    spe, T = args.steps_per_epoch, args.total_steps
+    steps = list(zip(args.lr_milestones, args.lr_factors))
+    factor = lambda e: ([1.0] + [f for m, f in steps if e >= m])[-1]
+    lrs = [args.lr * factor(s // spe) for s in range(T)]
+    warm = args.warmup_epochs * spe
+    args.sched = {"lr": [lr * min(1.0, (s + 1) / warm) if warm else lr for s, lr in enumerate(lrs)]}
+    args.sched["lr"] = args.sched["lr"] or [args.lr]
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    # wd on all params [ref: demo_seen.py optim.SGD(net.parameters(), ...)]
+    optimizer = torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.wd, **fused)
+    fit(model, optimizer, data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))

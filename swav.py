@@ -1,0 +1,439 @@
+"""SwAV - Unsupervised Learning of Visual Features by Contrasting Cluster Assignments (Caron, Misra,
+Mairal, Goyal, Bojanowski, Joulin, NeurIPS 2020) https://arxiv.org/abs/2006.09882
+Reference code: facebookresearch/swav (main_swav.py train / distributed_sinkhorn, src/resnet50.py,
+src/multicropdataset.py, eval_linear.py, scripts/swav_800ep_pretrain.sh; apex parallel/LARC.py)
+Objective (Eq. 1-2, multi-crop §3.2): L = 1/2 sum_{i in 2 global crops} 1/(V-1) sum_{v != i}
+-sum_k q_i[k] log softmax(z_v . c / tau)[k]; q_i = Sinkhorn-Knopp codes of crop i (no gradient).
+vs dino.py: (1) no teacher network: the targets q are codes of the SAME network's prototype scores,
+made equipartitioned over the global batch by 3 Sinkhorn-Knopp iterations (DINO: an EMA teacher,
+centred and sharpened); (2) head: 2-layer MLP -> 128-d l2-normalised z, scored against 3000
+l2-normalised prototypes (DINO: 3-layer MLP + weight-normed 65536-d layer); (3) prototypes
+frozen for the first 313 iterations (DINO: last layer frozen in epoch 0); (4) 6 local crops of
+96 px, the 2 global ones assigned; (5) a per-process queue of past z for small batches; (6) SGD
+wrapped in LARC at batch 4096, lr 4.8 (DINO: AdamW, wd schedule, gradient clipping).
+Run: torchrun --nproc_per_node=8 swav.py --preset imagenet --dataset imagenet --data-dir /path
+     python swav.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import os
+import warnings
+from dataclasses import dataclass, field
+from itertools import groupby
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    arch: str = arg("resnet50", "backbone [SwAV §4; ref: src/resnet50.py]", choices=C.ARCHS)
+    zero_init_residual: bool = arg(False, "zero-init last BN gamma per block [ref: resnet50.py]")
+    epochs: int = arg(800, "epochs [SwAV Tab. 1, 75.3%; ref: scripts/swav_800ep_pretrain.sh]")
+    batch_size: int = arg(4096, "GLOBAL batch [SwAV §4.1; ref: 64 GPUs x --batch_size 64]")
+    lr: float = arg(4.8, "ABSOLUTE lr, not scaled by B [ref: --base_lr 4.8; bs256 scripts 0.6]")
+    final_lr: float = arg(0.0048, "cosine ends here [ref: --final_lr, 800ep script]")
+    warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine per step [ref: scripts]")
+    start_warmup: float = arg(0.3, "warm-up starts at this lr [ref: --start_warmup 0.3]")
+    wd: float = arg(1e-6, "weight decay on ALL params incl. biases/BN [ref: --wd, SGD + LARC]")
+    tau: float = arg(0.1, "softmax temperature [SwAV Eq. 2; ref: --temperature]")
+    eps: float = arg(0.05, "Sinkhorn entropy weight [SwAV §3.1; ref: --epsilon]")
+    sinkhorn_iters: int = arg(
+        3, "Sinkhorn-Knopp iterations [SwAV §3.1; ref: --sinkhorn_iterations]"
+    )
+    dim: int = arg(128, "z dim [SwAV §4.1; ref: --feat_dim]")
+    hidden_dim: int = arg(2048, "projector hidden dim [ref: hidden_mlp 2048]")
+    n_prototypes: int = arg(3000, "number of prototypes K [SwAV §4.1; ref: --nmb_prototypes]")
+    queue_length: int = arg(0, "queue of z, global, a multiple of B (0: none) [ref: 4096 runs: 0]")
+    epoch_queue_starts: int = arg(15, "the queue fills from this epoch [ref: --epoch_queue_starts]")
+    freeze_prototypes_niters: int = arg(313, "no prototype update for N steps [ref: main_swav.py]")
+    n_local: int = arg(6, "local crops (+ 2 global, both assigned) [SwAV §3.2; ref: --nmb_crops]")
+    local_size: int = arg(0, "local crop px (0: img_size x 96/224, min 8) [ref: --size_crops 96]")
+    global_scale: tuple = arg((0.14, 1.0), "global crop scale [ref: --min/max_scale_crops]")
+    local_scale: tuple = arg((0.05, 0.14), "local crop scale [ref: --min/max_scale_crops]")
+    blur: bool = arg(True, "blur p=0.5 on every crop [ref: multicropdataset.py; off at CIFAR]")
+    linear_epochs: int = arg(100, "linear-eval epochs [ref: eval_linear.py --epochs]")
+    linear_lr: float = arg(0.3, "linear lr at batch 256, cosine [ref: eval_linear.py --lr]")
+    linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: eval_linear.py --wd]")
+    linear_batch_size: int = arg(256, "linear-eval global batch [ref: eval_linear.py 32 x 8]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py --nesterov]")
+    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: eval_linear]")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (SwAV has one version)."""
+        r = {}
+        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar-multicrop/swav.yaml]
+            r.update(arch="resnet18", batch_size=256, epochs=1000)  # wd 1e-6 as ImageNet
+            # lr as the official batch-256 recipe (0.6 -> 0.0006) [ref: swav_400ep_bs256 script;
+            # solo-learn 0.6 / min_lr 0.0006]; solo's 10 warm-up epochs start from ~0
+            # DEVIATION: solo-learn's LARS has eta 0.02 + lr clipping and skips biases/BN; ours
+            # keeps the official LARC (0.001, every parameter)
+            r.update(lr=0.6, final_lr=0.0006, warmup_epochs=10, start_warmup=0.0)
+            # queue 3840 from epoch 50; prototypes frozen 2 epochs = 2 x 195 steps [ref: solo-learn]
+            r.update(queue_length=3840, epoch_queue_starts=50, freeze_prototypes_niters=390)
+            # crops 2 x 32 (0.2, 1) + 6 local (0.08, 0.5) [ref: cifar-multicrop augmentations/
+            # swav.yaml, local 18 px]; DEVIATION: local side 3/7 of img_size as SwAV's 96/224
+            # (14 px), SwAV's jitter on every crop, no blur at 32 px (solo: 0 global, 0.1 local)
+            r.update(global_scale=(0.2, 1.0), local_scale=(0.08, 0.5), blur=False)
+            # no official CIFAR linear protocol: eval_linear.py's at batch 512 as the others
+            r.update(linear_batch_size=512)
+        return r
+
+
+# ==== 2. model: heads + SwAV(nn.Module), all method state as persistent buffers =========
+class SwAV(nn.Module):
+    """backbone -> projector Linear(+bias) -> BN -> ReLU -> Linear(+bias) -> l2-normalise = z ->
+    prototypes (Linear, no bias, rows kept unit-norm) = scores [ref: resnet50.py projection_head,
+    prototypes]. `queue` [2, queue_length / world_size, dim]: past z of the 2 assigned crops of
+    THIS process (per rank, saved per rank), rows newest first [ref: main_swav.py queue]."""
+
+    per_rank = ("queue",)
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.backbone, self.feat_dim = C.build_backbone(
+            args.arch, args.img_size, args.zero_init_residual
+        )
+        self.projector = nn.Sequential(
+            nn.Linear(self.feat_dim, args.hidden_dim),
+            nn.BatchNorm1d(args.hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(args.hidden_dim, args.dim),
+        )
+        self.prototypes = nn.Linear(args.dim, args.n_prototypes, bias=False)
+        rows = args.queue_length // args.world_size
+        self.register_buffer("queue", torch.zeros(2, rows, args.dim))
+        self.queue_full = False  # a cache of "last queue row non-zero" (it never empties)
+
+    def forward(self, views: list):
+        """views: crops of one batch, consecutive crops of one size share a backbone pass (BN
+        statistics per resolution, as the official); one head pass -> z [V*B, D], scores [V*B, K],
+        crop-major (rows v*B .. (v+1)*B-1 are crop v)."""
+        h = [self.backbone(torch.cat(list(g))) for _, g in groupby(views, lambda v: v.shape[-1])]
+        z = F.normalize(self.projector(torch.cat(h)), dim=1)
+        return z, self.prototypes(z)
+
+
+# ==== 3. loss: sinkhorn(...) codes, swav_loss(...) -> Tensor, pure, fp32 inside ============
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp codes [SwAV §3.1; ref: main_swav.py distributed_sinkhorn]. scores [B, K]
+    (this process's rows) -> Q [B, K], each row summing to 1, prototypes equipartitioned over the
+    GLOBAL batch (N = B x world_size rows): the total and the per-prototype sums are all-reduced;
+    per-sample sums are local. fp32 (exp(1 / 0.05) overflows fp16), no gradient. The global max
+    is subtracted before exp: a constant factor, cancelled by the first normalisation (it only
+    keeps extreme scores finite); the clamps act only where the official divides 0 by 0."""
+    world, tiny = C.get_world_size(), torch.finfo(torch.float32).tiny
+
+    def all_sum(t, op=dist.ReduceOp.SUM):
+        if world > 1:  # crosses processes: the Q total and the prototype (row) sums
+            dist.all_reduce(t, op=op)
+        return t
+
+    with torch.autocast(scores.device.type, enabled=False):
+        s = scores.detach().float() / eps
+        q = torch.exp(s - all_sum(s.max(), dist.ReduceOp.MAX)).T  # [K, B]
+        K, N = q.shape[0], q.shape[1] * world
+        q /= all_sum(q.sum()).clamp_min(tiny)
+        for _ in range(n_iters):
+            q /= all_sum(q.sum(dim=1, keepdim=True)).clamp_min(tiny) * K  # prototype mass 1/K
+            q /= q.sum(dim=0, keepdim=True).clamp_min(tiny) * N  # sample mass 1/N
+        return (q * N).T  # [B, K]: rows sum to 1 (soft assignments)
+
+
+def swav_loss(scores: list[torch.Tensor], q: list[torch.Tensor], tau: float) -> torch.Tensor:
+    """Swapped prediction [SwAV Eq. 1-2, §3.2; ref: main_swav.py train]. scores: per crop [B, K]
+    (z . prototypes); q: codes [B, K] of the first len(q) crops (targets, no gradient). For each
+    assigned crop i, the mean over the V - 1 other crops v of the cross-entropy
+    -sum_k q_i log softmax(scores_v / tau), batch mean; averaged over the assigned crops."""
+    with torch.autocast(scores[0].device.type, enabled=False):
+        logp = [F.log_softmax(s.float() / tau, dim=1) for s in scores]
+        loss = 0.0
+        for i, q_i in enumerate(q):
+            q_i = q_i.detach().float()
+            ce = [-(q_i * lp).sum(1).mean() for v, lp in enumerate(logp) if v != i]
+            loss = loss + sum(ce) / (len(scores) - 1)
+        return loss / len(q)
+
+
+# ==== 4. method state: @torch.no_grad() normalize_prototypes / enqueue ======================
+@torch.no_grad()
+def normalize_prototypes(model: SwAV):
+    """Prototype rows back to unit norm, in place, before every step's forward [SwAV §4.1; ref:
+    main_swav.py "normalize the prototypes"]; the gradient is taken w.r.t. unit-norm rows."""
+    w = model.prototypes.weight
+    w.copy_(F.normalize(w, dim=1))
+
+
+@torch.no_grad()
+def enqueue(queue: torch.Tensor, z: torch.Tensor):
+    """FIFO: queue [2, R, D] shifts by B rows, the new z [2, B, D] goes first [ref: main_swav.py
+    "fill the queue"]; done after the codes, so a batch never meets itself in Sinkhorn."""
+    b = z.shape[1]
+    queue[:, b:] = queue[:, :-b].clone()
+    queue[:, :b] = z
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+class LARC(torch.optim.Optimizer):
+    """apex LARC (trust 0.001, clip False) around SGD momentum 0.9 [ref: main_swav.py; apex
+    parallel/LARC.py], on EVERY parameter (biases and BN too, unlike C.LARS): where |p| and |g|
+    are > 0, g <- (g + wd p) tc |p| / (|g| + wd |p| + eps), else g unchanged (no decay either);
+    then SGD: m <- 0.9 m + g; p -= lr m. Tensor math only (no host sync)."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eps": 1e-8}
+        super().__init__(params, {**defaults, "trust_coefficient": trust_coefficient})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            wd, tc = g["weight_decay"], g["trust_coefficient"]
+            for p in (p for p in g["params"] if p.grad is not None):
+                pn, gn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                rate = tc * pn / (gn + wd * pn + g["eps"])
+                d = torch.where((pn > 0) & (gn > 0), (p.grad + wd * p) * rate, p.grad)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                p.add_(buf.mul_(g["momentum"]).add_(d), alpha=-g["lr"])
+
+
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    views, _, _ = batch
+    net, B = C.unwrap(model), len(views[0])
+    lr = args.sched["lr"][step]
+    C.set_lr(optimizer, lr)
+    normalize_prototypes(net)
+    with C.autocast(args):
+        z, scores = model(views)  # [V*B, D], [V*B, K]
+    z_a = z.detach().float()[: 2 * B].view(2, B, -1)  # the 2 global (assigned) crops
+    # the queue: filled from epoch_queue_starts on, used once full [ref: use_the_queue]; the
+    # check reads the device only until it is full (a few steps), then the cache answers
+    on = net.queue.shape[1] > 0 and step >= args.epoch_queue_starts * args.steps_per_epoch
+    if on and not net.queue_full:
+        net.queue_full = bool(net.queue[:, -1].any())
+    use_queue = on and net.queue_full
+    q = []
+    for i in range(2):  # codes of each global crop, prepended queue scores with the current
+        s = scores[i * B : (i + 1) * B].detach()  # prototypes, the batch rows kept
+        if use_queue:
+            s = torch.cat([net.queue[i] @ net.prototypes.weight.detach().T, s.float()])
+        q.append(sinkhorn(s, args.eps, args.sinkhorn_iters)[-B:])  # [B, K]
+    if on:
+        enqueue(net.queue, z_a)
+    loss = swav_loss(list(scores.split(B)), q, args.tau)
+    # prototypes frozen for the first iterations: their gradient cancelled after the backward,
+    # so no momentum and no weight decay either [ref: main_swav.py "cancel gradients"]
+    frozen = step < args.freeze_prototypes_niters
+    hook = (lambda: setattr(net.prototypes.weight, "grad", None)) if frozen else None
+    grad_norm = C.optimizer_step(loss, optimizer, scaler, hook=hook)
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "queue": float(use_queue)}
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z[:B])}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the backbone output h (pooled) [ref: eval_linear.py]."""
+    return C.unwrap(model).backbone(x)
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 < end and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.bar.close()
+
+
+# ==== 7. main(args) ========================================================================
+def main(args: Args):
+    device = C.setup_ddp(args)
+    if args.queue_length % args.batch_size:
+        k = args.queue_length - args.queue_length % args.batch_size
+        C.fail(
+            f"--queue-length {args.queue_length} is not a multiple of the global batch "
+            f"{args.batch_size} (the official code silently cuts it to {k}); pass a multiple"
+        )
+    if args.n_local < 0 or args.n_prototypes < 1:
+        C.fail(f"--n-local {args.n_local} / --n-prototypes {args.n_prototypes}: pass >= 0 / >= 1")
+
+    def views(ms):  # build_data calls this after filling in the default img_size
+        args.local_size = args.local_size or max(8, round(args.img_size * 96 / 224))
+        kw = {"jitter": (0.8, 0.8, 0.8, 0.2), "blur_p": 0.5 * args.blur}  # [ref: multicrop]
+        g = C.augmentation(args.img_size, ms, scale=tuple(args.global_scale), **kw)
+        loc = C.augmentation(args.local_size, ms, scale=tuple(args.local_scale), **kw)
+        return C.multicrop_augment(g, loc, 2, args.n_local)
+
+    data = C.build_data(args, views, normalize=True)
+    C.prepare_run(args)
+    # SyncBN everywhere, global (DEVIATION: the 4096 runs synced apex BN in groups of 8 GPUs)
+    model = C.convert_sync_bn(SwAV(args)).to(device)
+    spe, T = args.steps_per_epoch, args.total_steps
+    args.sched = {  # per step: linear warm-up from start_warmup, then cosine to final_lr
+        "lr": C.cosine_schedule(
+            args.lr, args.final_lr, T, args.warmup_epochs * spe, args.start_warmup
+        )
+    }
+    params = [p for p in model.parameters() if p.requires_grad]  # all of them, one group
+    optimizer = LARC(params, lr=args.lr, weight_decay=args.wd)
+    fit(model, optimizer, data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))
