@@ -1,0 +1,437 @@
+"""CPC v2 - Data-Efficient Image Recognition with Contrastive Predictive Coding (Hénaff, Srinivas,
+De Fauw, Razavi, Doersch, Eslami, van den Oord, ICML 2020) https://arxiv.org/abs/1905.09272; v1:
+Representation Learning with Contrastive Predictive Coding (van den Oord, Li, Vinyals, 2018)
+https://arxiv.org/abs/1807.03748
+Reference code: none released; the CPC v2 paper's appendix pseudocode (CPC, pixelCNN); peer code
+Lightning-Universe/lightning-bolts (cpc/cpc_module.py, networks.py, transforms.py; losses CPCTask)
+Objective (CPC v1 Eq. 4, InfoNCE over patches): L = -mean log exp(p . t_pos) / sum_t exp(p . t),
+p = W_k c_{i,j} * 0.1 predicts t_pos = the target embedding of patch (i+k, j); the sum runs over
+every patch of the global batch; summed over the steps k and the prediction directions.
+vs cmc.py: (1) ONE augmented view per image, cut into a 7x7 grid of overlapping patches, instead
+of two colour views (L, ab) with two encoders; (2) a masked PixelCNN context network over the grid:
+rows <= i predict the patches k rows below, one 1x1 predictor per step (and per direction in v2);
+(3) negatives: every other patch embedding of the global batch, gathered WITH gradient; no memory
+bank; (4) encoder without BatchNorm (LayerNorm as GroupNorm(1, C)); per-patch colour dropping;
+(5) Adam; linear eval on the patch embeddings mean-pooled over the grid.
+Run: torchrun --nproc_per_node=8 cpc.py --preset imagenet --dataset imagenet --data-dir /path
+     python cpc.py                      (CIFAR-10 preset, one process)
+"""
+
+# ==== 0. imports ===========================================================================
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from einops import rearrange
+from torch import nn
+
+import common as C
+
+# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
+PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+
+
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    # -- shared block (identical in every method file) --
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = arg(8, "DataLoader worker processes per process")
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    # -- method block --
+    arch: str = arg("resnet50", "patch encoder [CPC v2 §4: ResNet-50 variant]", choices=C.ARCHS)
+    epochs: int = arg(200, "epochs [DEVIATION: the paper's count not verified here]")
+    batch_size: int = arg(512, "GLOBAL batch of images [CPC v1 §3.2: 32 GPUs x 16]")
+    lr: float = arg(4e-4, "Adam lr, NOT scaled by batch [ref: pl_bolts cpc_module.py 'imagenet']")
+    wd: float = arg(
+        0.0, "weight decay, not on biases/norms [DEVIATION: none stated in sources read]"
+    )
+    warmup_epochs: int = arg(0, "linear warm-up, then a constant lr [ref: pl_bolts: no scheduler]")
+    patch_size: int = arg(0, "patch side, stride = half (0: img/4) [CPC v1 §3.2: 64/32 of 256]")
+    aug: str = arg(
+        "crop",
+        "image aug: crop = random crop of the image resized x300/256 + flip [CPC v1 §3.2]; "
+        "jitter = translate, colour jitter, gray [ref: pl_bolts CPCTrainTransformsCIFAR10]",
+        choices=("crop", "jitter"),
+    )
+    color_drop: bool = arg(True, "per patch keep 1 of 3 colour channels [CPC v2 §4.1 'RC']")
+    patch_flip: bool = arg(True, "per patch horizontal flip, p=0.5 [CPC v2 §4.1 'PA']")
+    patch_crop: bool = arg(True, "per patch random 15/16 sub-crop, padded back [CPC v1 §3.2]")
+    context_dim: int = arg(256, "context network width [CPC v2 App. A pixelCNN: 256]")
+    context_blocks: int = arg(5, "context residual blocks [CPC v2 App. A pixelCNN: 5]")
+    target_dim: int = arg(64, "target/prediction dim [CPC v2 App. A: target_dim=64]")
+    emb_scale: float = arg(0.1, "predictions x this (= 1/temperature) [CPC v2 App. A emb_scale]")
+    min_step: int = arg(3, "first row offset predicted [CPC v2 App. A: steps_to_ignore=2]")
+    max_step: int = arg(3, "last offset [CPC v2 App. A: steps_to_predict=3; v1 §3.2: up to 5]")
+    directions: int = arg(
+        4, "1: top-down (v1); 2: + bottom-up; 4: + left/right [CPC v2 §4.1]", choices=(1, 2, 4)
+    )
+    linear_epochs: int = arg(90, "linear-eval epochs [DEVIATION: CPC v2 protocol not verified]")
+    linear_lr: float = arg(0.1, "linear lr per 256, cosine [DEVIATION: SimCLR README protocol]")
+    linear_wd: float = arg(0.0, "linear-eval weight decay [DEVIATION: SimCLR CIFAR protocol]")
+    linear_batch_size: int = arg(1024, "linear-eval global batch [DEVIATION: SimCLR-style]")
+    linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: simclr model.py]")
+    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: simclr]")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = field(default_factory=dict, metadata={"derived": True})
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (one version: CPC v2)."""
+        r = {}
+        if preset == "cifar":  # [ref: pl_bolts docs self_supervised.rst CPCv2 CIFAR-10 row]
+            # Adam 4e-5, batch 64, 1000 epochs, 8 px patches / stride 4 (patch_size 0 = 32 / 4)
+            r.update(arch="resnet18", batch_size=64, lr=4e-5, epochs=1000, aug="jitter")
+            # DEVIATION: ResNet-18 (GroupNorm) instead of pl_bolts' CPC-ResNet-101 (LayerNorm);
+            # CPC v2's per-patch augmentation kept (pl_bolts has none)
+            r.update(linear_epochs=100, linear_batch_size=512)
+        return r
+
+
+# ==== 2. model: heads + CPC(nn.Module), all method state as persistent buffers =============
+def patchify(x: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
+    """[B, C, S, S] -> [B * G * G, C, patch, patch], G = (S - patch) // stride + 1, row-major:
+    patch (b, i, j) = x[b, :, i*stride : i*stride+patch, j*stride : j*stride+patch]."""
+    x = x.unfold(2, patch, stride).unfold(3, patch, stride)  # [B, C, G, G, patch, patch]
+    return rearrange(x, "b c gh gw ph pw -> (b gh gw) c ph pw")
+
+
+class PixelCNN(nn.Module):
+    """Masked context network [CPC v2 App. A pixelCNN]: residual blocks of 1x1 -> ReLU -> 1x3
+    (same row) -> pad one row on top + 2x1 valid conv (rows i-1 and i) -> ReLU -> 1x1, then a
+    final ReLU. The output at row i depends on input rows <= i only."""
+
+    def __init__(self, dim: int, hidden: int, blocks: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    nn.Conv2d(dim, hidden, 1),
+                    nn.Conv2d(hidden, hidden, (1, 3), padding=(0, 1)),
+                    nn.Conv2d(hidden, hidden, (2, 1)),
+                    nn.Conv2d(hidden, dim, 1),
+                ]
+            )
+            for _ in range(blocks)
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, D, G, G] -> [B, D, G, G]
+        c_res = h
+        for reduce, row, down, expand in self.blocks:
+            c = row(F.relu(reduce(c_res)))
+            c = F.relu(down(F.pad(c, (0, 0, 1, 0))))  # shift down one row: causal over rows
+            c_res = c_res + expand(c)
+        return F.relu(c_res)
+
+
+class CPC(nn.Module):
+    """Patch encoder (backbone) -> grid h [B, D, G, G]; per direction (the grid rotated) a
+    context network and one 1x1 predictor per step k; one shared 1x1 target projection."""
+
+    ROTATIONS = (0, 2, 1, 3)  # rot90 turns: top-down, bottom-up, right-left, left-right
+
+    def __init__(self, args: Args):
+        super().__init__()
+        # no BatchNorm: GroupNorm(1, C) normalises each patch over (C, H, W) like a LayerNorm
+        # with per-channel affine [CPC v2 §4.1 'LN']; the stem follows the image size (CIFAR
+        # stem at <= 64 px images)
+        self.backbone, self.feat_dim = C.build_backbone(
+            args.arch, args.img_size, norm_layer=lambda ch: nn.GroupNorm(1, ch)
+        )
+        D, E, self.emb_scale = self.feat_dim, args.target_dim, args.emb_scale
+        self.patch, self.stride = args.patch_size, args.patch_size // 2
+        self.aug = (args.patch_flip, args.patch_crop, args.color_drop)
+        self.steps = list(range(args.min_step, args.max_step + 1))
+        self.context = nn.ModuleList(
+            PixelCNN(D, args.context_dim, args.context_blocks) for _ in range(args.directions)
+        )
+        self.target = nn.Conv2d(D, E, 1)
+        self.predictors = nn.ModuleList(
+            nn.ModuleList(nn.Conv2d(D, E, 1) for _ in self.steps) for _ in range(args.directions)
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] -> grid of patch embeddings h [B, D, G, G] (augmented patches
+        in training)."""
+        patches = patchify(x, self.patch, self.stride)  # [B*G*G, 3, p, p]
+        if self.training:
+            patches = patch_augment(patches, *self.aug)
+        h = self.backbone(patches)  # [B*G*G, D], each patch on its own
+        g = (x.shape[-2] - self.patch) // self.stride + 1
+        return rearrange(h, "(b gh gw) d -> b d gh gw", gh=g, gw=g)
+
+    def objective(self, h: torch.Tensor) -> torch.Tensor:
+        """Sum over directions and steps of cpc_loss [CPC v2 App. A CPC()]."""
+        t = self.target(h)  # [B, E, G, G]
+        t_other = other_ranks(t)  # [(W-1)B, E, G, G]: the other processes' targets
+        flat = lambda v: rearrange(v, "b e gh gw -> (b gh gw) e")
+        loss = 0.0
+        for turn, context, predictors in zip(self.ROTATIONS, self.context, self.predictors):
+            hd, td, od = (torch.rot90(v, turn, dims=(2, 3)) for v in (h, t, t_other))
+            c = context(hd)  # row i of c has seen rows <= i of hd
+            for k, predictor in zip(self.steps, predictors):
+                p = predictor(c[:, :, :-k]) * self.emb_scale  # context row i predicts row i+k
+                # positives first (the same (b, i, j) order as p), then all other patches
+                targets = torch.cat([flat(td[:, :, k:]), flat(td[:, :, :k]), flat(od)])
+                loss = loss + cpc_loss(flat(p), targets)
+        return loss
+
+    def forward(self, x: torch.Tensor):
+        h = self.encode(x)
+        return self.objective(h), h.mean((2, 3))  # loss, pooled embeddings [B, D]
+
+
+# ==== 3. loss: cpc_loss(...) -> Tensor, pure, fp32 inside ==================================
+def cpc_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """InfoNCE [CPC v1 Eq. 4; CPC v2 App. A]. preds [M, E]: the (already emb_scale-d)
+    predictions for M target positions; targets [N, E], N >= M: row m < M is the true target
+    embedding of the position that prediction m predicts, and EVERY other row (the other
+    positives and rows M..N-1) is a negative for it. No normalisation, no temperature besides
+    emb_scale. Returns the mean over the M predictions of -log softmax(preds @ targets.T)[m, m]."""
+    with torch.autocast(preds.device.type, enabled=False):
+        logits = preds.float() @ targets.float().T  # [M, N]
+        return F.cross_entropy(logits, torch.arange(len(preds), device=preds.device))
+
+
+# ==== 4. method state: none (no bank, queue or momentum encoder); patch aug, targets =======
+@torch.no_grad()
+def patch_augment(patches: torch.Tensor, flip: bool, crop: bool, drop: bool) -> torch.Tensor:
+    """Each patch on its own [CPC v2 §4.1]: horizontal flip (p=0.5); a random sub-crop of
+    p - p//16 px (60 of 64) padded back in place with zeros [CPC v1 §3.2]; colour dropping:
+    keep one random channel, zero the other two (0 = the dataset mean after normalisation).
+    DEVIATION: the paper's further AutoAugment-style per-patch ops are left out (per-patch PIL
+    ops, far from batched tensor code)."""
+    n, ch, p, device = len(patches), patches.shape[1], patches.shape[-1], patches.device
+    if flip:
+        flipped = torch.rand(n, 1, 1, 1, device=device) < 0.5
+        patches = torch.where(flipped, patches.flip(3), patches)
+    if crop and (sub := p - p // 16) < p:
+        top, left = torch.randint(0, p - sub + 1, (2, n, 1), device=device)
+        r = torch.arange(p, device=device)
+        rows, cols = (r >= top) & (r < top + sub), (r >= left) & (r < left + sub)  # [n, p]
+        patches = patches * (rows[:, :, None] & cols[:, None, :])[:, None]
+    if drop and ch == 3:
+        keep = torch.randint(0, 3, (n,), device=device)
+        patches = patches * F.one_hot(keep, 3).to(patches.dtype)[:, :, None, None]
+    return patches
+
+
+def other_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The other processes' rows of t [B, ...] -> [(W-1)B, ...], differentiable: gradients of
+    this process's loss flow back to the process that computed them (the negatives are the
+    whole global batch, so 2 processes == 1 process on the same batch)."""
+    if C.get_world_size() == 1:
+        return t[:0]
+    everyone, r, b = C.gather_with_grad(t), C.get_rank(), len(t)  # [W*B, ...] in rank order
+    return torch.cat([everyone[: r * b], everyone[(r + 1) * b :]])
+
+
+# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+    (x,), _, _ = batch
+    lr = args.sched["lr"][step]
+    C.set_lr(optimizer, lr)
+    with C.autocast(args):
+        loss, h = model(x)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd}
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(h)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the encoder's patch embeddings mean-pooled over the grid
+    [CPC v1 §3.2] (DEVIATION: CPC v2's exact linear-eval input not verified)."""
+    return C.unwrap(model).encode(x).mean((2, 3))
+
+
+# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def linear_probe(fn, feat_dim: int, data, args) -> dict:
+    """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
+    trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
+    --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
+    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
+    if B % w:
+        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    head = nn.Linear(feat_dim, data.num_classes).to(device)
+    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
+    opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
+    if args.linear_cached:
+        feats, labels = C.extract(fn, data.train_eval, args)
+        n_batches = len(feats) // B
+    else:
+        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
+    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
+    if not args.linear_milestones:
+        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
+    for epoch in range(args.linear_epochs):
+        if args.linear_cached:  # one permutation on every rank, each takes its column
+            perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
+            cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
+            batches = ((feats[i], labels[i]) for i in cols)
+        else:
+            loader.sampler.set_epoch(epoch)
+            batches = ((b[0].to(device), b[1].to(device)) for b in loader)
+        for i, (x, y) in enumerate(batches):
+            if not args.linear_cached:
+                with torch.no_grad(), C.autocast(args):
+                    x = fn(x)
+            C.set_lr(opt, sched[epoch * n_batches + i])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x.float()), y).backward()
+            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
+                torch.distributed.all_reduce(p.grad.div_(w))
+            opt.step()
+    test, test_y = C.extract(fn, data.test, args)
+    with torch.no_grad():
+        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+    return {
+        "linear_top1": hit[:, 0].float().mean().item() * 100,
+        "linear_top5": hit.any(1).float().mean().item() * 100,
+    }
+
+
+def evaluate(model, data, args, logger, step: int, final: bool):
+    """kNN top-1 on the test split; at the end also the linear probe, after which the model
+    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    model = C.unwrap(model)
+    if data.test is None:
+        return
+    model.eval()
+    fn = lambda x: features(model, x)
+    res = {"step": step, "epoch": step / args.steps_per_epoch}
+    if args.knn_every:
+        res["knn_top1"] = C.knn_eval(fn, data, args)
+    if final and args.linear_epochs:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res.update(linear_probe(fn, model.feat_dim, data, args))
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+            raise RuntimeError("linear eval changed the frozen model")
+    logger.write(res)
+    model.train()
+
+
+def fit(model, optimizer, data, args):
+    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    device = torch.device(args.device)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ckpt = os.path.join(args.out_dir, "ckpt.pth")
+    path = ckpt if args.resume == "auto" else args.resume
+    step = 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = C.load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.backbone.compile()
+    ddp = model
+    if args.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
+        ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
+    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    logger = C.Logger(args, args.total_steps, step)
+    end = min(args.max_steps or args.total_steps, args.total_steps)
+    if step == 0 < end and args.knn_every:
+        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    while step < end:
+        epoch, skip = divmod(step, args.steps_per_epoch)
+        loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
+        for views, y, idx in loader:
+            views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
+            batch = (views, y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+            stats = train_step(ddp, batch, optimizer, scaler, step, args)
+            step += 1
+            finite &= torch.isfinite(stats["loss"])
+            if step % args.log_every == 0 or step == end:
+                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
+                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+                logger.log(step, {"epoch": epoch, **stats})
+            if step == end:
+                break
+        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
+        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
+            evaluate(model, data, args, logger, step, final=False)
+    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+        C.save_checkpoint(
+            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
+        )
+    logger.bar.close()
+
+
+# ==== 7. main(args) ========================================================================
+def cpc_augment(size: int, mean_std, aug: str) -> T.Compose:
+    """Image-level augmentation before the patch grid; the per-patch part runs in the model."""
+    if aug == "crop":  # 256 px crops of the image resized to 300 px, flip [CPC v1 §3.2]
+        ops = [T.Resize((size * 300 // 256,) * 2), T.RandomCrop(size), T.RandomHorizontalFlip()]
+    else:  # flip, translate +-S/8 with reflection, jitter, gray [ref: pl_bolts CIFAR transforms]
+        shift = T.RandomCrop(size, padding=size // 8, padding_mode="reflect")
+        ops = [T.Resize((size, size)), T.RandomHorizontalFlip(), T.RandomApply([shift], p=0.8)]
+        ops += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.2)], p=0.8), T.RandomGrayscale(0.25)]
+    return C.to_tensor(ops, mean_std)
+
+
+def main(args: Args):
+    device = C.setup_ddp(args)
+    if not args.img_size and args.dataset in ("imagenet", "folder"):
+        args.img_size = 256  # [CPC v1 §3.2: 256 px crops -> 7x7 grid of 64 px patches]
+    views = lambda ms: C.MultiView([cpc_augment(args.img_size, ms, args.aug)])
+    data = C.build_data(args, views, normalize=True)  # sets the default img_size
+    args.patch_size = args.patch_size or args.img_size // 4
+    S, p = args.img_size, args.patch_size
+    grid = (S - p) // (p // 2) + 1 if 2 <= p <= S else 0
+    if not 1 <= args.min_step <= args.max_step < grid:
+        C.fail(
+            f"{S} px images with --patch-size {p} give a {grid}x{grid} patch grid, too small to "
+            f"predict rows {args.min_step}..{args.max_step} ahead; raise --img-size, lower "
+            "--patch-size, or set 1 <= --min-step <= --max-step < grid"
+        )
+    C.prepare_run(args)
+    model = CPC(args).to(device)  # no BatchNorm anywhere: nothing to synchronise
+    warmup = args.warmup_epochs * args.steps_per_epoch
+    args.sched = {"lr": C.cosine_schedule(args.lr, args.lr, args.total_steps, warmup)}
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.Adam(C.param_groups([model], args.wd), args.lr, **fused)
+    fit(model, optimizer, data, args)
+
+
+if __name__ == "__main__":
+    main(C.parse_args(Args))
