@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from helpers import TINY, assert_resume_exact, error_lines, python, tiny_args, torchrun
+from test_skeleton import METHODS
 
 import common as C
 import moco
@@ -170,7 +171,7 @@ def test_epochs_0_evaluates_the_random_init_encoder(tmp_path):
     assert (tmp_path / "backbone.pth").exists()
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco", "byol", "simsiam", "barlow_twins"])
+@pytest.mark.parametrize("name", METHODS)
 def test_default_image_size_is_resolved_before_augmentations(tmp_path, name):
     """No --img-size: the dataset's default size (32 for CIFAR-like data) must reach the crops."""
     module = pytest.importorskip(name)
