@@ -3,6 +3,7 @@ is the same for every method (DDP, gathers, LARS, schedules, checkpoints, kNN, C
 
 # ==== 0. imports ===========================================================================
 import argparse
+import atexit
 import dataclasses
 import io
 import json
@@ -39,6 +40,7 @@ def setup_ddp(args) -> torch.device:
         if cuda:
             torch.cuda.set_device(args.local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)  # threads joined before the interpreter exits
     args.rank, args.world_size, args.is_main = get_rank(), get_world_size(), get_rank() == 0
     args.device = f"cuda:{args.local_rank}" if cuda else (args.device or "cpu")
     if args.batch_size % (w := args.world_size):
