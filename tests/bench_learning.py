@@ -1,0 +1,413 @@
+"""Learning benchmark: every method through its own command line, with one shared protocol.
+
+Each selected row runs as `python <method>.py <flags>` from the repo root, the code path users
+run: one training run (kNN at init, every --knn-every epochs and at the end, then the method's
+own linear-eval protocol) and one run of the same command with `--epochs 0` for the linear
+top-1 of the random-init encoder (its kNN top-1 is the step-0 record of the training run).
+
+Shared protocol: CIFAR-10 (`--dataset cifar10-npz`, the JPEG copy in ../shared/data), each
+method's CIFAR preset except for the flags below. kNN top-1 on the 10,000 test images: weighted,
+k=200, T=0.1, cosine on the backbone output, bank = the 50,000 training images. Linear eval: the
+method's own protocol (optimizer, epochs, batch) on cached un-augmented features
+(`--linear-cached`, a deviation from the papers' augmented linear training).
+
+Profiles:
+  cpu-smoke    `smallcnn` at 16 px, batch 256, 1 warm-up epoch, 20 linear epochs, CPU, fp32,
+               2 loader workers, kNN after every epoch. Every row gets the same training budget,
+               --minutes (default 3) on 2 CPU cores: steps = budget / seconds per step (ROWS,
+               measured with --calibrate), passed as --max-steps, with --epochs =
+               ceil(steps / steps per epoch) so that the schedules span the budget (they would
+               end at most one epoch after it). Evaluation time is not part of the budget.
+  cifar10-200  ResNet-18 with the CIFAR stem, batch 512, 200 epochs, kNN every 10 epochs, the
+               rest of each method's CIFAR preset (optimizer, lr schedule, temperatures,
+               momentum), on the default device (CUDA): the protocol of the lightly benchmark
+               table, so the numbers are comparable in kind.
+  cifar10-800  the same for 800 epochs, kNN every 50 epochs.
+
+Run from the repo root (--extra adds flags to every run, last, so they win):
+  python tests/bench_learning.py --profile cpu-smoke
+  python tests/bench_learning.py --profile cifar10-200 --methods simclr_v1,moco_v2,byol,swav,dino
+  python tests/bench_learning.py --profile cifar10-800 --extra="--workers 14"
+  python tests/bench_learning.py --profile cpu-smoke --calibrate   # re-measure the seconds per step
+Outputs in --out (default runs/bench_<profile>): <row>/ (the run's metrics.jsonl, logs and
+checkpoint; <row>/init/ the --epochs 0 run), results.json, results.md and knn.png (kNN top-1 per
+epoch). A run whose metrics.jsonl already holds the final linear record is not run again
+(--force re-runs it): running again with a longer --methods list trains only the rows not
+finished yet and rebuilds the table from all of them; an interrupted run resumes from its
+checkpoint. The exit status is 1 when a row failed or a row's final kNN top-1 is not above its
+random-init kNN top-1.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Row -> (method file and version flag, cpu-smoke seconds per training step). Seconds: batch 256
+# at 16 px, 2 loader workers, 2 CPU cores, real CIFAR-10, measured by --calibrate (steps 11-40,
+# the median of three 10-step logs). Multi-crop SwAV and DINO (2 + 6 and 2 + 8 crops) take 3-6x
+# SimCLR's time per step and CPC (a grid of patches per image) 25x: fewer steps in the budget.
+ROWS = {
+    "simclr_v1": ("simclr.py --version v1", 0.215),
+    "simclr_v2": ("simclr.py --version v2", 0.273),
+    "moco_v1": ("moco.py --version v1", 0.247),
+    "moco_v2": ("moco.py --version v2", 0.263),
+    "moco_v3": ("moco.py --version v3", 0.400),
+    "instdisc": ("instdisc.py", 0.150),
+    "invaspread": ("invaspread.py", 0.270),
+    "cmc": ("cmc.py", 0.161),
+    "cpc": ("cpc.py", 5.382),
+    "swav": ("swav.py", 0.687),
+    "byol": ("byol.py", 0.408),
+    "simsiam": ("simsiam.py", 0.397),
+    "barlow_twins": ("barlow_twins.py", 0.466),
+    "dino": ("dino.py", 1.247),
+}
+SHARED = "--preset cifar --dataset cifar10-npz --knn-k 200 --knn-t 0.1 --linear-cached"
+PROFILES = {
+    "cpu-smoke": "--arch smallcnn --img-size 16 --batch-size 256 --warmup-epochs 1 "
+    "--linear-epochs 20 --device cpu --amp off --workers 2 --knn-every 1",
+    "cifar10-200": "--arch resnet18 --batch-size 512 --epochs 200 --knn-every 10",
+    "cifar10-800": "--arch resnet18 --batch-size 512 --epochs 800 --knn-every 50",
+}
+
+
+# ==== commands ==============================================================================
+def rel(path: str) -> str:
+    """A path as the commands show it: relative to the repo root unless outside its parent."""
+    r = os.path.relpath(path, REPO)
+    return path if r.startswith(os.path.join(os.pardir, os.pardir)) else r
+
+
+def base_flags(row: str, a) -> list[str]:
+    """The method file, its version, the shared protocol and the profile's flags."""
+    data = ["--data-dir", rel(a.data_dir)]
+    return [*ROWS[row][0].split(), *SHARED.split(), *data, *PROFILES[a.profile].split()]
+
+
+def cpu_budget(row: str, a) -> tuple[int, int]:
+    """cpu-smoke: (steps, epochs) for --minutes of training; --extra may change the data size."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--dataset", default="cifar10-npz")
+    p.add_argument("--subset", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    e = p.parse_known_args(shlex.split(a.extra))[0]
+    n = e.subset or (512 if e.dataset == "synthetic" else 50_000)
+    steps = max(1, round(a.minutes * 60 / ROWS[row][1]))
+    return steps, math.ceil(steps / max(1, n // e.batch_size))
+
+
+def commands(row: str, a) -> tuple[list[str], list[str]]:
+    """(training run, --epochs 0 run) for one row, as argv lists without the interpreter."""
+    flags = base_flags(row, a)
+    if a.profile == "cpu-smoke":
+        steps, epochs = cpu_budget(row, a)
+        flags += ["--epochs", str(epochs), "--max-steps", str(steps)]
+    out, extra = os.path.join(a.out, row), shlex.split(a.extra)
+    train = [*flags, "--out-dir", rel(out), *extra]
+    init = [*flags, "--out-dir", rel(os.path.join(out, "init")), *extra, "--epochs", "0"]
+    return train, init
+
+
+# ==== running ===============================================================================
+def read_metrics(folder: str) -> list[dict]:
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run(cmd: list[str], folder: str, a) -> dict:
+    """Run `python <cmd>` (cwd: the repo root, output to folder/*.log) unless folder already
+    holds a finished run; returns the exit status, wall time and peak RSS."""
+    done = any("linear_top1" in r for r in read_metrics(folder))
+    info_path = os.path.join(folder, "bench.json")
+    if done and not a.force:
+        print(f"  done before, not re-run: {rel(folder)}")
+        if os.path.isfile(info_path):
+            with open(info_path) as f:
+                return json.load(f)
+        return {"returncode": 0, "wall_s": None, "peak_rss_gb": None, "resumed": False}
+    if a.force:
+        shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+    resumed = os.path.isfile(os.path.join(folder, "ckpt.pth"))
+    t0 = time.time()
+    out, err = (os.path.join(folder, f"{s}.log") for s in ("stdout", "stderr"))
+    with open(out, "w") as o, open(err, "w") as e:
+        p = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stdout=o, stderr=e)
+        _, status, usage = os.wait4(p.pid, 0)  # rusage of this run (largest process)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    info = {"returncode": p.returncode, "wall_s": time.time() - t0, "resumed": resumed}
+    info["peak_rss_gb"] = usage.ru_maxrss / 2**20  # kB on Linux
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+    return info
+
+
+def last_error(folder: str) -> str:
+    with open(os.path.join(folder, "stderr.log"), errors="replace") as f:
+        lines = [s.strip() for s in f.read().replace("\r", "\n").split("\n") if s.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def summarize(row: str, cmds: tuple, infos: tuple, a) -> dict:
+    """One row of the table from the two runs' metrics.jsonl."""
+    folder = os.path.join(a.out, row)
+    recs, init_recs = read_metrics(folder), read_metrics(os.path.join(folder, "init"))
+    knn = {r["step"]: (r["epoch"], r["knn_top1"]) for r in recs if "knn_top1" in r}  # last wins
+    logs = [r for r in recs if "loss" in r]
+    final = next((r for r in reversed(recs) if "linear_top1" in r), {})
+    init = next((r for r in reversed(init_recs) if "linear_top1" in r), {})
+    res = {
+        "row": row,
+        "commands": [shlex.join(["python", *c]) for c in cmds],
+        "knn_init": knn[0][1] if 0 in knn else None,
+        "knn_final": final.get("knn_top1"),
+        "linear_init": init.get("linear_top1"),
+        "linear_final": final.get("linear_top1"),
+        "steps": final.get("step"),
+        "epochs": final.get("epoch"),
+        "wall_s": infos[0]["wall_s"],
+        "resumed": infos[0]["resumed"],
+        "img_s": statistics.median(r["img_s"] for r in logs[1:]) if logs[1:] else None,
+        "peak_gpu_gb": max((r.get("mem_gb", 0.0) for r in logs), default=0.0) or None,
+        "peak_rss_gb": infos[0]["peak_rss_gb"],
+        "loss_start": logs[0]["loss"] if logs else None,
+        "loss_end": logs[-1]["loss"] if logs else None,
+        "knn_curve": [list(knn[s]) for s in sorted(knn)],
+        "error": None,
+    }
+    for info, sub in zip(infos, (folder, os.path.join(folder, "init"))):
+        if info["returncode"] != 0:
+            res["error"] = f"{rel(sub)}: exit {info['returncode']}: {last_error(sub)}"
+            break
+    else:
+        if not final or not init:
+            res["error"] = "finished without the final linear_top1 record"
+    return res
+
+
+def calibrate(rows: list[str], a):
+    """Time 40 training steps (no evaluation) per row with the cpu-smoke flags."""
+    for row in rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [*base_flags(row, a), "--subset", "10240", "--epochs", "1", "--max-steps", "40"]
+            cmd += ["--log-every", "10", "--knn-every", "0", "--linear-epochs", "0"]
+            cmd += ["--resume", "none", "--out-dir", tmp, *shlex.split(a.extra)]
+            info = run(cmd, tmp, a)
+            img_s = [r["img_s"] for r in read_metrics(tmp) if "img_s" in r][1:]
+            if info["returncode"] or not img_s:
+                print(f"{row}: failed: {last_error(tmp)}")
+                continue
+            print(f"{row}: {256 / statistics.median(img_s):.3f} s/step", flush=True)
+
+
+# ==== report: markdown, JSON and a PNG line chart drawn without a plotting library ==========
+def fmt(v, spec=".1f", unit="") -> str:
+    return "-" if v is None else f"{v:{spec}}{unit}"
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"torch {torch.__version__}, {os.cpu_count()} CPU cores, {gpu}"
+
+
+def write_markdown(results: list[dict], cmdline: str, path: str):
+    lines = [
+        "```bash",
+        cmdline,
+        "```",
+        "",
+        f"Machine: {machine()}. kNN: weighted, k=200, T=0.1, cosine; linear: each method's "
+        "protocol on cached features; init: the same encoder at random initialisation.",
+        "",
+        "| row | kNN init | kNN final | linear init | linear final | steps (epochs) | wall | "
+        "img/s | peak mem | loss start -> end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["error"]:
+            lines.append(f"| {r['row']} | failed: {r['error'].replace('|', '/')} |" + " |" * 8)
+            continue
+        mem = fmt(r["peak_gpu_gb"], ".2f", " GB") if r["peak_gpu_gb"] else None
+        mem = mem or fmt(r["peak_rss_gb"], ".2f", " GB RSS")
+        wall = fmt(r["wall_s"], ".0f", " s") + (" (resumed)" if r["resumed"] else "")
+        cells = [r["knn_init"], r["knn_final"], r["linear_init"], r["linear_final"]]
+        lines.append(
+            f"| {r['row']} | {' | '.join(fmt(v) for v in cells)} | "
+            f"{r['steps']} ({fmt(r['epochs'], '.2f')}) | {wall} | {fmt(r['img_s'], '.0f')} | "
+            f"{mem} | {fmt(r['loss_start'], '.3f')} -> {fmt(r['loss_end'], '.3f')} |"
+        )
+    lines += ["", "Commands (the second of each row: the random-init linear number):", ""]
+    lines += [f"    {c}" for r in results for c in r["commands"]]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+GLYPHS = (  # 3x5 pixel glyphs (FONT below), one octal digit per row, bit 4: left
+    "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 25755 65656 34443 65556 "
+    "74647 74644 34553 55755 72227 11152 55655 44447 57755 65555 25552 65644 25563 65655 "
+    "34216 72222 55557 55552 55775 55255 55222 71247 00007 00002 00700 51245 12221 42224 "
+    "00000"
+)
+FONT = dict(zip("0123456789abcdefghijklmnopqrstuvwxyz_.-%() ", GLYPHS.split()))
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+PALETTE += [(140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE += [(0, 0, 0), (128, 0, 0), (0, 0, 128), (240, 190, 0)]
+
+
+class Canvas:
+    """An RGB pixel array with rectangles, lines and text, saved as a PNG (zlib + struct)."""
+
+    def __init__(self, w: int, h: int):
+        self.w, self.h, self.px = w, h, bytearray(b"\xff" * (w * h * 3))
+
+    def rect(self, x0: int, y0: int, x1: int, y1: int, c: tuple):  # [x0, x1) x [y0, y1)
+        x0, x1 = max(x0, 0), min(x1, self.w)
+        for y in range(max(y0, 0), min(y1, self.h)):
+            if x1 > x0:
+                self.px[3 * (y * self.w + x0) : 3 * (y * self.w + x1)] = bytes(c) * (x1 - x0)
+
+    def line(self, x0: int, y0: int, x1: int, y1: int, c: tuple, r: int = 1):
+        n = max(abs(x1 - x0), abs(y1 - y0), 1)
+        for i in range(n + 1):
+            x, y = round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n)
+            self.rect(x - r // 2, y - r // 2, x - r // 2 + r, y - r // 2 + r, c)
+
+    def text(self, x: int, y: int, s: str, c=(0, 0, 0), k: int = 2):  # 4k px per character
+        for j, ch in enumerate(s.lower()):
+            for row, bits in enumerate(FONT.get(ch, "00000")):
+                for b in range(3):
+                    if int(bits) >> (2 - b) & 1:
+                        x0, y0 = x + (4 * j + b) * k, y + row * k
+                        self.rect(x0, y0, x0 + k, y0 + k, c)
+
+    def save(self, path: str):
+        def chunk(tag: bytes, data: bytes) -> bytes:
+            crc = struct.pack(">I", zlib.crc32(tag + data))
+            return struct.pack(">I", len(data)) + tag + data + crc
+
+        stride = 3 * self.w
+        raw = b"".join(b"\0" + self.px[y * stride : (y + 1) * stride] for y in range(self.h))
+        head = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)  # 8-bit RGB
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head))
+            f.write(chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def plot(results: list[dict], title: str, path: str):
+    """kNN top-1 against epochs, one line per row, legend on the right."""
+    curves = [(r["row"], r["knn_curve"]) for r in results if r["knn_curve"]]
+    if not curves:
+        return
+    W, H, L, R, T, B = 900, 540, 64, 180, 40, 56  # canvas and margins (left, right, top, bottom)
+    xs, ys = [e for _, c in curves for e, _ in c], [v for _, c in curves for _, v in c]
+    x_max, lo, hi = max(xs) or 1.0, math.floor(min(ys) / 5) * 5, math.ceil(max(ys) / 5) * 5
+    hi = max(hi, lo + 5)
+    px = lambda e: L + round((W - R - L) * e / x_max)
+    py = lambda v: H - B - round((H - B - T) * (v - lo) / (hi - lo))
+    cv, grey = Canvas(W, H), (225, 225, 225)
+    y_step = next(s for s in (1, 2, 5, 10, 20) if (hi - lo) / s <= 8)
+    for v in range(math.ceil(lo / y_step) * y_step, hi + 1, y_step):
+        cv.line(L, py(v), W - R, py(v), grey)
+        cv.text(L - 8 - 8 * len(str(v)), py(v) - 5, str(v))
+    x_step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 10**9) if x_max / s <= 10)
+    for e in range(0, int(x_max) + 1, x_step):
+        cv.line(px(e), T, px(e), H - B, grey)
+        cv.text(px(e) - 4 * len(str(e)), H - B + 8, str(e))
+    cv.line(L, T, L, H - B, (0, 0, 0)), cv.line(L, H - B, W - R, H - B, (0, 0, 0))
+    cv.text(L, 12, title), cv.text((L + W - R) // 2 - 20, H - 24, "epoch")
+    for i, (row, curve) in enumerate(curves):
+        c = PALETTE[i % len(PALETTE)]
+        pts = [(px(e), py(v)) for e, v in curve]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            cv.line(x0, y0, x1, y1, c, r=2)
+        for x, y in pts:
+            cv.rect(x - 3, y - 3, x + 4, y + 4, c)
+        ly = T + 6 + 22 * i
+        cv.rect(W - R + 16, ly + 3, W - R + 40, ly + 7, c)
+        cv.text(W - R + 48, ly, row)
+    cv.save(path)
+
+
+def beats_init(r: dict) -> bool:
+    """The final kNN top-1 is above the random-init one (both measured)."""
+    return None not in (r["knn_init"], r["knn_final"]) and r["knn_final"] > r["knn_init"]
+
+
+# ==== main ==================================================================================
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--profile", default="cpu-smoke", choices=PROFILES)
+    p.add_argument("--methods", default=",".join(ROWS), help="comma list of: " + ", ".join(ROWS))
+    p.add_argument("--minutes", type=float, default=3.0, help="cpu-smoke: training budget per row")
+    p.add_argument(
+        "--data-dir",
+        default=os.path.join(REPO, "..", "shared", "data"),
+        help="cifar10_jpeg.npz folder",
+    )
+    p.add_argument("--out", default="", help="output folder (default: runs/bench_<profile>)")
+    p.add_argument("--extra", default="", help='flags for every run, e.g. --extra="--workers 4"')
+    p.add_argument("--force", action="store_true", help="re-run rows that finished before")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--calibrate", action="store_true", help="measure the seconds per step in ROWS")
+    a = p.parse_args()
+    a.data_dir = os.path.abspath(a.data_dir)
+    a.out = os.path.abspath(a.out or os.path.join(REPO, "runs", f"bench_{a.profile}"))
+    rows = [r.strip() for r in a.methods.split(",") if r.strip()]
+    if unknown := [r for r in rows if r not in ROWS]:
+        p.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    if a.calibrate and a.profile != "cpu-smoke":
+        p.error("--calibrate measures the cpu-smoke profile; pass --profile cpu-smoke")
+    if a.calibrate:
+        return calibrate(rows, a)
+    cmdline = shlex.join(["python", "tests/bench_learning.py", *sys.argv[1:]])
+    if a.dry_run:
+        for row in rows:
+            for cmd in commands(row, a):
+                print(shlex.join(["python", *cmd]))
+        return
+    results = []
+    for i, row in enumerate(rows):
+        cmds = commands(row, a)
+        print(f"[{i + 1}/{len(rows)}] {row}: {shlex.join(['python', *cmds[0]])}", flush=True)
+        infos = [run(cmds[0], os.path.join(a.out, row), a)]
+        if infos[0]["returncode"] == 0:  # then the random-init linear number
+            infos.append(run(cmds[1], os.path.join(a.out, row, "init"), a))
+        r = summarize(row, cmds, infos, a)
+        results.append(r)
+        knn, lin = f"{fmt(r['knn_init'])} -> {fmt(r['knn_final'])}", fmt(r["linear_final"])
+        lin = f"{fmt(r['linear_init'])} -> {lin}"
+        err = f"; FAILED: {r['error']}" if r["error"] else ""
+        print(f"  kNN {knn}, linear {lin}, wall {fmt(r['wall_s'], '.0f', ' s')}{err}", flush=True)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"command": cmdline, "profile": a.profile, "rows": results}, f, indent=1)
+    write_markdown(results, cmdline, os.path.join(a.out, "results.md"))
+    plot(results, f"knn top-1 (%) - {a.profile}", os.path.join(a.out, "knn.png"))
+    print(f"wrote {rel(a.out)}/results.md, results.json and the plot knn.png")
+    bad = [f"FAILED {r['row']}: {r['error']}" for r in results if r["error"]]
+    bad += [
+        f"NOT LEARNING {r['row']}: kNN {fmt(r['knn_init'])} at init -> {fmt(r['knn_final'])}"
+        for r in results
+        if not r["error"] and not beats_init(r)
+    ]
+    print("\n".join(bad) or "every row beats its random-init kNN")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
