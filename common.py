@@ -346,8 +346,9 @@ VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 
 def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer=None, **kw):
     """-> (module: [B, C, H, W] -> h [B, feat_dim], feat_dim). ResNets: torchvision's minus fc,
-    CIFAR stem (3x3 stride-1 conv, no max-pool) [SimCLR resnet.py] at <= 64 px. kw: in_chans,
-    width; ViT: patch_size (16; 4 at <= 64 px), num_heads, pos_embed, freeze_patch_embed."""
+    CIFAR stem (3x3 stride-1 conv, no max-pool) [SimCLR resnet.py] at <= 64 px. kw: in_chans, width
+    (ResNet-50+: torchvision's width_per_group, bottleneck inner width only; smallcnn: all layers);
+    ViT: patch_size (16; 4 at <= 64 px), num_heads, pos_embed, freeze_patch_embed."""
     in_chans, width = kw.get("in_chans", 3), kw.get("width", 1.0)
     if arch in ARCHS and arch.startswith("resnet"):
         kw = {"norm_layer": norm_layer, "width_per_group": int(64 * width)}
