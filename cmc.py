@@ -413,11 +413,8 @@ def main(args: Args):
     C.prepare_run(args)
     model = CMC(args, n).to(device)
     lr, spe, warm = args.lr, args.steps_per_epoch, args.warmup_epochs * args.steps_per_epoch
-    lrs = [
-        lr * 0.1 ** sum(s // spe >= e for e in args.lr_milestones) for s in range(args.total_steps)
-    ]
-    lrs = [v * min(1.0, (s + 1) / warm) if warm else v for s, v in enumerate(lrs)]
-    args.sched = {"lr": lrs or [lr]}  # x0.1 once epoch >= milestone [ref: util.py 1-based epoch >]
+    # x0.1 once epoch >= milestone [ref: util.py 1-based epoch >]
+    args.sched = {"lr": C.step_schedule(lr, args.total_steps, spe, args.lr_milestones, (), warm)}
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.SGD(
         model.parameters(), lr, momentum=0.9, weight_decay=args.wd, **fused

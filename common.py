@@ -470,6 +470,15 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps=0,
     return (warm + cos)[: max(total_steps, 1)]
 
 
+def step_schedule(base, total_steps, steps_per_epoch, milestones, factors=(), warmup_steps=0):
+    """Per-step values: base x factors[i] from epoch milestones[i] on (sorted; default x0.1 per
+    milestone passed), times a linear warm-up (s + 1) / warmup_steps over the first steps."""
+    factors = factors or [0.1 ** (i + 1) for i in range(len(milestones))]
+    f = lambda e: ([1.0] + [x for m, x in zip(milestones, factors) if e >= m])[-1]
+    w, spe = max(warmup_steps, 1), steps_per_epoch
+    return [base * f(s // spe) * min(1.0, (s + 1) / w) for s in range(max(total_steps, 1))]
+
+
 def set_lr(optimizer, lr: float):
     for g in optimizer.param_groups:
         g["lr"] = g.get("fixed_lr", lr)

@@ -379,10 +379,8 @@ def main(args: Args):
     C.prepare_run(args)
     model = InstDisc(args, len(data.train)).to(device)  # per-process BN, as DataParallel's
     spe, T = args.steps_per_epoch, args.total_steps
-    lrs = [args.lr * 0.1 ** sum(s // spe >= e for e in args.lr_milestones) for s in range(T)]
     warm = args.warmup_epochs * spe
-    args.sched = {"lr": [lr * min(1.0, (s + 1) / warm) if warm else lr for s, lr in enumerate(lrs)]}
-    args.sched["lr"] = args.sched["lr"] or [args.lr]
+    args.sched = {"lr": C.step_schedule(args.lr, T, spe, args.lr_milestones, (), warm)}
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if device.type == "cuda" else {}
     # wd on all params [ref: main.py optim.SGD(model.parameters(), ...)]

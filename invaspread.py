@@ -297,12 +297,9 @@ def main(args: Args):
     C.prepare_run(args)
     model = InvaSpread(args).to(device)  # per-process BN (the official: per-GPU DataParallel)
     spe, T = args.steps_per_epoch, args.total_steps
-    steps = list(zip(args.lr_milestones, args.lr_factors))
-    factor = lambda e: ([1.0] + [f for m, f in steps if e >= m])[-1]
-    lrs = [args.lr * factor(s // spe) for s in range(T)]
     warm = args.warmup_epochs * spe
-    args.sched = {"lr": [lr * min(1.0, (s + 1) / warm) if warm else lr for s, lr in enumerate(lrs)]}
-    args.sched["lr"] = args.sched["lr"] or [args.lr]
+    lrs = C.step_schedule(args.lr, T, spe, args.lr_milestones, args.lr_factors, warm)
+    args.sched = {"lr": lrs}
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if device.type == "cuda" else {}
     # wd on all params [ref: demo_seen.py optim.SGD(net.parameters(), ...)]

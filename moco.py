@@ -453,7 +453,7 @@ def main(args: Args):
     model = model.to(device)
     lr, spe, T = args.lr * args.batch_size / 256, args.steps_per_epoch, args.total_steps
     if args.schedule == "step":
-        lrs = [lr * 0.1 ** sum(s // spe >= e for e in args.lr_milestones) for s in range(T)]
+        lrs = C.step_schedule(lr, T, spe, args.lr_milestones)
     elif args.schedule == "cosine-epoch":  # updated once per epoch [ref: main_moco.py]
         lrs = [lr * 0.5 * (1 + math.cos(math.pi * (s // spe) / args.epochs)) for s in range(T)]
     else:

@@ -116,6 +116,17 @@ def test_cosine_schedule_with_warmup():
     assert min(s) >= final
 
 
+def test_step_schedule_milestones_factors_and_warmup():
+    spe = 3  # steps per epoch; 5 epochs
+    got = C.step_schedule(1.0, 15, spe, (2, 4))
+    want = [1.0] * 6 + [0.1] * 6 + [0.01] * 3  # x0.1 from epoch 2, x0.01 from epoch 4
+    assert got == pytest.approx(want)
+    got = C.step_schedule(2.0, 15, spe, (1, 3), (0.5, 0.05), warmup_steps=4)
+    want = [2.0 * (s + 1) / 4 for s in range(3)] + [1.0] * 6 + [0.1] * 6  # absolute factors
+    assert got == pytest.approx(want)
+    assert C.step_schedule(0.3, 0, spe, (1,)) == [0.3]  # --epochs 0: one value, as cosine
+
+
 def test_cosine_schedule_without_warmup_and_warmup_start():
     s = C.cosine_schedule(1.0, 0.0, 50)
     assert len(s) == 50 and math.isclose(s[0], 1.0)

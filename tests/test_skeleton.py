@@ -29,7 +29,7 @@ METHODS = [
     "dino",
 ]
 FILES = [m for m in METHODS if (ROOT / f"{m}.py").is_file()]
-MAX_LINES, MAX_COMMON_LINES = 550, 660
+MAX_LINES, MAX_COMMON_LINES = 550, 670
 
 
 def text(name: str) -> str:
