@@ -239,13 +239,15 @@ def cmc_loss(
 
 # ==== 4. method state: @torch.no_grad() update_bank ========================================
 @torch.no_grad()
-def update_bank(bank: torch.Tensor, z: torch.Tensor, idx: torch.Tensor, bank_m: float):
-    """bank[i] <- normalise(bank_m * bank[i] + (1 - bank_m) * z_i) for the rows of ALL
-    processes: z and idx are gathered (no gradient) and every rank writes the same rows, so
-    the banks stay identical [ref: NCEAverage.forward "update memory"; DataParallel there]."""
-    z, idx = C.gather_no_grad(z), C.gather_no_grad(idx)  # [N_batch, D], [N_batch]
-    rows = F.normalize(bank[idx] * bank_m + z.to(bank.dtype) * (1 - bank_m), dim=1)
-    bank.index_copy_(0, idx, rows)
+def update_bank(banks: tuple, zs: tuple, idx: torch.Tensor, bank_m: float):
+    """Per view: bank[i] <- normalise(bank_m * bank[i] + (1 - bank_m) * z_i) for the rows of ALL
+    processes: the z of every view and idx are gathered once (no gradient) and every rank
+    writes the same rows, so the banks stay identical [ref: NCEAverage.forward "update memory";
+    DataParallel there]. banks: ([N, D], ...); zs: ([B, D], ...) in the same view order."""
+    z, idx = C.gather_no_grad(torch.cat(zs, dim=1)), C.gather_no_grad(idx)  # [W*B, V*D], [W*B]
+    for bank, z_v in zip(banks, z.split([t.shape[1] for t in zs], dim=1)):
+        rows = F.normalize(bank[idx] * bank_m + z_v.to(bank.dtype) * (1 - bank_m), dim=1)
+        bank.index_copy_(0, idx, rows)
 
 
 # ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
@@ -258,8 +260,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
         loss, z_l, z_ab = model(x, idx)
     grad_norm = C.optimizer_step(loss, optimizer, scaler)
     # after the loss, with this step's embeddings: a row is the positive before it is rewritten
-    update_bank(net.bank_l, z_l, idx, args.bank_m)
-    update_bank(net.bank_ab, z_ab, idx, args.bank_m)
+    update_bank((net.bank_l, net.bank_ab), (z_l, z_ab), idx, args.bank_m)
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
     return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z_l)}
 

@@ -146,7 +146,7 @@ def test_update_bank_rows_with_indices(m):
     g = torch.Generator().manual_seed(4)
     bank, z = torch.randn(10, 6, generator=g), F.normalize(torch.randn(3, 6, generator=g), dim=1)
     idx, old, ptr = torch.tensor([7, 0, 4]), bank.clone(), bank.data_ptr()
-    cmc.update_bank(bank, z, idx, m)
+    cmc.update_bank((bank,), (z,), idx, m)
     for r in range(10):
         if r in idx.tolist():
             zi = z[idx.tolist().index(r)].tolist()
