@@ -13,11 +13,12 @@ method's own protocol (optimizer, epochs, batch) on cached un-augmented features
 
 Profiles:
   cpu-smoke    `smallcnn` at 16 px, batch 256, 1 warm-up epoch, 20 linear epochs, CPU, fp32,
-               2 loader workers, kNN after every epoch. Every row gets the same training budget,
-               --minutes (default 3) on 2 CPU cores: steps = budget / seconds per step (ROWS,
-               measured with --calibrate), passed as --max-steps, with --epochs =
-               ceil(steps / steps per epoch) so that the schedules span the budget (they would
-               end at most one epoch after it). Evaluation time is not part of the budget.
+               2 loader workers, kNN after every epoch. Every row gets a fixed training budget
+               on 2 CPU cores, --minutes (default 3) or a multiple of it (SMOKE: CPC x2, SwAV x2,
+               DINO x3, with the flags that fit their schedules into it): steps = budget /
+               seconds per step (ROWS, measured with --calibrate), passed as --max-steps, with
+               --epochs = ceil(steps / steps per epoch) so that the schedules span the budget
+               (they would end at most one epoch after it). Evaluation is not in the budget.
   cifar10-200  ResNet-18 with the CIFAR stem, batch 512, 200 epochs, kNN every 10 epochs, the
                rest of each method's CIFAR preset (optimizer, lr schedule, temperatures,
                momentum), on the default device (CUDA): the protocol of the lightly benchmark
@@ -54,9 +55,10 @@ import zlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Row -> (method file and version flag, cpu-smoke seconds per training step). Seconds: batch 256
-# at 16 px, 2 loader workers, 2 CPU cores, real CIFAR-10, measured by --calibrate (steps 11-40,
-# the median of three 10-step logs). Multi-crop SwAV and DINO (2 + 6 and 2 + 8 crops) take 3-6x
-# SimCLR's time per step and CPC (a grid of patches per image) 25x: fewer steps in the budget.
+# (CPC: 64) at 16 px, 2 loader workers, 2 CPU cores, real CIFAR-10, measured by --calibrate
+# (steps 11-40, the median of three 10-step logs). Multi-crop SwAV and DINO (2 + 6 and 2 + 8
+# crops) take 3-6x SimCLR's time per step; CPC (a grid of 7 x 7 patches per image, SMOKE
+# flags) 6x SimCLR's time per image.
 ROWS = {
     "simclr_v1": ("simclr.py --version v1", 0.215),
     "simclr_v2": ("simclr.py --version v2", 0.273),
@@ -66,12 +68,26 @@ ROWS = {
     "instdisc": ("instdisc.py", 0.150),
     "invaspread": ("invaspread.py", 0.270),
     "cmc": ("cmc.py", 0.161),
-    "cpc": ("cpc.py", 5.382),
+    "cpc": ("cpc.py", 0.323),
     "swav": ("swav.py", 0.687),
     "byol": ("byol.py", 0.408),
     "simsiam": ("simsiam.py", 0.397),
     "barlow_twins": ("barlow_twins.py", 0.466),
     "dino": ("dino.py", 1.247),
+}
+# cpu-smoke only: rows whose preset cannot show learning in a few minutes get a larger budget
+# (x --minutes) and flags that fit their schedules into it; each is printed in the command.
+SMOKE = {
+    # the preset's own batch (64: the loss over all patches of the batch is quadratic in it) and
+    # constant lr (no warm-up); Adam 1e-3 instead of the 1000-epoch preset's 4e-5, under which
+    # the encoder barely moves in a few minutes; context width 64 for smallcnn's 256-d patch
+    # features (the 4 context networks at width 256 cost 3x the encoder)
+    "cpc": (2, "--batch-size 64 --warmup-epochs 0 --lr 1e-3 --context-dim 64"),
+    # prototypes frozen for the profile's warm-up epoch instead of the preset's 2 of 1000 epochs
+    "swav": (2, "--freeze-prototypes-niters 195"),
+    # the teacher is what is evaluated: the paper's EMA 0.996 instead of the 1000-epoch preset's
+    # 0.9995, under which the teacher stays near its random init for a few hundred steps
+    "dino": (3, "--m 0.996"),
 }
 SHARED = "--preset cifar --dataset cifar10-npz --knn-k 200 --knn-t 0.1 --linear-cached"
 PROFILES = {
@@ -92,19 +108,25 @@ def rel(path: str) -> str:
 def base_flags(row: str, a) -> list[str]:
     """The method file, its version, the shared protocol and the profile's flags."""
     data = ["--data-dir", rel(a.data_dir)]
-    return [*ROWS[row][0].split(), *SHARED.split(), *data, *PROFILES[a.profile].split()]
+    flags = [*ROWS[row][0].split(), *SHARED.split(), *data, *PROFILES[a.profile].split()]
+    return flags + (SMOKE.get(row, (1, ""))[1].split() if a.profile == "cpu-smoke" else [])
 
 
-def cpu_budget(row: str, a) -> tuple[int, int]:
-    """cpu-smoke: (steps, epochs) for --minutes of training; --extra may change the data size."""
+def data_size(row: str, a) -> tuple[int, int]:
+    """(training images, batch) of a row's runs; --extra may change them."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--dataset", default="cifar10-npz")
     p.add_argument("--subset", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
-    e = p.parse_known_args(shlex.split(a.extra))[0]
-    n = e.subset or (512 if e.dataset == "synthetic" else 50_000)
-    steps = max(1, round(a.minutes * 60 / ROWS[row][1]))
-    return steps, math.ceil(steps / max(1, n // e.batch_size))
+    e = p.parse_known_args(base_flags(row, a) + shlex.split(a.extra))[0]
+    return e.subset or (512 if e.dataset == "synthetic" else 50_000), e.batch_size
+
+
+def cpu_budget(row: str, a) -> tuple[int, int]:
+    """cpu-smoke: (steps, epochs) for the row's budget (--minutes x its SMOKE factor)."""
+    n, batch = data_size(row, a)
+    steps = max(1, round(a.minutes * SMOKE.get(row, (1, ""))[0] * 60 / ROWS[row][1]))
+    return steps, math.ceil(steps / max(1, n // batch))
 
 
 def commands(row: str, a) -> tuple[list[str], list[str]]:
@@ -211,7 +233,8 @@ def calibrate(rows: list[str], a):
             if info["returncode"] or not img_s:
                 print(f"{row}: failed: {last_error(tmp)}")
                 continue
-            print(f"{row}: {256 / statistics.median(img_s):.3f} s/step", flush=True)
+            batch = data_size(row, a)[1]
+            print(f"{row}: {batch / statistics.median(img_s):.3f} s/step", flush=True)
 
 
 # ==== report: markdown, JSON and a PNG line chart drawn without a plotting library ==========
