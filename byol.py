@@ -44,6 +44,11 @@ class Args:
     img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
     subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
     workers: int = arg(8, "DataLoader worker processes per process")
+    pipeline: str = arg(
+        "auto",
+        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
+        choices=C.PIPELINES,
+    )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
     seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
@@ -278,7 +283,7 @@ def fit(model, optimizer, data, args):
         ids = [device.index] if device.type == "cuda" else None
         warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
         ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
-    loader = C.make_loader(data.train, args, args.batch_size_per_gpu)
+    loader = C.train_loader(data, args)
     logger = C.Logger(args, args.total_steps, step)
     end = min(args.max_steps or args.total_steps, args.total_steps)
     if step == 0 < end and args.knn_every:

@@ -140,6 +140,7 @@ def convert_sync_bn(module: nn.Module) -> nn.Module:
 CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "folder", "cifar10-npz", "synthetic")
+PIPELINES = ("auto", "device", "cpu")
 
 
 class ArrayImages(torch.utils.data.TensorDataset):
@@ -260,10 +261,14 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(keys)
 
 
-def make_loader(ds, args, batch_size: int, train: bool = True):
+def make_loader(ds, args, batch_size: int, train: bool = True, collate=None):
     """Disjoint shard per rank, reshuffled by set_epoch, drop_last; own generator (exact resume)."""
     sampler = ResumableSampler(ds, args.world_size, args.rank, train, args.seed, drop_last=train)
-    kw = {"num_workers": args.workers, "persistent_workers": args.workers > 0}
+    kw = {
+        "num_workers": args.workers,
+        "persistent_workers": args.workers > 0,
+        "collate_fn": collate,
+    }
     kw.update(pin_memory=args.device.startswith("cuda"), generator=torch.Generator())
     return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, drop_last=train, **kw)
 
@@ -298,7 +303,9 @@ def augmentation(size: int, mean_std=None, **kw) -> T.Compose:
     ops += color[::-1] if o.gray_first else color
     ops += [T.RandomApply([gaussian_blur], p=o.blur_p)] if o.blur_p > 0 else []
     ops += [T.RandomSolarize(128, p=o.solarize_p)] if o.solarize_p > 0 else []
-    return to_tensor([*ops, T.RandomHorizontalFlip()], mean_std)
+    tf = to_tensor([*ops, T.RandomHorizontalFlip()], mean_std)
+    tf.batched = BatchAugment(size, mean_std, **kw)  # the same recipe for DeviceLoader
+    return tf
 
 
 def simclr_augment(size, mean_std=None, s=1.0, blur=True):
@@ -337,6 +344,254 @@ def eval_transform(size: int, mean_std=None, train: bool = False) -> T.Compose:
         return to_tensor([T.RandomResizedCrop(size), T.RandomHorizontalFlip()], mean_std)
     ops = [T.Resize(size * 8 // 7), T.CenterCrop(size)] if size > 64 else [T.Resize(size)]
     return to_tensor(ops, mean_std)
+
+
+# ==== 3b. batched augmentation and device-resident data ====================================
+def rrc_boxes(h, w, scale, ratio=(3 / 4, 4 / 3), g=None, tries: int = 10) -> torch.Tensor:
+    """T.RandomResizedCrop.get_params for a batch of images of heights h, widths w ([B] float):
+    `tries` draws of area ~ U(scale) * h * w and log-ratio ~ U(log ratio), the first that fits,
+    else the centre crop with the ratio clamped; position uniform. -> [B, 4] (x0, y0, x1, y1)."""
+    B, dev, lr = len(h), h.device, (math.log(ratio[0]), math.log(ratio[1]))
+    area = torch.empty(B, tries, device=dev).uniform_(*scale, generator=g) * (h * w)[:, None]
+    r = torch.empty(B, tries, device=dev).uniform_(*lr, generator=g).exp()
+    cw, ch = (area * r).sqrt().round(), (area / r).sqrt().round()
+    fits = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
+    first = fits.int().argmax(1, keepdim=True)  # the first fitting try (0 when none fits)
+    cw, ch, found = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0], fits.any(1)
+    wide, tall = w / h > ratio[1], w / h < ratio[0]  # fallback: whole image, ratio clamped
+    fw = torch.where(wide, (h * ratio[1]).round(), w)
+    fh = torch.where(tall, (w / ratio[0]).round(), h)
+    cw, ch = torch.where(found, cw, fw), torch.where(found, ch, fh)
+    u = torch.rand(B, 2, device=dev, generator=g)
+    x0 = torch.where(found, (u[:, 0] * (w - cw + 1)).floor(), ((w - cw) / 2).floor())
+    y0 = torch.where(found, (u[:, 1] * (h - ch + 1)).floor(), ((h - ch) / 2).floor())
+    return torch.stack([x0, y0, x0 + cw, y0 + ch], 1)
+
+
+def gray(x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 1, H, W], torchvision's weights
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def blend(a, b, f) -> torch.Tensor:  # f [B, 1, 1, 1]: torchvision's _blend
+    return (f * a + (1.0 - f) * b).clamp(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by f [B] turns: RGB -> HSV, h + f mod 1, -> RGB (torchvision's formulas)."""
+    r, g_, b = x.unbind(1)
+    v, vmin = x.amax(1), x.amin(1)
+    c = v - vmin
+    s = c / torch.where(c == 0, torch.ones_like(v), v)
+    cd = torch.where(c == 0, torch.ones_like(c), c)
+    rc, gc, bc = (v - r) / cd, (v - g_) / cd, (v - b) / cd
+    h = (v == r) * (bc - gc) + ((v == g_) & (v != r)) * (2.0 + rc - bc)
+    h = h + ((v != g_) & (v != r)) * (4.0 + gc - rc)
+    h = (h / 6.0 + 1.0 + f[:, None, None]) % 1.0
+    i6 = (h * 6.0).floor()
+    fr, i = h * 6.0 - i6, i6.long() % 6
+    p, q, t = ((v * (1.0 - s * k)).clamp(0.0, 1.0) for k in (1.0, fr, 1.0 - fr))
+    table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], 1)  # [B,18,H,W]
+    idx = i[:, None] + torch.arange(0, 18, 6, device=x.device)[None, :, None, None]
+    return table.gather(1, idx)
+
+
+def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float = 2.0):
+    """Per-sample Gaussian blur (sigma [B]), separable, reflect padding, radius 3 sigma_max."""
+    B, C, H, W = x.shape
+    r = min(math.ceil(3 * sigma_max), H - 1, W - 1)
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma[:, None] ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B * C, 2r + 1]
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(F.conv2d(y, k[:, None, None, :], groups=B * C), k[:, None, :, None], groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def crop_resize(x: torch.Tensor, box: torch.Tensor, size: int, bicubic=False) -> torch.Tensor:
+    """Boxes [B, 4] (x0, y0, x1, y1 in pixels) of x [B, C, H, W] -> [B, C, size, size]: the same
+    samples as cropping then resizing (align_corners=False, clamped inside the box); when a crop
+    shrinks, the mean of s x s samples per output pixel, s = ceil(image side / size), a box
+    filter against aliasing (where torchvision's antialias uses a triangle)."""
+    B, _, H, W = x.shape
+    s = max(1, math.ceil(max(H, W) / size))
+    t = (torch.arange(size * s, device=x.device, dtype=x.dtype) + 0.5) / (size * s)
+    lo, hi = box[:, :2, None], box[:, 2:, None]  # [B, 2, 1]: (x, y)
+    xy = (lo + t * (hi - lo) - 0.5).clamp(min=lo, max=hi - 1)  # pixel centres, [B, 2, size * s]
+    xy = (xy + 0.5) / x.new_tensor([W, H])[:, None] * 2 - 1  # grid_sample's [-1, 1]
+    grid = torch.stack(torch.broadcast_tensors(xy[:, 0, None, :], xy[:, 1, :, None]), -1)
+    mode = "bicubic" if bicubic else "bilinear"
+    out = F.grid_sample(x, grid, mode, padding_mode="border", align_corners=False)
+    return F.avg_pool2d(out, s).clamp(0.0, 1.0) if s > 1 else out.clamp(0.0, 1.0)
+
+
+class BatchAugment:
+    """augmentation(size, mean_std, **kw) for a batch on its device: every sample draws its own
+    parameters (sample), applied with batched tensor ops (apply). DEVIATION from the PIL path:
+    float throughout (PIL rounds to uint8 after every op), a box filter when shrinking
+    (crop_resize), bicubic with a = -0.75 (PIL: -0.5), blur truncated at 3 sigma_max."""
+
+    def __init__(self, size: int, mean_std=None, **kw):
+        self.size, self.mean_std, self.o = size, mean_std, SimpleNamespace(**{**AUG, **kw})
+
+    def sample(self, h: torch.Tensor, w: torch.Tensor, g=None) -> dict:
+        """Parameters for images of sizes h, w ([B] float): crop box, flip, jitter factors
+        (identity when not applied) and op order, grayscale, blur sigma (0: none), solarize."""
+        o, B, dev = self.o, len(h), h.device
+        u = lambda *s: torch.rand(*s, device=dev, generator=g)
+        b, c, s, hue = o.jitter
+        lo = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -hue], device=dev)
+        hi = torch.tensor([1 + b, 1 + c, 1 + s, hue], device=dev)
+        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev)
+        on = (u(B) < o.jitter_p)[:, None]
+        p = {"box": rrc_boxes(h, w, o.scale, g=g), "flip": u(B) < 0.5}
+        p["jitter"] = torch.where(on, lo + (hi - lo) * u(B, 4), identity)
+        p["order"], p["gray"] = u(B, 4).argsort(1), u(B) < o.gray_p
+        p["sigma"] = torch.where(u(B) < o.blur_p, 0.1 + 1.9 * u(B), torch.zeros(B, device=dev))
+        p["solarize"] = u(B) < o.solarize_p
+        return p
+
+    def __call__(self, x: torch.Tensor, g=None, hw=None) -> torch.Tensor:
+        """Float images [B, 3, H, W] in [0, 1] (hw [B, 2]: their true sizes when x holds them
+        resized to one canvas) -> views [B, 3, size, size], mean/std-normalised if given."""
+        hw = hw if hw is not None else x.new_tensor(x.shape[-2:]).expand(len(x), 2)
+        return self.apply(x, self.sample(hw[:, 0], hw[:, 1], g), hw)
+
+    def apply(self, x: torch.Tensor, p: dict, hw: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        box = p["box"] * torch.stack([W / hw[:, 1], H / hw[:, 0]] * 2, 1)  # to x's pixels
+        x = crop_resize(x, box, self.size, self.o.bicubic)
+        grayed = lambda x: torch.where(p["gray"][:, None, None, None], gray(x).expand_as(x), x)
+        x = grayed(self.jitter(x, p)) if not self.o.gray_first else self.jitter(grayed(x), p)
+        if self.o.blur_p > 0:
+            blurred = gaussian_blur_batch(x, p["sigma"].clamp_min(0.1))
+            x = torch.where(p["sigma"][:, None, None, None] > 0, blurred, x)
+        if self.o.solarize_p > 0:  # RandomSolarize(128) on uint8: pixels >= 128 inverted
+            x = torch.where(p["solarize"][:, None, None, None] & (x >= 128 / 255), 1.0 - x, x)
+        x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+        if self.mean_std:
+            mean, std = (x.new_tensor(v)[:, None, None] for v in self.mean_std)
+            x = (x - mean) / std
+        return x
+
+    @staticmethod
+    def jitter(x: torch.Tensor, p: dict) -> torch.Tensor:
+        """ColorJitter with torchvision's semantics: brightness, contrast, saturation, hue, each
+        sample in its own random order (every op computed, each sample keeps its own)."""
+        f = p["jitter"][:, :, None, None, None]  # [B, 4, 1, 1, 1]
+        ops = (
+            lambda x: blend(x, torch.zeros_like(x), f[:, 0]),
+            lambda x: blend(x, gray(x).mean((1, 2, 3), keepdim=True), f[:, 1]),
+            lambda x: blend(x, gray(x), f[:, 2]),
+            lambda x: torch.where(f[:, 3] != 0, adjust_hue(x, p["jitter"][:, 3]), x),
+        )
+        for k in range(4):
+            pick = p["order"][:, k, None, None, None]
+            x = sum(torch.where(pick == j, op(x), 0.0) for j, op in enumerate(ops))
+        return x
+
+
+def image_arrays(base):
+    """(uint8 [N, H, W, 3], labels [N]) of an in-memory dataset (npz, synthetic, CIFAR,
+    STL-10); None for image folders (decoded per batch instead)."""
+    tv = torchvision.datasets
+    if isinstance(base, ArrayImages):
+        return base.tensors
+    if isinstance(base, tv.CIFAR10):  # CIFAR-100 too
+        return torch.from_numpy(base.data), torch.tensor(base.targets)
+    if isinstance(base, tv.STL10):
+        return torch.from_numpy(base.data).permute(0, 2, 3, 1), torch.from_numpy(base.labels)
+    return None
+
+
+class FileBytes(torch.utils.data.Dataset):
+    """An image folder's (file bytes, label, index) by Indexed's keys: workers only read."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        path, y = self.ds.dataset.samples[self.ds.indices[i]]
+        return torchvision.io.read_file(path), y, i
+
+
+def collate_bytes(batch: list) -> tuple:  # variable-length file bytes stay a list
+    data, y, i = zip(*batch)
+    return list(data), torch.tensor(y), torch.tensor(i)
+
+
+def decode(data: list, device, canvas: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """JPEG bytes -> ([B, 3, canvas, canvas] float in [0, 1], true sizes [B, 2]): decoded on the
+    GPU (nvJPEG) when device is CUDA, else on the CPU; other formats on the CPU. Every image
+    is resized to the canvas; crop boxes drawn on its true size restore its aspect ratio."""
+    rgb = torchvision.io.ImageReadMode.RGB
+    try:
+        imgs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
+    except RuntimeError:  # not a JPEG (or a CMYK one nvJPEG rejects)
+        imgs = [torchvision.io.decode_image(d, mode=rgb).to(device) for d in data]
+    hw = torch.tensor([im.shape[-2:] for im in imgs], dtype=torch.float).to(device)
+    resize = lambda im: F.interpolate(
+        im[None].float(), (canvas,) * 2, mode="bilinear", antialias=True
+    )
+    return torch.cat([resize(im) for im in imgs]).div_(255).clamp_(0, 1), hw
+
+
+class DeviceLoader:
+    """make_loader's batches (views, labels, indices), augmented on the device by BatchAugment:
+    in-memory datasets live there as uint8 and are indexed without workers; image folders
+    are read by workers and decoded per batch. Same shards and order as make_loader (its
+    sampler); the views' generator is seeded by (seed, epoch, rank, batch): exact resume."""
+
+    def __init__(self, ds, args, batch_size: int):
+        self.device, self.batch_size = torch.device(args.device), batch_size
+        self.views, self.canvas = [t.batched for t in ds.transform], 0
+        self.key = (args.seed, args.rank)
+        arrays = image_arrays(ds.dataset)
+        if arrays is not None:  # [N, 3, H, W] uint8 on the device
+            idx = torch.tensor(ds.indices)
+            self.x = arrays[0][idx].permute(0, 3, 1, 2).contiguous().to(self.device)
+            self.y = arrays[1][idx].to(self.device)
+            self.sampler = ResumableSampler(ds, args.world_size, args.rank, True, args.seed, True)
+        else:  # image folder: 2 x the largest view, enough for the crops to keep their detail
+            self.canvas = 2 * max(v.size for v in self.views)
+            self.files = make_loader(FileBytes(ds), args, batch_size, collate=collate_bytes)
+            self.sampler = self.files.sampler
+
+    def __len__(self):
+        return len(self.sampler) // self.batch_size
+
+    def batches(self):
+        """(float images in [0, 1], true sizes or None, labels, indices) per batch."""
+        if self.canvas:
+            for data, y, i in self.files:
+                x, hw = decode(data, self.device, self.canvas)
+                yield x, hw, y.to(self.device), i.to(self.device)
+            return
+        keys = torch.tensor([i for i, _ in self.sampler]).to(self.device, non_blocking=True)
+        for i in keys[: len(keys) // self.batch_size * self.batch_size].split(self.batch_size):
+            yield self.x[i].float().div_(255), None, self.y[i], i
+
+    def __iter__(self):
+        g, start = torch.Generator(self.device), self.sampler.skip // self.batch_size
+        for b, (x, hw, y, i) in enumerate(self.batches(), start):
+            g.manual_seed(hash((*self.key, self.sampler.epoch, b)) % 2**62)
+            yield [v(x, g, hw) for v in self.views], y, i
+
+
+def train_loader(data, args):
+    """--pipeline device (auto: on CUDA): DeviceLoader; cpu: make_loader (DataLoader workers +
+    torchvision, the reference path). A recipe without a batched twin stays on the CPU."""
+    ds, cuda = data.train, args.device.startswith("cuda")
+    mode = args.pipeline if args.pipeline != "auto" else ("device" if cuda else "cpu")
+    if mode == "device" and not all(hasattr(t, "batched") for t in ds.transform):
+        if args.pipeline == "device":
+            fail("this method's augmentation has no batched version; pass --pipeline cpu")
+        print("note: augmentation without a batched version: the CPU pipeline", file=sys.stderr)
+        mode = "cpu"
+    return (DeviceLoader if mode == "device" else make_loader)(ds, args, args.batch_size_per_gpu)
 
 
 # ==== 4. backbones =========================================================================
