@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from functools import partial
 from types import SimpleNamespace
 
@@ -343,7 +344,23 @@ def eval_transform(size: int, mean_std=None, train: bool = False) -> T.Compose:
     if train:
         return to_tensor([T.RandomResizedCrop(size), T.RandomHorizontalFlip()], mean_std)
     ops = [T.Resize(size * 8 // 7), T.CenterCrop(size)] if size > 64 else [T.Resize(size)]
-    return to_tensor(ops, mean_std)
+    tf = to_tensor(ops, mean_std)
+    tf.batched = partial(eval_batch, size=size, mean_std=mean_std)  # for in-memory data
+    return tf
+
+
+def eval_batch(x: torch.Tensor, size: int, mean_std=None) -> torch.Tensor:
+    """eval_transform's test branch on a float batch [B, 3, S, S] in [0, 1] of square images."""
+    side = size * 8 // 7 if size > 64 else size
+    if x.shape[-1] != side:
+        x = F.interpolate(x, (side, side), mode="bilinear", antialias=True).clamp_(0.0, 1.0)
+    o = round((side - size) / 2)  # CenterCrop's offset
+    x = x[..., o : o + size, o : o + size]
+    if mean_std:
+        x = (x - x.new_tensor(mean_std[0])[:, None, None]) / x.new_tensor(mean_std[1])[
+            :, None, None
+        ]
+    return x
 
 
 # ==== 3b. batched augmentation and device-resident data ====================================
@@ -556,6 +573,7 @@ class DeviceLoader:
             self.y = arrays[1][idx].to(self.device)
             self.sampler = ResumableSampler(ds, args.world_size, args.rank, True, args.seed, True)
         else:  # image folder: 2 x the largest view, enough for the crops to keep their detail
+            warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
             self.canvas = 2 * max(v.size for v in self.views)
             self.files = make_loader(FileBytes(ds), args, batch_size, collate=collate_bytes)
             self.sampler = self.files.sampler
@@ -584,14 +602,17 @@ class DeviceLoader:
 def train_loader(data, args):
     """--pipeline device (auto: on CUDA): DeviceLoader; cpu: make_loader (DataLoader workers +
     torchvision, the reference path). A recipe without a batched twin stays on the CPU."""
-    ds, cuda = data.train, args.device.startswith("cuda")
-    mode = args.pipeline if args.pipeline != "auto" else ("device" if cuda else "cpu")
-    if mode == "device" and not all(hasattr(t, "batched") for t in ds.transform):
+    ds, device = data.train, on_device(args)
+    if device and not all(hasattr(t, "batched") for t in ds.transform):
         if args.pipeline == "device":
             fail("this method's augmentation has no batched version; pass --pipeline cpu")
         print("note: augmentation without a batched version: the CPU pipeline", file=sys.stderr)
-        mode = "cpu"
-    return (DeviceLoader if mode == "device" else make_loader)(ds, args, args.batch_size_per_gpu)
+        device = False
+    return (DeviceLoader if device else make_loader)(ds, args, args.batch_size_per_gpu)
+
+
+def on_device(args) -> bool:  # --pipeline resolved (auto: device on CUDA)
+    return args.pipeline == "device" or (args.pipeline == "auto" and args.device.startswith("cuda"))
 
 
 # ==== 4. backbones =========================================================================
@@ -825,8 +846,15 @@ def extract(fn, ds, args, batch_size: int = 256) -> tuple[torch.Tensor, torch.Te
     per = math.ceil(n / w)
     order = [min(r + w * i, n - 1) for r in range(w) for i in range(per)]  # rank-major
     mine = torch.utils.data.Subset(ds, order[args.rank * per : (args.rank + 1) * per])
+    arrays = image_arrays(ds.dataset) if on_device(args) else None
+    if arrays is not None:  # in-memory images: to the device as uint8, transformed there
+        idx = torch.tensor(ds.indices)[mine.indices].split(batch_size)
+        to = lambda x: x.to(device).permute(0, 3, 1, 2).float().div_(255)
+        batches = ((ds.transform.batched(to(arrays[0][i])), arrays[1][i]) for i in idx)
+    else:
+        batches = torch.utils.data.DataLoader(mine, batch_size, num_workers=args.workers)
     feats, labels = [], []
-    for x, y, _ in torch.utils.data.DataLoader(mine, batch_size, num_workers=args.workers):
+    for x, y, *_ in batches:
         with autocast(args):
             feats.append(fn(x.to(device, non_blocking=True)).float())
         labels.append(y.to(device))

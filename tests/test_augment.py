@@ -239,3 +239,20 @@ def test_train_loader_picks_the_pipeline(tmp_path, capsys):
 )
 def test_device_pipeline_trains_and_resumes_exactly(tmp_path, module, flags):
     assert_resume_exact(module, tmp_path, "--pipeline", "device", *flags)
+
+
+def test_extract_on_device_equals_the_dataloader_path(tmp_path):
+    args = loader_args(tmp_path)
+    data = build(args)
+    fn = lambda x: x.flatten(1)
+    ref = C.extract(fn, data.test, args)
+    args.pipeline = "device"
+    got = C.extract(fn, data.test, args)
+    assert torch.allclose(got[0], ref[0], atol=1e-5) and torch.equal(got[1], ref[1])
+    for size in (12, 80):  # resized (and centre-cropped above 64 px): close to PIL's resize
+        ds = C.Indexed(data.test.dataset, C.eval_transform(size, C.CIFAR_MEAN_STD))
+        args.pipeline = "cpu"
+        ref = C.extract(fn, ds, args)[0]
+        args.pipeline = "device"
+        got = C.extract(fn, ds, args)[0]
+        assert got.shape == ref.shape and (got - ref).abs().mean() < 0.05
