@@ -355,12 +355,14 @@ def eval_batch(x: torch.Tensor, size: int, mean_std=None) -> torch.Tensor:
     if x.shape[-1] != side:
         x = F.interpolate(x, (side, side), mode="bilinear", antialias=True).clamp_(0.0, 1.0)
     o = round((side - size) / 2)  # CenterCrop's offset
-    x = x[..., o : o + size, o : o + size]
-    if mean_std:
-        x = (x - x.new_tensor(mean_std[0])[:, None, None]) / x.new_tensor(mean_std[1])[
-            :, None, None
-        ]
-    return x
+    return normalize(x[..., o : o + size, o : o + size], mean_std)
+
+
+def normalize(x: torch.Tensor, mean_std=None) -> torch.Tensor:
+    """T.Normalize on a batch, with Python scalars: no host-to-device copy (a sync) per call."""
+    if not mean_std:
+        return x
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(*mean_std))], 1)
 
 
 # ==== 3b. batched augmentation and device-resident data ====================================
@@ -434,8 +436,8 @@ def crop_resize(x: torch.Tensor, box: torch.Tensor, size: int, bicubic=False) ->
     t = (torch.arange(size * s, device=x.device, dtype=x.dtype) + 0.5) / (size * s)
     lo, hi = box[:, :2, None], box[:, 2:, None]  # [B, 2, 1]: (x, y)
     xy = (lo + t * (hi - lo) - 0.5).clamp(min=lo, max=hi - 1)  # pixel centres, [B, 2, size * s]
-    xy = (xy + 0.5) / x.new_tensor([W, H])[:, None] * 2 - 1  # grid_sample's [-1, 1]
-    grid = torch.stack(torch.broadcast_tensors(xy[:, 0, None, :], xy[:, 1, :, None]), -1)
+    gx, gy = (xy[:, 0] + 0.5) / W * 2 - 1, (xy[:, 1] + 0.5) / H * 2 - 1  # grid_sample's [-1, 1]
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
     mode = "bicubic" if bicubic else "bilinear"
     out = F.grid_sample(x, grid, mode, padding_mode="border", align_corners=False)
     return F.avg_pool2d(out, s).clamp(0.0, 1.0) if s > 1 else out.clamp(0.0, 1.0)
@@ -456,12 +458,16 @@ class BatchAugment:
         o, B, dev = self.o, len(h), h.device
         u = lambda *s: torch.rand(*s, device=dev, generator=g)
         b, c, s, hue = o.jitter
-        lo = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -hue], device=dev)
-        hi = torch.tensor([1 + b, 1 + c, 1 + s, hue], device=dev)
-        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev)
-        on = (u(B) < o.jitter_p)[:, None]
+        ranges = [(max(0, 1 - b), 1 + b), (max(0, 1 - c), 1 + c), (max(0, 1 - s), 1 + s)]
+        ranges, on, f = ranges + [(-hue, hue)], u(B) < o.jitter_p, u(B, 4)
         p = {"box": rrc_boxes(h, w, o.scale, g=g), "flip": u(B) < 0.5}
-        p["jitter"] = torch.where(on, lo + (hi - lo) * u(B, 4), identity)
+        p["jitter"] = torch.stack(  # identity factors (1, 1, 1, 0) where jitter is not applied
+            [
+                torch.where(on, lo + (hi - lo) * f[:, k], float(k < 3))
+                for k, (lo, hi) in enumerate(ranges)
+            ],
+            1,
+        )
         p["order"], p["gray"] = u(B, 4).argsort(1), u(B) < o.gray_p
         p["sigma"] = torch.where(u(B) < o.blur_p, 0.1 + 1.9 * u(B), torch.zeros(B, device=dev))
         p["solarize"] = u(B) < o.solarize_p
@@ -470,7 +476,8 @@ class BatchAugment:
     def __call__(self, x: torch.Tensor, g=None, hw=None) -> torch.Tensor:
         """Float images [B, 3, H, W] in [0, 1] (hw [B, 2]: their true sizes when x holds them
         resized to one canvas) -> views [B, 3, size, size], mean/std-normalised if given."""
-        hw = hw if hw is not None else x.new_tensor(x.shape[-2:]).expand(len(x), 2)
+        full = lambda v: torch.full((len(x),), float(v), device=x.device)
+        hw = hw if hw is not None else torch.stack([full(x.shape[-2]), full(x.shape[-1])], 1)
         return self.apply(x, self.sample(hw[:, 0], hw[:, 1], g), hw)
 
     def apply(self, x: torch.Tensor, p: dict, hw: torch.Tensor) -> torch.Tensor:
@@ -485,10 +492,7 @@ class BatchAugment:
         if self.o.solarize_p > 0:  # RandomSolarize(128) on uint8: pixels >= 128 inverted
             x = torch.where(p["solarize"][:, None, None, None] & (x >= 128 / 255), 1.0 - x, x)
         x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
-        if self.mean_std:
-            mean, std = (x.new_tensor(v)[:, None, None] for v in self.mean_std)
-            x = (x - mean) / std
-        return x
+        return normalize(x, self.mean_std)
 
     @staticmethod
     def jitter(x: torch.Tensor, p: dict) -> torch.Tensor:
@@ -549,7 +553,8 @@ def decode(data: list, device, canvas: int) -> tuple[torch.Tensor, torch.Tensor]
         imgs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
     except RuntimeError:  # not a JPEG (or a CMYK one nvJPEG rejects)
         imgs = [torchvision.io.decode_image(d, mode=rgb).to(device) for d in data]
-    hw = torch.tensor([im.shape[-2:] for im in imgs], dtype=torch.float).to(device)
+    hw = torch.tensor([im.shape[-2:] for im in imgs], dtype=torch.float)
+    hw = hw.pin_memory().to(device, non_blocking=True) if hw.device != device else hw
     resize = lambda im: F.interpolate(
         im[None].float(), (canvas,) * 2, mode="bilinear", antialias=True
     )
