@@ -497,18 +497,23 @@ class BatchAugment:
     @staticmethod
     def jitter(x: torch.Tensor, p: dict) -> torch.Tensor:
         """ColorJitter with torchvision's semantics: brightness, contrast, saturation, hue, each
-        sample in its own random order (every op computed, each sample keeps its own)."""
-        f = p["jitter"][:, :, None, None, None]  # [B, 4, 1, 1, 1]
-        ops = (
-            lambda x: blend(x, torch.zeros_like(x), f[:, 0]),
-            lambda x: blend(x, gray(x).mean((1, 2, 3), keepdim=True), f[:, 1]),
-            lambda x: blend(x, gray(x), f[:, 2]),
-            lambda x: torch.where(f[:, 3] != 0, adjust_hue(x, p["jitter"][:, 3]), x),
-        )
-        for k in range(4):
-            pick = p["order"][:, k, None, None, None]
-            x = sum(torch.where(pick == j, op(x), 0.0) for j, op in enumerate(ops))
-        return x
+        sample in its own random order. The three blends (towards 0, the grey mean, the grey
+        image) that precede a sample's hue run first, hue once, then the blends after it; a
+        blend with factor 1 is exactly the identity, so the others pass through untouched."""
+        f, order = p["jitter"], p["order"]
+        hue_at = (order == 3).int().argmax(1)
+        towards = (lambda x: 0.0, lambda x: gray(x).mean((1, 2, 3), keepdim=True), gray)
+
+        def blends(x, positions, keep):
+            for k in positions:
+                for j, target in enumerate(towards):
+                    on = (order[:, k] == j) & keep(k)
+                    x = blend(x, target(x), torch.where(on, f[:, j], 1.0)[:, None, None, None])
+            return x
+
+        x = blends(x, range(3), lambda k: k < hue_at)
+        x = torch.where(f[:, 3, None, None, None] != 0, adjust_hue(x, f[:, 3]), x)
+        return blends(x, range(1, 4), lambda k: k > hue_at)
 
 
 def image_arrays(base):
