@@ -11,7 +11,11 @@ import torchvision.transforms.functional as TF
 from helpers import assert_resume_exact, tiny_args
 from PIL import Image
 
+import byol
+import cmc
 import common as C
+import cpc
+import dino
 import moco
 import simclr
 import swav
@@ -235,10 +239,23 @@ def test_train_loader_picks_the_pipeline(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "module,flags", [(simclr, []), (moco, ["--version", "v1"]), (swav, ["--n-local", "2"])]
+    "module,flags",
+    [
+        (simclr, []),
+        (moco, ["--version", "v1"]),  # grayscale before jitter
+        (byol, []),  # asymmetric views: blur, solarize
+        (cmc, []),  # one view, no jitter, un-normalised
+        (swav, ["--n-local", "2"]),  # multi-crop
+        (dino, ["--n-local", "2", "--out-dim", "64"]),
+    ],
 )
 def test_device_pipeline_trains_and_resumes_exactly(tmp_path, module, flags):
     assert_resume_exact(module, tmp_path, "--pipeline", "device", *flags)
+
+
+def test_a_recipe_without_batched_version_asks_for_the_cpu_pipeline(tmp_path):
+    with pytest.raises(SystemExit, match="pass --pipeline cpu"):
+        cpc.main(tiny_args(cpc, tmp_path, "--pipeline", "device", "--subset", 64))
 
 
 def test_extract_on_device_equals_the_dataloader_path(tmp_path):
