@@ -728,17 +728,24 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, {**defaults, "trust_coefficient": trust_coefficient})
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None):  # foreach ops: a few kernels per group, not per parameter
         for g in self.param_groups:
-            for p in (p for p in g["params"] if p.grad is not None):
-                d = p.grad
-                if p.ndim > 1:  # no host sync: the ratio stays a tensor
-                    d = d.add(p, alpha=g["weight_decay"])
-                    pn, dn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((pn > 0) & (dn > 0), g["trust_coefficient"] * pn / dn, 1.0)
-                    d = d * trust
-                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
-                p.add_(buf.mul_(g["momentum"]).add_(d), alpha=-g["lr"])
+            ps = [p for p in g["params"] if p.grad is not None]
+            ds = [p.grad for p in ps]
+            big = [i for i, p in enumerate(ps) if p.ndim > 1]
+            if big:  # no host sync: the trust ratios stay tensors
+                pb = [ps[i] for i in big]
+                db = torch._foreach_add([ds[i] for i in big], pb, alpha=g["weight_decay"])
+                pn, dn = torch.stack(torch._foreach_norm(pb)), torch.stack(torch._foreach_norm(db))
+                trust = torch.where((pn > 0) & (dn > 0), g["trust_coefficient"] * pn / dn, 1.0)
+                torch._foreach_mul_(db, list(trust.unbind()))
+                for i, d in zip(big, db):
+                    ds[i] = d
+            bufs = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in ps]
+            if ps:
+                torch._foreach_mul_(bufs, g["momentum"])
+                torch._foreach_add_(bufs, ds)
+                torch._foreach_add_(ps, bufs, alpha=-g["lr"])
 
 
 def param_groups(modules, wd: float) -> list[dict]:
