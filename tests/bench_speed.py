@@ -163,9 +163,9 @@ def main():
         dev = method_run(row, "device", a)
         cpu = {} if a.no_cpu_pipeline else method_run(row, "cpu", a)
         r = {"row": row, "device": dev, "cpu": cpu, "raw_img_s": None, "ratio": None}
-        if "config" in dev:
-            r["raw_img_s"] = raw_bound(dev["config"], ROWS[row][1], a)
-            r["ratio"] = dev["img_s"] / r["raw_img_s"]
+        if cfg := dev.get("config") or cpu.get("config"):  # CPC has no device pipeline
+            r["raw_img_s"] = raw_bound(cfg, ROWS[row][1], a)
+            r["ratio"] = dev["img_s"] / r["raw_img_s"] if "img_s" in dev else None
         results.append(r)
         print(
             f"{row}: device {fmt(dev.get('img_s'))} img/s, cpu {fmt(cpu.get('img_s'))}, "
@@ -194,11 +194,12 @@ def main():
     ]
     for r in results:
         d, c = r["device"], r["cpu"]
-        cfg = d.get("config", {})
+        cfg = d.get("config") or c.get("config") or {}
         views = f"{ROWS[r['row']][1]}x{cfg.get('img_size', '-')}" + (
             f" + {cfg['n_local']}x{cfg['local_size']}" if cfg.get("n_local") else ""
         )
-        mem = f"{d['mem_gb']:.2f} GB" if d.get("mem_gb") else f"{d.get('rss_gb', 0):.2f} GB RSS"
+        m = d if "img_s" in d else c  # peak memory of the device run (CPC: of the CPU run)
+        mem = f"{m['mem_gb']:.2f} GB" if m.get("mem_gb") else f"{m.get('rss_gb', 0):.2f} GB RSS"
         lines.append(
             f"| {r['row']} | {cfg.get('batch_size', '-')} | {views} | {fmt(d.get('img_s'))} | "
             f"{fmt(r['raw_img_s'])} | "
