@@ -1,5 +1,6 @@
-"""cleanssl common.py - the only shared module: data, augmentations, backbones and plumbing that
-is the same for every method (DDP, gathers, LARS, schedules, checkpoints, kNN, CLI)."""
+"""cleanssl common.py - the only shared module: data, augmentations (torchvision recipes and their
+batched on-device twins), backbones and plumbing that is the same for every method (DDP, gathers,
+LARS, schedules, checkpoints, kNN, CLI)."""
 
 # ==== 0. imports ===========================================================================
 import argparse
