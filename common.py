@@ -293,7 +293,7 @@ def to_tensor(ops: list, mean_std=None) -> T.Compose:
 
 
 AUG = {"scale": (0.08, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "gray_p": 0.2}
-AUG.update(blur_p=0.0, solarize_p=0.0, gray_first=False, bicubic=False)
+AUG.update(blur_p=0.0, solarize_p=0.0, gray_first=False, bicubic=False, flip_p=0.5)
 
 
 def augmentation(size: int, mean_std=None, **kw) -> T.Compose:
@@ -305,7 +305,7 @@ def augmentation(size: int, mean_std=None, **kw) -> T.Compose:
     ops += color[::-1] if o.gray_first else color
     ops += [T.RandomApply([gaussian_blur], p=o.blur_p)] if o.blur_p > 0 else []
     ops += [T.RandomSolarize(128, p=o.solarize_p)] if o.solarize_p > 0 else []
-    tf = to_tensor([*ops, T.RandomHorizontalFlip()], mean_std)
+    tf = to_tensor(ops + ([T.RandomHorizontalFlip(o.flip_p)] if o.flip_p > 0 else []), mean_std)
     tf.batched = BatchAugment(size, mean_std, **kw)  # the same recipe for DeviceLoader
     return tf
 
@@ -461,7 +461,7 @@ class BatchAugment:
         b, c, s, hue = o.jitter
         ranges = [(max(0, 1 - b), 1 + b), (max(0, 1 - c), 1 + c), (max(0, 1 - s), 1 + s)]
         ranges, on, f = ranges + [(-hue, hue)], u(B) < o.jitter_p, u(B, 4)
-        p = {"box": rrc_boxes(h, w, o.scale, g=g), "flip": u(B) < 0.5}
+        p = {"box": rrc_boxes(h, w, o.scale, g=g), "flip": u(B) < o.flip_p}
         p["jitter"] = torch.stack(  # identity factors (1, 1, 1, 0) where jitter is not applied
             [
                 torch.where(on, lo + (hi - lo) * f[:, k], float(k < 3))

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import transforms
 
 import common as C
 
@@ -370,9 +369,8 @@ def main(args: Args):
     if args.aug == "imagenet":  # gray 0.2, then jitter 0.4 always, flip [ref: main.py] = MoCo v1
         aug = lambda ms: C.moco_augment(args.img_size, ms, "v1", scale)
     else:  # jitter first, then gray, NO flip [ref: cifar.py: RandomHorizontalFlip commented out]
-        jitter = transforms.ColorJitter(0.4, 0.4, 0.4, 0.4)
-        crop = lambda: transforms.RandomResizedCrop(args.img_size, scale)
-        aug = lambda ms: C.to_tensor([crop(), jitter, transforms.RandomGrayscale(0.2)], ms)
+        knobs = {"jitter": (0.4,) * 4, "jitter_p": 1.0, "flip_p": 0.0}
+        aug = lambda ms: C.augmentation(args.img_size, ms, scale=scale, **knobs)
     # one view per image; mean/std-normalised [ref: main.py; DEVIATION: cifar.py's CIFAR std
     # is (0.2023, 0.1994, 0.2010), common.py's the exact (0.2470, 0.2435, 0.2616)]
     data = C.build_data(args, lambda ms: C.MultiView([aug(ms)]), normalize=True)

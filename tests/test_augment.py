@@ -16,6 +16,7 @@ import cmc
 import common as C
 import cpc
 import dino
+import instdisc
 import moco
 import simclr
 import swav
@@ -146,6 +147,7 @@ def test_parameter_ranges_probabilities_and_order():
     assert rate(p["sigma"] > 0, 0.5) and rate(p["solarize"], 0.2)
     s = p["sigma"][p["sigma"] > 0]
     assert 0.1 <= s.min() < 0.12 and 1.98 < s.max() <= 2.0
+    assert not C.BatchAugment(32, flip_p=0.0).sample(*sizes(N))["flip"].any()
     perms = {tuple(r) for r in p["order"].tolist()}
     counts = torch.unique(p["order"], dim=0, return_counts=True)[1].float()
     assert len(perms) == 24 and counts.std() / counts.mean() < 0.25  # all 24 orders, uniform
@@ -245,6 +247,7 @@ def test_train_loader_picks_the_pipeline(tmp_path, capsys):
         (moco, ["--version", "v1"]),  # grayscale before jitter
         (byol, []),  # asymmetric views: blur, solarize
         (cmc, []),  # one view, no jitter, un-normalised
+        (instdisc, []),  # CIFAR recipe: jitter always, no flip
         (swav, ["--n-local", "2"]),  # multi-crop
         (dino, ["--n-local", "2", "--out-dim", "64"]),
     ],

@@ -189,7 +189,10 @@ def test_step_schedule_and_cifar_augmentation(tmp_path, monkeypatch):
     assert args.sched["lr"] == pytest.approx([0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003])
     (view,) = seen[0]  # one view; cifar.py: jitter before gray, no flip
     ops = [type(t).__name__ for t in view.transforms]
-    assert ops == ["RandomResizedCrop", "ColorJitter", "RandomGrayscale", "ToTensor"]
+    assert ops == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "ToTensor"]
+    jitter = view.transforms[1]  # always applied, (0.4, 0.4, 0.4, 0.4)
+    assert jitter.p == 1.0 and type(jitter.transforms[0]).__name__ == "ColorJitter"
+    assert jitter.transforms[0].hue == (-0.4, 0.4) and view.batched.o.flip_p == 0.0
 
 
 # ==== distributed, resume, end to end =======================================================
