@@ -60,9 +60,9 @@ PROFILES = {
     "--subset 2048 --device cpu --workers 2",
     "r18-32": "--preset cifar --arch resnet18 --batch-size 512 --dataset cifar10-npz",
     "r50-224": "--preset imagenet --arch resnet50 --img-size 224 --batch-size 128 "
-    "--dataset synthetic --subset 4096",
+    "--dataset synthetic --subset 5120",
     "vit-224": "--preset imagenet --arch vit_small --img-size 224 --batch-size 128 "
-    "--dataset synthetic --subset 4096",
+    "--dataset synthetic --subset 5120",
 }
 RUN = "--epochs 1 --warmup-epochs 0 --knn-every 0 --linear-epochs 0 --resume none"
 
