@@ -169,6 +169,7 @@ def test_samples_are_independent_and_seeded():
 def loader_args(tmp_path, *flags):
     args = tiny_args(simclr, tmp_path, "--subset", 64, "--batch-size", 16, *flags)
     args.device, args.batch_size_per_gpu = "cpu", args.batch_size // args.world_size
+    args.amp = "off"  # as setup_ddp resolves "auto" on the CPU
     return args
 
 
