@@ -617,7 +617,8 @@ def train_loader(data, args):
     if device and not all(hasattr(t, "batched") for t in ds.transform):
         if args.pipeline == "device":
             fail("this method's augmentation has no batched version; pass --pipeline cpu")
-        print("note: augmentation without a batched version: the CPU pipeline", file=sys.stderr)
+        if args.is_main:
+            print("note: augmentation without a batched version: CPU pipeline", file=sys.stderr)
         device = False
     return (DeviceLoader if device else make_loader)(ds, args, args.batch_size_per_gpu)
 

@@ -57,6 +57,9 @@ import time
 import zlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the method files and common.py, for their presets
+import common as C  # noqa: E402
+
 # Row -> (method file and version flag, cpu-smoke seconds per training step). Seconds: batch 256
 # (CPC: 64) at 16 px, 2 loader workers, 2 CPU cores, real CIFAR-10, measured by --calibrate
 # (steps 11-40, the median of three 10-step logs). Multi-crop SwAV and DINO (2 + 6 and 2 + 8
@@ -123,9 +126,6 @@ def base_flags(row: str, a) -> list[str]:
 def linear_milestones(row: str, flags: list[str]) -> list[str]:
     """A step-decay linear protocol cut to fewer epochs keeps its decays at the same fractions
     of the schedule (MoCo's 60, 80 of 100 -> 12, 16 of 20), as a cosine one does by itself."""
-    sys.path.insert(0, REPO)
-    import common as C
-
     module = importlib.import_module(flags[0].removesuffix(".py"))
     preset = C.parse_args(module.Args, ["--preset", "cifar", *ROWS[row][0].split()[1:]])
     short = C.parse_args(module.Args, flags[1:])
