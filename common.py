@@ -95,6 +95,22 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return all_reduce_with_grad(out).flatten(0, 1)
 
 
+@torch.no_grad()
+def sync_buffers(model: nn.Module):
+    """Every rank takes rank 0's buffers (not the `per_rank` ones), as DDP's default
+    broadcast_buffers does before each forward in the official code. Per-GPU BN statistics (MoCo
+    v1/v2 shuffle-BN, CMC, ...) drift apart between ranks; training reads only batch statistics,
+    and rank 0's running statistics are the same with or without the broadcasts, so doing it
+    before every checkpoint (and hence evaluation and export) gives the official model with one
+    broadcast per epoch instead of one per step."""
+    net = unwrap(model)
+    if get_world_size() > 1:
+        own = set(getattr(net, "per_rank", ()))
+        for name, b in net.named_buffers():
+            if name not in own:
+                dist.broadcast(b, 0)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -723,11 +739,17 @@ class ViT(nn.Module):
 # ==== 5. optimisation ======================================================================
 class LARS(torch.optim.Optimizer):
     """LARS [You et al. 2017; ref: moco-v3 optimizer.py]: for ndim > 1, d = g + wd*w scaled by
-    eta*|w|/|d|; 1-D params (biases, norms): no decay, no adaptation. m <- mu*m + d; w -= lr*m."""
+    eta*|w|/|d|; 1-D params (biases, norms): no decay, no adaptation. m <- mu*m + d; w -= lr*m.
+    solo=True is solo-learn's variant [ref: solo-learn solo/utils/lars.py], which its CIFAR lrs
+    were tuned with: trust eta*|w|/(|g| + wd*|w| + 1e-8), and with clip_lr the trust is capped
+    at 1/lr (a step never exceeds plain SGD's); exclude_bias_n_norm as here."""
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+    def __init__(
+        self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw
+    ):  # kw: clip_lr=False, solo=False
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
-        super().__init__(params, {**defaults, "trust_coefficient": trust_coefficient})
+        defaults.update(trust_coefficient=trust_coefficient, clip_lr=False, solo=False, **kw)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):  # foreach ops: a few kernels per group, not per parameter
@@ -736,10 +758,19 @@ class LARS(torch.optim.Optimizer):
             ds = [p.grad for p in ps]
             big = [i for i, p in enumerate(ps) if p.ndim > 1]
             if big:  # no host sync: the trust ratios stay tensors
-                pb = [ps[i] for i in big]
-                db = torch._foreach_add([ds[i] for i in big], pb, alpha=g["weight_decay"])
-                pn, dn = torch.stack(torch._foreach_norm(pb)), torch.stack(torch._foreach_norm(db))
-                trust = torch.where((pn > 0) & (dn > 0), g["trust_coefficient"] * pn / dn, 1.0)
+                pb, wd, eta = [ps[i] for i in big], g["weight_decay"], g["trust_coefficient"]
+                db = torch._foreach_add([ds[i] for i in big], pb, alpha=wd)
+                pn = torch.stack(torch._foreach_norm(pb))
+                if g["solo"]:  # |g| + wd |w| + eps, and no decay where |w| or |g| is 0
+                    gn = torch.stack(torch._foreach_norm([ds[i] for i in big]))
+                    ok, trust = (pn > 0) & (gn > 0), eta * pn / (gn + wd * pn + 1e-8)
+                    db = [torch.where(o, d, ds[i]) for o, d, i in zip(ok.unbind(), db, big)]
+                else:
+                    dn = torch.stack(torch._foreach_norm(db))
+                    ok, trust = (pn > 0) & (dn > 0), eta * pn / dn
+                if g["clip_lr"]:  # min(trust / lr, 1): lr 0 (warm-up start) gives 1
+                    trust = (trust / g["lr"] if g["lr"] else torch.ones_like(trust)).clamp(max=1)
+                trust = torch.where(ok, trust, 1.0)
                 torch._foreach_mul_(db, list(trust.unbind()))
                 for i, d in zip(big, db):
                     ds[i] = d
@@ -758,9 +789,11 @@ def param_groups(modules, wd: float) -> list[dict]:
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps=0, warmup_start=0.0):
-    """Per-step values: linear warm-up warmup_start -> base, then half-cosine base -> final."""
+    """Per-step values: linear warm-up from warmup_start at step 0 (base would come at step w),
+    then half-cosine base -> final from step w [ref: moco-v3 main_moco.py adjust_learning_rate,
+    simclr model_util.learning_rate_schedule, byol schedules.py, barlowtwins main.py]."""
     w, n = warmup_steps, max(total_steps - warmup_steps, 1)
-    warm = [warmup_start + (base - warmup_start) * (i + 1) / w for i in range(w)]
+    warm = [warmup_start + (base - warmup_start) * i / w for i in range(w)]
     cos = [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
     return (warm + cos)[: max(total_steps, 1)]
 
@@ -821,7 +854,9 @@ def load_checkpoint(path: str) -> dict:
 
 
 def save_state(path: str, model, optimizer, scaler, step: int, args):
-    """Rank 0 saves model, optimizer, scaler, step, config; all ranks RNG + `per_rank` buffers."""
+    """Rank 0 saves model, optimizer, scaler, step, config; all ranks RNG + `per_rank` buffers.
+    First every rank takes rank 0's buffers: all ranks then evaluate and export the saved model."""
+    sync_buffers(model)
     net, rng = unwrap(model), {"torch": torch.get_rng_state(), "python": random.getstate()}
     rng.update({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
     rng["buffers"] = {k: net.get_buffer(k).cpu() for k in getattr(net, "per_rank", ())}

@@ -105,6 +105,10 @@ class Args:
     linear_batch_size: int = arg(1024, "linear-eval global batch [ref: eval_linear.py 8 x 128]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py: plain SGD 0.9]")
     linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: eval_linear]")
+    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
+    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
+    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
+    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -299,6 +303,8 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
     head = nn.Linear(feat_dim, data.num_classes).to(device)
     nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    if args.linear_zero_init:
+        nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
     opt = torch.optim.SGD(head.parameters(), lr, momentum=0.9, nesterov=args.linear_nesterov, **kw)
     if args.linear_cached:
@@ -306,11 +312,14 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         n_batches = len(feats) // B
     else:
         n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
-    decay = [0.1 ** sum(e >= m for m in args.linear_milestones) for e in range(args.linear_epochs)]
-    sched = [lr * d for d in decay for _ in range(n_batches)]  # step decay at the milestones
-    if not args.linear_milestones:
-        sched = C.cosine_schedule(lr, 0.0, args.linear_epochs * n_batches)
-    for epoch in range(args.linear_epochs):
+    E, ms = args.linear_epochs, args.linear_milestones
+    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
+    if not (ms or args.linear_epoch_lr):  # cosine per step
+        sched = C.cosine_schedule(lr, 0.0, E * n_batches)
+    test, test_y, acc = *C.extract(fn, data.test, args), []
+    for epoch in range(E):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
             cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
@@ -328,13 +337,14 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
                 torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
-    test, test_y = C.extract(fn, data.test, args)
-    with torch.no_grad():
-        hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
-    return {
-        "linear_top1": hit[:, 0].float().mean().item() * 100,
-        "linear_top5": hit.any(1).float().mean().item() * 100,
-    }
+        with torch.no_grad():  # test top-1/top-5 after every epoch
+            hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
+            acc.append(torch.stack([hit[:, 0].float().mean(), hit.any(1).float().mean()]) * 100)
+    acc = torch.stack(acc).tolist()
+    best = max(range(E), key=lambda e: acc[e][0])  # the first best epoch
+    top1, top5 = acc[best] if args.linear_best else acc[-1]
+    res = {"linear_top1": top1, "linear_top5": top5, "linear_top1_last": acc[-1][0]}
+    return {**res, "linear_top1_best": acc[best][0], "linear_best_epoch": best + 1}
 
 
 def evaluate(model, data, args, logger, step: int, final: bool):

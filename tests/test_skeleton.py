@@ -29,9 +29,9 @@ METHODS = [
     "dino",
 ]
 FILES = [m for m in METHODS if (ROOT / f"{m}.py").is_file()]
-# common.py: ~670 lines of shared plumbing + ~300 of the device data pipeline (batched
+# common.py: ~700 lines of shared plumbing + ~300 of the device data pipeline (batched
 # augmentation, device-resident data and evaluation): one copy for every method
-MAX_LINES, MAX_COMMON_LINES = 550, 980
+MAX_LINES, MAX_COMMON_LINES = 550, 1100
 
 
 def text(name: str) -> str:
