@@ -79,13 +79,20 @@ def single(fn, *extra):
     return fn(*extra)
 
 
-def assert_parity(ranks, ref, atol=1e-5):
+def assert_parity(ranks, ref, rtol=1e-5):
+    """Mean loss over ranks == the one-process loss, every rank's gradients == the one-process
+    gradients. Relative tolerances (fp32 sums in another order, on another CPU or thread count,
+    differ by a few 1e-7 of the magnitude): the loss to rtol of itself, a gradient entry to 10 x
+    rtol of itself plus rtol of the largest gradient entry of the model."""
     loss = torch.stack([r["loss"] for r in ranks]).mean()
-    assert loss.item() == pytest.approx(ref["loss"].item(), abs=1e-5)
+    assert loss.item() == pytest.approx(ref["loss"].item(), rel=rtol, abs=1e-7)
     assert ref["grads"].keys() == ranks[0]["grads"].keys() and ref["grads"]
+    scale = max(g.abs().max().item() for g in ref["grads"].values())
     for name, g in ref["grads"].items():
         for r in ranks:
-            torch.testing.assert_close(r["grads"][name], g, atol=atol, rtol=1e-4, msg=name)
+            torch.testing.assert_close(
+                r["grads"][name], g, rtol=10 * rtol, atol=rtol * scale, msg=name
+            )
 
 
 def test_simclr_two_processes_equal_one(tmp_path):
