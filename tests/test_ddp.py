@@ -137,3 +137,91 @@ def test_gathers_across_processes(tmp_path):
         # d/dx_r of sum over BOTH ranks' losses (each rank weights the gathered tensor)
         weights = torch.arange(1.0, 13.0).view(6, 2)[3 * r : 3 * r + 3]
         assert torch.equal(out["grad"], 2 * weights)
+
+
+# ==== every method: one model on every rank ==================================================
+# flags that make each method CPU-sized (small heads, small queues/banks); per-GPU BN methods
+# keep rank-local BN statistics while training and take rank 0's at every checkpoint
+VARIANTS = {
+    "simclr_v1": ("simclr", []),
+    "simclr_v2": ("simclr", ["--version", "v2"]),
+    "moco_v1": ("moco", ["--version", "v1", "--queue-size", "32"]),
+    "moco_v2": ("moco", ["--version", "v2", "--queue-size", "32"]),
+    "moco_v3": ("moco", ["--version", "v3"]),
+    "instdisc": ("instdisc", ["--nce-k", "8"]),
+    "invaspread": ("invaspread", []),
+    "cmc": ("cmc", ["--nce-k", "8"]),
+    "cpc": ("cpc", ["--context-dim", "16", "--context-blocks", "2"]),
+    "swav": (
+        "swav",
+        ["--hidden-dim", "64", "--n-prototypes", "32", "--dim", "16", "--n-local", "2"]
+        + ["--queue-length", "32", "--epoch-queue-starts", "0"],
+    ),
+    "byol": ("byol", ["--hidden-dim", "64", "--pred-hidden-dim", "32"]),
+    "simsiam": ("simsiam", ["--dim", "64", "--pred-dim", "16", "--proj-hidden", "64"]),
+    "barlow_twins": ("barlow_twins", ["--projector", "64-64-32"]),
+    "dino": (
+        "dino",
+        ["--hidden-dim", "32", "--bottleneck-dim", "16", "--out-dim", "64", "--n-local", "2"],
+    ),
+}
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_BN = torch.nn.modules.batchnorm._BatchNorm
+PER_GPU_BN = {"moco_v1", "moco_v2", "instdisc", "invaspread", "cmc"}
+
+
+def _states(out):
+    """main() of every variant for 3 steps on this rank; the model's state just before and just
+    after the checkpoint's buffer sync (the state every rank then evaluates and exports)."""
+    seen, sync = {}, C.sync_buffers
+
+    def spy(model):
+        state = lambda: {k: v.clone() for k, v in C.unwrap(model).state_dict().items()}
+        seen["before"] = state()
+        sync(model)
+        seen["after"], seen["per_rank"] = state(), tuple(getattr(C.unwrap(model), "per_rank", ()))
+        synced = (torch.nn.SyncBatchNorm, C.GlobalBatchNorm)
+        mods = C.unwrap(model).named_modules()
+        local = [n for n, m in mods if isinstance(m, _BN) and not isinstance(m, synced)]
+        seen["local_bn"] = tuple(f"{n}.{s}" for n in local for s in BN_STATS)
+
+    C.sync_buffers, res = spy, {}
+    try:
+        for name, (module, flags) in VARIANTS.items():
+            m = importlib.import_module(module)
+            flags = [*TINY, "--subset", 64, "--batch-size", 16, "--epochs", 1, "--max-steps", 3]
+            args = C.parse_args(m.Args, [*map(str, flags), *VARIANTS[name][1]])
+            args.out_dir = os.path.join(out, name)
+            seen.clear()
+            m.main(args)
+            res[name] = dict(seen)
+    finally:
+        C.sync_buffers = sync
+    return res
+
+
+@pytest.fixture(scope="module")
+def rank_states(tmp_path_factory):
+    return spawn(_states, 2, tmp_path_factory.mktemp("states"), str(tmp_path_factory.mktemp("o")))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_rank_holds_one_model(rank_states, name):
+    """After 3 steps on 2 processes: every parameter and every method state (queues, banks,
+    centres, prototypes, target networks, SyncBN statistics) is identical on both ranks; per-GPU
+    BN statistics may drift while training, and every checkpoint (hence every evaluation and the
+    export) first gives every rank rank 0's. Per-rank state (SwAV's local queue) stays per rank."""
+    per_gpu_bn = PER_GPU_BN  # as in the official code
+    assert bool(rank_states[0][name]["local_bn"]) == (name in per_gpu_bn)
+    r0, r1 = (r[name] for r in rank_states)
+    assert r0 and r1, "no checkpoint was written"
+    own, local = set(r0["per_rank"]), set(r0["local_bn"])
+    for k, v in r0["before"].items():
+        if k not in own | local:
+            assert torch.equal(v, r1["before"][k]), f"{k} differs between ranks while training"
+        assert torch.equal(v, r0["after"][k]), f"the sync changed rank 0's {k}"
+    for k, v in r0["after"].items():
+        if k not in own:
+            assert torch.equal(v, r1["after"][k]), f"{k} differs between ranks at the checkpoint"
+        else:
+            assert not torch.equal(v, r1["after"][k]), f"{k} should hold each rank's own entries"
