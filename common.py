@@ -744,12 +744,10 @@ class LARS(torch.optim.Optimizer):
     were tuned with: trust eta*|w|/(|g| + wd*|w| + 1e-8), and with clip_lr the trust is capped
     at 1/lr (a step never exceeds plain SGD's); exclude_bias_n_norm as here."""
 
-    def __init__(
-        self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw
-    ):  # kw: clip_lr=False, solo=False
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw):
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
-        defaults.update(trust_coefficient=trust_coefficient, clip_lr=False, solo=False, **kw)
-        super().__init__(params, defaults)
+        kw = {"clip_lr": False, "solo": False, **kw, "trust_coefficient": trust_coefficient}
+        super().__init__(params, {**defaults, **kw})
 
     @torch.no_grad()
     def step(self, closure=None):  # foreach ops: a few kernels per group, not per parameter

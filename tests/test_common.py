@@ -81,6 +81,47 @@ def test_lars_zero_param_uses_trust_one_and_skips_missing_grads():
     assert torch.equal(r.detach(), torch.ones(3))
 
 
+def _solo_lars_reference(params, grads, lr, wd, mu, eta, clip, bufs):
+    """solo-learn's LARS step, restated per parameter [ref: solo-learn solo/utils/lars.py
+    LARS.step, exclude_bias_n_norm=True]: for ndim > 1 and |w|, |g| > 0: trust = eta |w| /
+    (|g| + wd |w| + 1e-8); with clip_lr, trust = min(trust / lr, 1); d = (g + wd w) * trust;
+    1-D params: d = g. Then torch-SGD momentum: buf = d at first, then mu buf + d; w -= lr buf."""
+    out = []
+    for i, (w, g) in enumerate(zip(params, grads)):
+        d = g
+        if w.ndim > 1 and w.norm() > 0 and g.norm() > 0:
+            trust = eta * w.norm() / (g.norm() + w.norm() * wd + 1e-8)
+            if clip:
+                trust = min(trust / lr, torch.tensor(1.0, dtype=w.dtype))
+            d = (g + wd * w) * trust
+        bufs[i] = d.clone() if bufs[i] is None else mu * bufs[i] + d
+        out.append(w - lr * bufs[i])
+    return out
+
+
+@pytest.mark.parametrize("clip,lr", [(False, 0.5), (True, 0.5), (True, 0.01), (True, 0.0)])
+def test_lars_solo_variant_matches_solo_learn(clip, lr):
+    """clip_lr caps the trust at 1/lr: with a small lr the step is plain SGD's (trust > lr),
+    with a large one the LARS step; lr 0 (the first warm-up step) moves nothing."""
+    torch.manual_seed(0)
+    wd, mu, eta = 1e-3, 0.9, 0.02
+    shapes = [(5, 4), (3, 2, 2, 2), (4,), (2, 3)]
+    ps = [nn.Parameter(torch.randn(s) * (0 if i == 3 else 1)) for i, s in enumerate(shapes)]
+    groups = C.param_groups([nn.ParameterList(ps)], wd)  # as main() builds them
+    opt = C.LARS(groups, lr, wd, mu, eta, clip_lr=clip, solo=True)
+    ref, bufs = [p.detach().double().clone() for p in ps], [None] * len(ps)
+    for step in range(3):
+        gs = [torch.randn(s) * 10 ** (step - 1) for s in shapes]
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+        ref = _solo_lars_reference(ref, [g.double() for g in gs], lr, wd, mu, eta, clip, bufs)
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-7)
+    if lr == 0.0:
+        assert all(torch.equal(p.detach().double(), r) for p, r in zip(ps, ref))
+
+
 def test_param_groups_split_by_ndim():
     a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
     b = nn.Sequential(nn.Linear(2, 2, bias=False), nn.LayerNorm(2))
