@@ -30,8 +30,9 @@ import common as C
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 LINEAR = (  # the linear-eval optimizer: the paper's SGD variant, as section 6 is SGD only
-    "DEVIATION: official LARS at batch 4096, lr 0.1 x B/256 (paper text 0.02) [ref: main_lincls.py"
-    " --lars]; here the SGD variant of [SimSiam App. A] (lr 30, batch 256: ~1 point lower there)"
+    "DEVIATION: official LARS (apex LARC, trust 0.001, no clip) at batch 4096, lr 0.1 x B/256 "
+    "(paper text 0.02) [ref: README, main_lincls.py --lars]; here main_lincls.py without --lars "
+    "at -b 256 --lr 30, the SGD variant of [SimSiam App. A] (~1 point lower there)"
 )
 
 
@@ -89,11 +90,15 @@ class Args:
     linear_wd: float = arg(0.0, "linear-eval weight decay [SimSiam App. A; ref: main_lincls.py]")
     linear_batch_size: int = arg(256, f"linear-eval global batch. {LINEAR}")
     linear_nesterov: bool = arg(False, "Nesterov momentum [SimSiam App. A: plain momentum 0.9]")
-    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [SimSiam App. A]")
-    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
-    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
-    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
-    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
+    linear_milestones: tuple = arg((), "linear lr decay epochs (empty: cosine) [SimSiam App. A]")
+    linear_decay: float = arg(0.1, "lr factor per milestone (unused: cosine) [ref: main_lincls]")
+    linear_epoch_lr: bool = arg(
+        True, "lr set once per epoch [ref: main_lincls.py adjust_learning_rate, per epoch]"
+    )
+    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: main_lincls.py best_acc1]")
+    linear_zero_init: bool = arg(
+        False, "classifier N(0, 0.01), bias 0 [ref: main_lincls.py fc.weight.data.normal_]"
+    )
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)

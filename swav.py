@@ -16,6 +16,7 @@ Run: torchrun --nproc_per_node=8 swav.py --preset imagenet --dataset imagenet --
 """
 
 # ==== 0. imports ===========================================================================
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -70,7 +71,9 @@ class Args:
     batch_size: int = arg(4096, "GLOBAL batch [SwAV §4.1; ref: 64 GPUs x --batch_size 64]")
     lr: float = arg(4.8, "ABSOLUTE lr, not scaled by B [ref: --base_lr 4.8; bs256 scripts 0.6]")
     final_lr: float = arg(0.0048, "cosine ends here [ref: --final_lr, 800ep script]")
-    warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine per step [ref: scripts]")
+    warmup_epochs: int = arg(
+        10, "warm-up epochs, np.linspace(start_warmup, lr), then cosine per step [ref: scripts]"
+    )
     start_warmup: float = arg(0.3, "warm-up starts at this lr [ref: --start_warmup 0.3]")
     wd: float = arg(1e-6, "weight decay on ALL params incl. biases/BN [ref: --wd, SGD + LARC]")
     tau: float = arg(0.1, "softmax temperature [SwAV Eq. 2; ref: --temperature]")
@@ -90,15 +93,21 @@ class Args:
     local_scale: tuple = arg((0.05, 0.14), "local crop scale [ref: --min/max_scale_crops]")
     blur: bool = arg(True, "blur p=0.5 on every crop [ref: multicropdataset.py; off at CIFAR]")
     linear_epochs: int = arg(100, "linear-eval epochs [ref: eval_linear.py --epochs]")
-    linear_lr: float = arg(0.3, "linear lr at batch 256, cosine [ref: eval_linear.py --lr]")
+    linear_lr: float = arg(0.3, "linear lr at batch 256 (8 x 32) [ref: eval_linear.py --lr]")
     linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: eval_linear.py --wd]")
     linear_batch_size: int = arg(256, "linear-eval global batch [ref: eval_linear.py 32 x 8]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py --nesterov]")
-    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: eval_linear]")
-    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
-    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
-    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
-    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
+    linear_milestones: tuple = arg(
+        (), "linear lr decay epochs (empty: cosine) [ref: eval_linear.py --scheduler_type cosine]"
+    )
+    linear_decay: float = arg(0.1, "lr factor per milestone [ref: eval_linear.py --gamma]")
+    linear_epoch_lr: bool = arg(
+        True, "lr set once per epoch [ref: eval_linear.py CosineAnnealingLR, step per epoch]"
+    )
+    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: eval_linear.py best_acc]")
+    linear_zero_init: bool = arg(
+        False, "classifier N(0, 0.01), bias 0, no BN [ref: eval_linear.py RegLog, use_bn False]"
+    )
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -246,6 +255,19 @@ class LARC(torch.optim.Optimizer):
                 d = torch.where((pn > 0) & (gn > 0), (p.grad + wd * p) * rate, p.grad)
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 p.add_(buf.mul_(g["momentum"]).add_(d), alpha=-g["lr"])
+
+
+def lr_schedule(args: Args) -> list:
+    """Per-step lr [ref: main_swav.py main, lr_schedule]: warm-up np.linspace(start_warmup, lr,
+    w) over w = warmup_epochs x steps_per_epoch steps (lr reached AT the last warm-up step, not
+    one step later as C.cosine_schedule), then final + (lr - final)(1 + cos(pi t / n)) / 2 for
+    t = 0 .. n - 1, n = total - w (the cosine starts at lr again)."""
+    w, T = args.warmup_epochs * args.steps_per_epoch, args.total_steps
+    base, start, final = args.lr, args.start_warmup, args.final_lr
+    n = max(T - w, 1)
+    warm = [start + (base - start) * i / max(w - 1, 1) for i in range(w)]
+    cos = [final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / n)) for t in range(T - w)]
+    return (warm + cos)[: max(T, 1)]
 
 
 def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
@@ -439,12 +461,7 @@ def main(args: Args):
     C.prepare_run(args)
     # SyncBN everywhere, global (DEVIATION: the 4096 runs synced apex BN in groups of 8 GPUs)
     model = C.convert_sync_bn(SwAV(args)).to(device)
-    spe, T = args.steps_per_epoch, args.total_steps
-    args.sched = {  # per step: linear warm-up from start_warmup, then cosine to final_lr
-        "lr": C.cosine_schedule(
-            args.lr, args.final_lr, T, args.warmup_epochs * spe, args.start_warmup
-        )
-    }
+    args.sched = {"lr": lr_schedule(args)}
     params = [p for p in model.parameters() if p.requires_grad]  # all of them, one group
     optimizer = LARC(params, lr=args.lr, weight_decay=args.wd)
     fit(model, optimizer, data, args)

@@ -116,6 +116,9 @@ def test_presets_and_zero_init_residual(tmp_path):
     recipe = (imagenet.epochs, imagenet.batch_size, imagenet.lr, imagenet.wd)
     assert recipe == (100, 512, 0.05, 1e-4)
     assert imagenet.fix_pred_lr and imagenet.blur and imagenet.warmup_epochs == 0
+    # main_lincls.py: cosine set once per epoch, best_acc1, N(0, 0.01) classifier, wd 0
+    assert imagenet.linear_epoch_lr and imagenet.linear_best and not imagenet.linear_zero_init
+    assert (imagenet.linear_epochs, imagenet.linear_wd, imagenet.linear_milestones) == (90, 0, ())
     cifar = C.parse_args(simsiam.Args, [])  # `python simsiam.py` = the CIFAR preset [App. D]
     assert (cifar.arch, cifar.epochs, cifar.lr, cifar.wd) == ("resnet18", 800, 0.03, 5e-4)
     assert cifar.batch_size == 512 and cifar.proj_layers == 2 and not cifar.blur

@@ -169,6 +169,9 @@ def test_heads_queue_buffer_and_presets(tmp_path):
     assert imnet.local_scale == (0.05, 0.14) and imnet.blur
     lin = (imnet.linear_epochs, imnet.linear_lr, imnet.linear_wd, imnet.linear_batch_size)
     assert lin == (100, 0.3, 1e-6, 256) and not imnet.linear_nesterov
+    # eval_linear.py: CosineAnnealingLR stepped per epoch, best_acc, N(0, 0.01) classifier
+    assert imnet.linear_epoch_lr and imnet.linear_best and not imnet.linear_zero_init
+    assert imnet.linear_milestones == () and imnet.linear_decay == 0.1  # --gamma
     assert (cifar.arch, cifar.batch_size, cifar.lr, cifar.queue_length) == (
         "resnet18",
         256,
