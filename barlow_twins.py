@@ -67,22 +67,49 @@ class Args:
     epochs: int = arg(1000, "epochs [BT §2 Implementation details; ref: main.py --epochs]")
     batch_size: int = arg(2048, "GLOBAL batch [BT §2 Implementation details; ref: --batch-size]")
     lr: float = arg(0.2, "LARS lr of weights, x batch/256 [BT §2; ref: --learning-rate-weights]")
-    lr_biases: float = arg(0.0048, "biases/BN lr, x batch/256 [BT §2; ref: --learning-rate-biases]")
-    wd: float = arg(1.5e-6, "weight decay, not on biases/BN [BT §2: 1.5e-6; ref: main.py 1e-6]")
+    lr_biases: float = arg(
+        0.0048,
+        "biases/BN lr, x batch/256 [BT §2; ref: main.py --learning-rate-biases]. The official "
+        "W-GPU run had 1/W of the gradient (see barlow_twins_loss): it equals this run with "
+        "--lr-biases 0.0048/W and --wd W x 1e-6, or --plain-all-reduce on W processes",
+    )
+    wd: float = arg(
+        1e-6,
+        "weight decay, not on biases/BN [ref: main.py --weight-decay 1e-6, the code of the "
+        "released 73.5% model; BT §2 says 1.5e-6]; an official W-GPU run: W x this (--lr-biases)",
+    )
     warmup_epochs: int = arg(10, "linear warm-up, then cosine to lr/1000 [BT §2; ref: main.py]")
     lambd: float = arg(0.0051, "off-diagonal weight lambda [ref: main.py --lambd; BT §2: 5e-3]")
     projector: str = arg("8192-8192-8192", "projector widths [BT §2; ref: main.py --projector]")
     blur: bool = arg(True, "blur p=1.0 / 0.1 [BT §2; ref: main.py Transform; off at CIFAR size]")
+    eta: float = arg(0.001, "LARS trust coefficient [ref: main.py LARS eta=0.001]")
+    scale_loss: float = arg(1.0, "loss x this before backward [ref: main.py: none; solo: 0.1]")
+    solo: bool = arg(
+        False,
+        "solo-learn's step: LARS trust eta|w|/(|g|+wd|w|) capped at 1/lr (clip_lr) [ref: solo-"
+        "learn solo/utils/lars.py]; warm-up from lr 3e-5 reaching lr at step W-1, cosine to 0 "
+        "[ref: solo/utils/lr_scheduler.py, solo/methods/base.py]",
+    )
+    plain_all_reduce: bool = arg(
+        False,
+        "sum C over processes without gradient as main.py does (1/W of the gradient), instead of "
+        "the exact multi-process gradient (DEVIATION, see barlow_twins_loss)",
+    )
+    zero_init_residual: bool = arg(True, "zero last BN gamma per block [ref: main.py resnet50]")
     linear_epochs: int = arg(100, "linear-eval epochs [ref: evaluate.py --epochs]")
     linear_lr: float = arg(0.3, "linear-eval lr at batch 256 [ref: evaluate.py --lr-classifier]")
     linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: evaluate.py --weight-decay]")
     linear_batch_size: int = arg(256, "linear-eval global batch [ref: evaluate.py --batch-size]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: evaluate.py: SGD momentum 0.9]")
     linear_milestones: tuple = arg((), "lr x0.1 epochs (empty: cosine) [ref: evaluate.py cosine]")
-    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
-    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
-    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
-    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
+    linear_decay: float = arg(0.1, "lr factor per milestone (unused: cosine) [ref: evaluate.py]")
+    linear_epoch_lr: bool = arg(
+        True, "cosine lr set once per epoch [ref: evaluate.py CosineAnnealingLR, stepped per epoch]"
+    )
+    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: evaluate.py best_acc]")
+    linear_zero_init: bool = arg(
+        False, "zero-init classifier: no, normal(0, 0.01), bias 0 [ref: evaluate.py fc init]"
+    )
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -98,8 +125,12 @@ class Args:
         """Fields that differ from the defaults above for this preset (no versions)."""
         r = {}
         if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/barlow.yaml]
-            r.update(arch="resnet18", projector="2048-2048-2048", batch_size=256, lr=0.3, wd=1e-4)
-            r.update(lr_biases=0.03, blur=False)  # solo: lr 0.3 x scale_loss 0.1 on biases/BN
+            r.update(arch="resnet18", projector="2048-2048-2048", batch_size=256, blur=False)
+            # solo-learn's step as it runs: its LARS (eta 0.02, clip_lr, exclude_bias_n_norm),
+            # one lr for every group, its warm-up/cosine, loss x scale_loss before backward; no
+            # zero-init [ref: solo/utils/lars.py, solo/methods/base.py, torchvision resnet18]
+            r.update(lr=0.3, lr_biases=0.3, wd=1e-4, eta=0.02, scale_loss=0.1, solo=True)
+            r.update(zero_init_residual=False)
         return r
 
 
@@ -119,16 +150,16 @@ class BarlowTwins(nn.Module):
         super().__init__()
         # zero-init of each residual block's last BN gamma [ref: main.py resnet50(zero_init_...)]
         self.backbone, self.feat_dim = C.build_backbone(
-            args.arch, args.img_size, zero_init_residual=True
+            args.arch, args.img_size, zero_init_residual=args.zero_init_residual
         )
         self.projector = projection_head(self.feat_dim, args.projector)
-        self.lambd = args.lambd
+        self.lambd, self.plain = args.lambd, args.plain_all_reduce
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
         # one pass per view, as the official code: BN statistics never mix the two views
         z1 = self.projector(self.backbone(x1))  # [B, D]
         z2 = self.projector(self.backbone(x2))  # [B, D]
-        return barlow_twins_loss(z1, z2, self.lambd), z1, z2
+        return barlow_twins_loss(z1, z2, self.lambd, self.plain), z1, z2
 
 
 # ==== 3. loss: barlow_twins_loss(...) -> Tensor, pure, fp32 inside ========================
@@ -141,20 +172,27 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
     return z * torch.rsqrt(C.all_reduce_with_grad((z * z).sum(0)) / n + 1e-5)
 
 
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float) -> torch.Tensor:
+def barlow_twins_loss(z1, z2, lambd: float, plain: bool = False) -> torch.Tensor:
     """Barlow Twins [BT Eq. 1-2]. z1, z2: this process's [B, D] projector outputs of the two
     views. Each is standardised over the global batch, C = z1^T z2 / N is summed over processes
     and L = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2 (sums, not means: L grows with D).
     Every process returns the same L.
     DEVIATION: the official code sums C with a plain torch.distributed.all_reduce, which has no
     backward: each process back-propagates through its own share of C only and DDP averages, so
-    its gradients are 1/world_size of dL/dtheta. Here C crosses processes with gradient
+    its gradients are 1/W of dL/dtheta (W processes). Here C crosses processes with gradient
     (C.all_reduce_with_grad): W processes give the gradients of one process on the global batch
     (tests/test_barlow_twins.py). Under LARS the official 1/W equals wd x W on the weights and
-    lr_biases / W on biases/BN: pass those to reproduce a W-GPU official run exactly."""
+    lr_biases / W on biases/BN (tests/test_official_barlow_twins.py): pass those, or plain=True
+    (--plain-all-reduce: the official sum) on W processes, to reproduce a W-GPU official run."""
     with torch.autocast(z1.device.type, enabled=False):
         z1, z2 = standardize(z1.float()), standardize(z2.float())
-        c = C.all_reduce_with_grad(z1.T @ z2) / (len(z1) * C.get_world_size())  # [D, D]
+        n = len(z1) * C.get_world_size()
+        if plain and C.get_world_size() > 1:  # value: the sum; gradient: this process's share
+            c = z1.T @ z2 / n  # [D, D]
+            torch.distributed.all_reduce(total := c.detach().clone())
+            c = c + (total - c.detach())
+        else:
+            c = C.all_reduce_with_grad(z1.T @ z2) / n  # [D, D]
         on_diag = c.diagonal()
         return (1 - on_diag).pow(2).sum() + lambd * (c.pow(2).sum() - on_diag.pow(2).sum())
 
@@ -170,12 +208,14 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
         g["lr"] = factor * g["lr_scale"]
     with C.autocast(args):
         loss, z1, z2 = model(x1, x2)
-    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    # solo-learn multiplies the loss by scale_loss (0.1 on CIFAR) before backward: under its LARS
+    # that is not a no-op (trust eta|w|/(s|g|+wd|w|), capped) [ref: solo/losses/barlow.py]
+    grad_norm = C.optimizer_step(loss * args.scale_loss, optimizer, scaler)
     with torch.no_grad():  # mean C_ii over the global batch: 1 when the twins agree everywhere
         n = len(z1) * C.get_world_size()
         c_ii = C.all_reduce_with_grad((standardize(z1.float()) * standardize(z2.float())).sum(0))
     lr = optimizer.param_groups[0]["lr"]  # the weights' lr
-    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "lambd": args.lambd}
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "lambd": args.lambd}  # unscaled L
     stats.update(on_diag=c_ii.mean() / n, grad_norm=grad_norm)
     return {**stats, "z_std": C.collapse_std(z1)}
 
@@ -316,6 +356,27 @@ def fit(model, optimizer, data, args):
 
 
 # ==== 7. main(args) ========================================================================
+def build_optimizer(model: BarlowTwins, args: Args) -> C.LARS:
+    """LARS on two groups: weights (ndim > 1: wd and trust ratio) at x lr, biases and BN (1-D:
+    neither) at x lr_biases [ref: main.py main_worker param_weights / param_biases, LARS
+    exclude_bias_and_norm]. Sets args.sched["lr"], the per-step factor batch/256 x warm-up/cosine
+    [ref: main.py adjust_learning_rate: base x step/W, then cosine to base/1000]; --solo: solo-
+    learn's [ref: solo/utils/lr_scheduler.py LinearWarmupCosineAnnealingLR, warmup_start_lr 3e-5
+    and min_lr 0 from solo/methods/base.py]: 3e-5 + t (lr - 3e-5)/(W-1), then cosine to 0."""
+    base, total = args.batch_size / 256, args.total_steps
+    w = args.warmup_epochs * args.steps_per_epoch
+    if args.solo:
+        lr, start = C.cosine_schedule(base, 0.0, total, w), 3e-5 / args.lr  # start: absolute lr
+        lr[:w] = [start + (base - start) * t / max(w - 1, 1) for t in range(min(w, len(lr)))]
+    else:
+        lr = C.cosine_schedule(base, base * 0.001, total, w)
+    args.sched = {"lr": lr}
+    groups = C.param_groups([model], args.wd)  # weights (ndim > 1) | biases and BN (ndim <= 1)
+    groups[0]["lr_scale"], groups[1]["lr_scale"] = args.lr, args.lr_biases
+    kw = {"clip_lr": True, "solo": True} if args.solo else {}
+    return C.LARS(groups, lr=0.0, weight_decay=args.wd, trust_coefficient=args.eta, **kw)
+
+
 def main(args: Args):
     device = C.setup_ddp(args)
     if not all(w.isdigit() and int(w) > 0 for w in args.projector.split("-")):
@@ -326,13 +387,7 @@ def main(args: Args):
     data = C.build_data(args, views, normalize=True)
     C.prepare_run(args)
     model = C.convert_sync_bn(BarlowTwins(args)).to(device)  # whole model [ref: main.py]
-    base, warmup = args.batch_size / 256, args.warmup_epochs * args.steps_per_epoch
-    # per-step factor: warm-up to batch/256, then cosine to 1/1000 of it [ref: adjust_learning_rate]
-    args.sched = {"lr": C.cosine_schedule(base, base * 0.001, args.total_steps, warmup)}
-    groups = C.param_groups([model], args.wd)  # weights (ndim > 1) | biases and BN (ndim <= 1)
-    groups[0]["lr_scale"], groups[1]["lr_scale"] = args.lr, args.lr_biases
-    # 1-D params: no wd, no LARS adaptation [ref: main.py exclude_bias_and_norm]
-    optimizer = C.LARS(groups, lr=0.0, weight_decay=args.wd)
+    optimizer = build_optimizer(model, args)
     fit(model, optimizer, data, args)
 
 
