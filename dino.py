@@ -8,7 +8,7 @@ H(P_t(x), P_s(x')), H(a, b) = -sum_k a_k log b_k, P_s = softmax(g_s(x') / tau_s)
 P_t = softmax((g_t(x) - c) / tau_t) on the 2 global crops, no gradient; the code averages the pairs.
 vs swav.py: (1) the targets come from a TEACHER, an EMA of the student (0.996 -> 1 by a per-step
 cosine), not from Sinkhorn assignments of the network's own scores; (2) collapse is avoided by
-centring (c, an EMA 0.9 of the teacher's global-batch mean) plus sharpening (tau_t 0.04 -> 0.07)
+centring (c, an EMA 0.9 of the teacher's global-batch mean) plus sharpening (tau_t 0.04)
 instead of equipartition, and there is no queue; (3) only the 2 global crops go through the
 teacher, each predicted from every other crop; (4) head: 3-layer GELU MLP 2048 -> 256, l2, then a
 weight-normalised Linear to 65536 (no BN, no bias); (5) ViT-S/16 with AdamW, wd 0.04 -> 0.4 by
@@ -69,46 +69,53 @@ class Args:
     knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
-    arch: str = arg("vit_small", "backbone [DINO §4.1; ref: main_dino.py --arch]", choices=C.ARCHS)
+    # defaults: the README's vanilla run ("Vanilla DINO training": ViT-S/16, 8 GPUs x 64, 100
+    # epochs, main_dino.py's defaults; 69.3% k-NN, 74.0% linear). The released 800-epoch ViT-S/16
+    # run (README args.txt) differs: --epochs 800 --batch-size 1024 --tau-t 0.07
+    # --tau-t-warmup-epochs 30 --n-local 10 --global-scale 0.25 1 --local-scale 0.05 0.25
+    # --norm-last-layer False (and fp32, min_lr 1e-5, no clipping in its args.txt)
+    arch: str = arg(
+        "vit_small", "backbone [DINO §4.1; ref: README vanilla run --arch]", choices=C.ARCHS
+    )
     patch_size: int = arg(16, "ViT patch size [DINO §4.1 ViT-S/16; ref: --patch_size; CIFAR 4]")
-    epochs: int = arg(800, "epochs [DINO Tab. 2 ViT-S/16 800 epochs; ref: README released runs]")
-    batch_size: int = arg(1024, "GLOBAL batch [DINO §4.1: 1024 over 16 GPUs for ViT-S/16]")
+    epochs: int = arg(100, "epochs [ref: README vanilla run, main_dino.py --epochs 100]")
+    batch_size: int = arg(512, "GLOBAL batch [ref: README vanilla run: 8 GPUs x 64]")
     optimizer: str = arg("adamw", "adamw [DINO §4.1]; sgd: README RN50 recipe", choices=OPTS)
     lr: float = arg(5e-4, "peak lr per 256, x B/256 [DINO §4.1; ref: --lr 0.0005]")
     min_lr: float = arg(1e-6, "final lr of the per-step cosine [ref: main_dino.py --min_lr]")
-    warmup_epochs: int = arg(10, "linear lr warm-up epochs from 0 [DINO §4.1; ref: same flag]")
+    warmup_epochs: int = arg(10, "lr warm-up epochs, np.linspace(0, lr) [ref: cosine_scheduler]")
     wd: float = arg(0.04, "initial wd, not on biases/norms [DINO §4.1; ref: --weight_decay]")
     wd_end: float = arg(0.4, "final wd of the per-step cosine [DINO §4.1; ref: --weight_decay_end]")
     clip_grad: float = arg(3.0, "per-parameter grad-norm clip (0: off) [ref: --clip_grad 3.0]")
     freeze_last_layer: int = arg(1, "epochs with the head's last layer frozen [ref: same flag]")
     m: float = arg(0.996, "teacher EMA, -> 1 by cosine [DINO §3.1; ref: --momentum_teacher]")
     tau_s: float = arg(0.1, "student temperature [DINO §4.1; ref: DINOLoss student_temp]")
-    tau_t: float = arg(0.07, "tau_t after warm-up [DINO §4.1; ref: --teacher_temp, default .04]")
+    tau_t: float = arg(0.04, "tau_t after warm-up [ref: --teacher_temp 0.04; paper/800 ep: .07]")
     tau_t_warmup: float = arg(0.04, "tau_t at epoch 0 [DINO §4.1; ref: --warmup_teacher_temp]")
-    tau_t_warmup_epochs: int = arg(30, "tau_t linear warm-up epochs [DINO §4.1; code default 0]")
+    tau_t_warmup_epochs: int = arg(0, "tau_t linspace epochs [ref: code default 0; paper 30]")
     center_m: float = arg(0.9, "centre EMA coefficient [DINO Eq. 4; ref: center_momentum 0.9]")
     out_dim: int = arg(65536, "head output dim K [DINO §3.1; ref: --out_dim 65536]")
     hidden_dim: int = arg(2048, "head MLP hidden dim [DINO App.; ref: DINOHead hidden_dim]")
     bottleneck_dim: int = arg(256, "head bottleneck dim [DINO App.; ref: DINOHead bottleneck_dim]")
     head_bn: bool = arg(False, "BN in the head MLP [ref: --use_bn_in_head False, also for RN50]")
     norm_last_layer: bool = arg(
-        True, "freeze weight-norm g at 1 [ref: --norm_last_layer; README: False better for ViT-S]"
+        True, "freeze weight-norm g at 1 [ref: --norm_last_layer True; 800-ep ViT-S: False]"
     )
-    n_local: int = arg(10, "local crops [DINO Tab. 8: 2x224 + 10x96; code default 8]")
+    n_local: int = arg(8, "local crops [ref: --local_crops_number 8; DINO Tab. 8 / 800 ep: 10]")
     local_size: int = arg(0, "local crop px (0: img_size x 96/224, min 8) [DINO §3.1: 96 px]")
     global_scale: tuple = arg((0.4, 1.0), "global crop scale [ref: --global_crops_scale; RN50 .14]")
     local_scale: tuple = arg((0.05, 0.4), "local crop scale [ref: --local_crops_scale; RN50 .14]")
     blur: bool = arg(True, "blur 1.0 / 0.1 / 0.5 [ref: DataAugmentationDINO; off at CIFAR size]")
     linear_epochs: int = arg(100, "linear-eval epochs [ref: eval_linear.py --epochs 100]")
-    linear_lr: float = arg(1e-3, "linear lr per 256, cosine [ref: eval_linear.py --lr 0.001]")
+    linear_lr: float = arg(1e-3, "linear lr per 256 [ref: eval_linear.py --lr 0.001; RN50 .075]")
     linear_wd: float = arg(0.0, "linear-eval weight decay [ref: eval_linear.py weight_decay=0]")
-    linear_batch_size: int = arg(1024, "linear-eval global batch [ref: eval_linear.py 8 x 128]")
+    linear_batch_size: int = arg(256, "linear global batch [ref: README vanilla eval log: 256]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py: plain SGD 0.9]")
     linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: eval_linear]")
-    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
-    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
-    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
-    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
+    linear_decay: float = arg(0.1, "milestone factor; unused: cosine [ref: eval_linear.py]")
+    linear_epoch_lr: bool = arg(True, "lr per epoch [ref: eval_linear.py CosineAnnealingLR]")
+    linear_best: bool = arg(True, "report the best epoch [ref: eval_linear.py best_acc]")
+    linear_zero_init: bool = arg(False, "classifier N(0, 0.01), bias 0 [ref: eval_linear.py]")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -126,13 +133,17 @@ class Args:
         r = {"knn_k": 20, "knn_t": 0.07} if preset == "imagenet" else {}  # [ref: eval_knn.py]
         if not arch.startswith("vit"):  # convnets [ref: README "ResNet-50 and other convnets"]
             r.update(global_scale=(0.14, 1.0), local_scale=(0.05, 0.14))
-        if preset == "imagenet" and not arch.startswith("vit"):  # README RN50 command: 8 x 64
-            r.update(optimizer="sgd", lr=0.03, wd=1e-4, wd_end=1e-4, batch_size=512, epochs=100)
-            r.update(n_local=8, tau_t=0.04)  # the code defaults: 8 locals, tau_t 0.04 constant
+        if preset == "imagenet" and not arch.startswith("vit"):  # README RN50 command: 8 x 64,
+            # 100 epochs, the code's other defaults (8 locals, tau_t 0.04 constant, clip 3.0)
+            r.update(optimizer="sgd", lr=0.03, wd=1e-4, wd_end=1e-4)
+            # the released RN50 linear-eval log trains at lr 0.3 [dino issue #131]: 0.075 per 256
+            # at eval_linear.py's batch 8 x 128; the same per-epoch cosine, best epoch
+            r.update(linear_lr=0.075, linear_batch_size=1024)
         if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/dino.yaml]: R18, 4096
             # prototypes, teacher EMA 0.9995 (also the README's advice for batch 256), 1000 ep
             r.update(arch="resnet18", batch_size=256, epochs=1000, out_dim=4096, m=0.9995)
-            r.update(patch_size=4, blur=False, n_local=8)  # no blur at 32 px; 8 locals (code)
+            r.update(patch_size=4, blur=False)  # no blur at 32 px; 8 locals (code default)
+            r.update(tau_t=0.07, tau_t_warmup_epochs=30)  # DINO §4.1: 0.04 -> 0.07 in 30 epochs
             # DEVIATION: solo-learn uses LARS (lr 0.3, wd 1e-6) and 2 crops only; we keep
             # DINO's AdamW + wd cosine and multi-crop with locals of img_size * 96 / 224 px
             # DEVIATION: eval_linear.py's lr 0.001 suits ViT [CLS] features ("tweak the LR",
@@ -169,6 +180,36 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(h), dim=-1))  # [N, K] logits
 
 
+class ViT(C.ViT):
+    """common's ViT (pre-norm blocks, final-norm [CLS]) with DINO's init and position
+    interpolation [ref: vision_transformer.VisionTransformer]: pos_embed (the [CLS] slot too) and
+    cls_token trunc-normal std 0.02; Linear trunc-normal 0.02 / zero bias, LayerNorm 1 / 0 and
+    the patch conv's torch default as in common's ViT. Another grid: bicubic with DINO's scale
+    factor (g' + 0.1) / g, not size=g' (interpolate_pos_encoding; dino issue #8)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)  # [1, 1 + g^2, dim]
+        nn.init.trunc_normal_(self.cls_token, std=0.02)  # [1, 1, dim]
+
+    def pos_for(self, h: int, w: int, square: bool) -> torch.Tensor:
+        """[ref: interpolate_pos_encoding] as is for the training grid of a square image."""
+        g, pos = self.grid, self.pos_embed
+        if h * w == g * g and square:
+            return pos
+        grid = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, dim, g, g]
+        scale = ((h + 0.1) / g, (w + 0.1) / g)  # output floor(g x scale) = (h, w)
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")  # [1, dim, h, w]
+        return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x):
+        square = x.shape[-1] == x.shape[-2]
+        x = self.patch_embed(x)  # [B, dim, h, w]
+        pos = self.pos_for(*x.shape[-2:], square)  # [1, 1 + h w, dim]
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1)
+        return self.norm(self.blocks(x + pos))[:, 0]  # [B, dim]: final-norm [CLS]
+
+
 class MultiCrop(nn.Module):
     """[ref: utils.MultiCropWrapper] one backbone pass per run of consecutive crops with the same
     resolution, one head pass on the concatenation; output rows crop-major: [V*B, K]."""
@@ -190,9 +231,11 @@ class DINO(nn.Module):
 
     def __init__(self, args: Args):
         super().__init__()
-        backbone, self.feat_dim = C.build_backbone(
-            args.arch, args.img_size, patch_size=args.patch_size
-        )
+        if args.arch in C.VIT_SIZES:  # DINO's init and interpolation [ref]
+            (dim, heads), self.feat_dim = C.VIT_SIZES[args.arch], C.VIT_SIZES[args.arch][0]
+            backbone = ViT(args.img_size, args.patch_size, dim, 12, heads)
+        else:
+            backbone, self.feat_dim = C.build_backbone(args.arch, args.img_size)
         # DEVIATION: no stochastic depth in common's ViT (the student uses drop_path 0.1)
         dims = (self.feat_dim, args.out_dim, args.hidden_dim, args.bottleneck_dim)
         head = DINOHead(*dims, args.head_bn, args.norm_last_layer)
@@ -266,6 +309,14 @@ def clip_and_freeze(student: MultiCrop, clip: float, freeze: bool):
         p.grad = None
 
 
+def warmup_cosine(base: float, final: float, T: int, w: int) -> list:
+    """[ref: utils.cosine_scheduler] warm-up np.linspace(0, base, w): base AT step w - 1 (not at
+    step w as C.cosine_schedule), then final + (base - final)(1 + cos(pi t / n)) / 2, t < n = T - w.
+    wd and the teacher EMA: the same cosine over all T steps, no warm-up (C.cosine_schedule)."""
+    warm = [base * i / max(w - 1, 1) for i in range(w)]
+    return (warm + C.cosine_schedule(base, final, T - w))[: max(T, 1)]
+
+
 # ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
 def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
     views, _, _ = batch
@@ -288,8 +339,9 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
     """What kNN and linear eval read: the TEACHER backbone output h [ref: eval_knn.py,
-    eval_linear.py --checkpoint_key teacher]. DEVIATION: for a ViT, the final-norm [CLS] only;
-    eval_linear.py concatenates the [CLS] of the last 4 blocks for ViT-S (n_last_blocks=4)."""
+    eval_linear.py --checkpoint_key teacher]: the final-norm [CLS] (ViT) as eval_knn.py, the
+    pooled 2048-d features (ResNet) as eval_linear.py. DEVIATION: eval_linear.py's ViT-S probe
+    reads the [CLS] of the last 4 blocks, each through the final norm, concatenated (1536-d)."""
     return C.unwrap(model).teacher.backbone(x)
 
 
@@ -456,8 +508,8 @@ def main(args: Args):
     lr, spe, T = args.lr * args.batch_size / 256, args.steps_per_epoch, args.total_steps
     W = args.tau_t_warmup_epochs  # tau_t: linspace(warm-up, final, W) per EPOCH, then final
     tau = lambda e: args.tau_t_warmup + (args.tau_t - args.tau_t_warmup) * e / max(W - 1, 1)
-    args.sched = {  # per step [ref: utils.cosine_scheduler]
-        "lr": C.cosine_schedule(lr, args.min_lr, T, args.warmup_epochs * spe),
+    args.sched = {  # per step [ref: utils.cosine_scheduler; main_dino.py DINOLoss]
+        "lr": warmup_cosine(lr, args.min_lr, T, args.warmup_epochs * spe),
         "wd": C.cosine_schedule(args.wd, args.wd_end, T),
         "m": C.cosine_schedule(args.m, 1.0, T),
         "tau_t": [tau(k // spe) if k // spe < W else args.tau_t for k in range(T)] or [args.tau_t],

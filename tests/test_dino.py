@@ -218,7 +218,8 @@ def test_schedules(tmp_path):
     T, spe, peak = args.total_steps, args.steps_per_epoch, 0.01 * 16 / 256
     assert (T, spe) == (9, 3)
     cos = lambda a, b, i, n: b + 0.5 * (a - b) * (1 + math.cos(math.pi * i / n))
-    assert args.sched["lr"][:3] == pytest.approx([peak / 3, 2 * peak / 3, peak])  # warm-up
+    # np.linspace(0, peak, 3): peak AT the last warm-up step [ref: utils.cosine_scheduler]
+    assert args.sched["lr"][:3] == pytest.approx([0.0, peak / 2, peak], rel=1e-12, abs=0)
     assert args.sched["lr"][3:] == pytest.approx([cos(peak, 1e-6, i, 6) for i in range(6)])
     assert args.sched["wd"] == pytest.approx([cos(0.04, 0.4, i, 9) for i in range(9)])
     assert args.sched["m"] == pytest.approx([cos(0.9995, 1.0, i, 9) for i in range(9)])
@@ -235,24 +236,26 @@ def test_presets():
     assert (cifar.optimizer, cifar.blur, cifar.n_local) == ("adamw", False, 8)
     assert cifar.global_scale == (0.14, 1.0) and cifar.local_scale == (0.05, 0.14)
     im = C.parse_args(dino.Args, ["--preset", "imagenet"])
-    assert (im.arch, im.patch_size, im.batch_size, im.epochs) == ("vit_small", 16, 1024, 800)
+    # the README's vanilla run: its command on 8 GPUs x 64 with main_dino.py's defaults
+    assert (im.arch, im.patch_size, im.batch_size, im.epochs) == ("vit_small", 16, 512, 100)
     assert (im.optimizer, im.lr, im.min_lr, im.warmup_epochs) == ("adamw", 5e-4, 1e-6, 10)
     assert (im.wd, im.wd_end, im.clip_grad, im.freeze_last_layer) == (0.04, 0.4, 3.0, 1)
-    assert (im.m, im.tau_s, im.tau_t_warmup, im.tau_t, im.tau_t_warmup_epochs) == (
-        0.996,
-        0.1,
-        0.04,
-        0.07,
-        30,
-    )
+    tau = (im.m, im.tau_s, im.tau_t_warmup, im.tau_t, im.tau_t_warmup_epochs)
+    assert tau == (0.996, 0.1, 0.04, 0.04, 0)
     assert (im.center_m, im.out_dim, im.hidden_dim, im.bottleneck_dim) == (0.9, 65536, 2048, 256)
-    assert (im.n_local, im.global_scale, im.local_scale) == (10, (0.4, 1.0), (0.05, 0.4))
+    assert (im.n_local, im.global_scale, im.local_scale) == (8, (0.4, 1.0), (0.05, 0.4))
     assert (im.knn_k, im.knn_t, im.head_bn, im.norm_last_layer, im.blur) == (20, 0.07, 0, 1, 1)
-    lin = (im.linear_epochs, im.linear_lr, im.linear_wd, im.linear_batch_size)
-    assert lin == (100, 0.001, 0.0, 1024) and not im.linear_nesterov
+    # eval_linear.py: SGD 0.001 per 256, wd 0, CosineAnnealingLR per epoch, best epoch, N(0, .01)
+    # classifier; batch 256 as the README's vanilla eval log
+    lin = (im.linear_epochs, im.linear_lr, im.linear_wd, im.linear_batch_size, im.linear_milestones)
+    assert lin == (100, 0.001, 0.0, 256, ()) and not (im.linear_nesterov or im.linear_zero_init)
+    assert im.linear_epoch_lr and im.linear_best
     rn = C.parse_args(dino.Args, ["--preset", "imagenet", "--arch", "resnet50"])
     assert (rn.optimizer, rn.lr, rn.wd, rn.wd_end, rn.batch_size) == ("sgd", 0.03, 1e-4, 1e-4, 512)
     assert (rn.epochs, rn.n_local, rn.tau_t, rn.global_scale) == (100, 8, 0.04, (0.14, 1.0))
+    # the released RN50 eval log's lr 0.3 = 0.075 x 1024 / 256 [dino issue #131]
+    assert rn.linear_lr * rn.linear_batch_size / 256 == pytest.approx(0.3, rel=1e-12)
+    assert rn.linear_epoch_lr and rn.linear_best and rn.linear_milestones == ()
 
 
 # ==== distributed, resume, end to end =======================================================
