@@ -2,9 +2,10 @@
 https://arxiv.org/abs/1906.05849
 Reference code: HobbitLong/CMC (train_CMC.py, NCE/NCEAverage.py, NCE/NCECriterion.py
 NCESoftmaxLoss, models/resnet.py, dataset.py RGB2Lab, LinearProbing.py, models/LinearModel.py)
-Objective (§3.2, two views, both directions): L = L(V1 -> V2) + L(V2 -> V1), where for the L
-view L(V1 -> V2) = -log exp(z_l . v_ab[i] / tau) / sum_{j in {i} + noise} exp(z_l . v_ab[j] / tau)
-with v_ab the ab memory bank (and symmetrically z_ab against the L bank), mean over the batch.
+Objective (§3.2, Eq. 2-3, two views, both directions): L = L(V1 -> V2) + L(V2 -> V1); for the L
+view the scores s_j = z_l . v_ab[j] / tau against the ab memory bank v_ab (symmetrically z_ab
+against the L bank) for j in {i} + K noise rows; the binary NCE with P_j = exp(s_j) / Z, Z fixed
+on the first batch [ref: NCEAverage, NCECriterion] (--softmax: -log softmax(s)_i), batch mean.
 vs cpc.py: (1) the two views are colour channels of the SAME crop, L and ab of Lab (CPC: patches
 of one image, upper rows predicting lower ones); (2) two encoders, one per view, each half the
 width of a ResNet-50 (CPC: one shared LayerNorm encoder + a context network + predictors);
@@ -77,6 +78,9 @@ class Args:
     warmup_epochs: int = arg(0, "linear warm-up epochs: none [ref: train_CMC.py]")
     lr_milestones: tuple = arg((120, 160, 200), "lr x0.1 epochs [ref: --lr_decay_epochs]")
     tau: float = arg(0.07, "temperature [ref: --nce_t 0.07; README: 0.1 on STL-10]")
+    softmax: bool = arg(
+        False, "softmax-CE, not NCE [ref: --softmax, off in README commands; weights: NCE]"
+    )
     # K: 4096 in the README and for the released weights, 16384 as train_CMC.py's default
     nce_k: int = arg(
         4096, "noise rows per anchor, 0: softmax over the whole bank [README; code 16384]"
@@ -89,13 +93,11 @@ class Args:
     linear_wd: float = arg(0.0, "linear-eval weight decay [ref: LinearProbing.py]")
     linear_batch_size: int = arg(256, "linear-eval global batch [ref: LinearProbing.py]")
     linear_nesterov: bool = arg(False, "plain momentum 0.9 [ref: LinearProbing.py]")
-    linear_milestones: tuple = arg(
-        (30, 40, 50), "linear lr steps [ref: LinearProbing.py]; DEVIATION: x0.1, official x0.2"
-    )
-    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
-    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
-    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
-    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
+    linear_milestones: tuple = arg((30, 40, 50), "linear lr steps [ref: --lr_decay_epochs]")
+    linear_decay: float = arg(0.2, "linear lr factor [ref: LinearProbing.py --lr_decay_rate]")
+    linear_epoch_lr: bool = arg(True, "linear lr per epoch [ref: util.py adjust_learning_rate]")
+    linear_best: bool = arg(True, "best epoch's top-1 [ref: LinearProbing.py main best_acc1]")
+    linear_zero_init: bool = arg(False, "N(0, 0.01) head [ref: models/LinearModel.py initilize]")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -199,54 +201,67 @@ class CMC(nn.Module):
         (enc_l, d), (enc_ab, _) = (encoder(args.arch, args.img_size, c, args.width) for c in (1, 2))
         self.backbone, self.feat_dim = TwoEncoders({"l": enc_l, "ab": enc_ab}), 2 * d
         self.projector = nn.ModuleDict({"l": nn.Linear(d, args.dim), "ab": nn.Linear(d, args.dim)})
-        self.tau, self.nce_k = args.tau, args.nce_k
+        self.tau, self.nce_k, self.nce = args.tau, args.nce_k, args.nce_k > 0 and not args.softmax
         stdv = 1 / math.sqrt(args.dim / 3)  # uniform rows of about unit norm [ref: NCEAverage]
         self.register_buffer("bank_l", torch.rand(n, args.dim) * 2 * stdv - stdv)
         self.register_buffer("bank_ab", torch.rand(n, args.dim) * 2 * stdv - stdv)
+        # NCE normalisers (Z_l, Z_ab), < 0 until set on the first batch [ref: NCEAverage params]
+        self.register_buffer("nce_z", torch.full((2,), -1.0, dtype=torch.float64))
+        self.z_host = None  # nce_z as Python floats, read once per process (no per-step sync)
+        self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "z_host", None))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor):
         h_l, h_ab = self.backbone(*lab_views(x))  # [B, feat] each
         z_l = F.normalize(self.projector["l"](h_l).float(), dim=1)  # [B, D]
         z_ab = F.normalize(self.projector["ab"](h_ab).float(), dim=1)
-        loss = cmc_loss(z_l, z_ab, self.bank_l, self.bank_ab, idx, self.tau, self.nce_k)
-        return loss, z_l, z_ab
+        s_l, s_ab = cmc_scores(z_l, z_ab, self.bank_l, self.bank_ab, idx, self.tau, self.nce_k)
+        if self.nce and self.z_host is None:  # Z: set on the first batch, then fixed
+            if (self.nce_z < 0).any():
+                self.nce_z.copy_(estimate_z(s_l, s_ab, len(self.bank_l)))
+            self.z_host = tuple(self.nce_z.tolist())
+        z = self.z_host if self.nce else None
+        return cmc_loss(s_l, s_ab, idx, self.nce_k, len(self.bank_l), z), z_l, z_ab
 
 
 # ==== 3. loss: cmc_loss(...) -> Tensor, pure, fp32 inside ==================================
-def cmc_loss(
-    f_l: torch.Tensor,
-    f_ab: torch.Tensor,
-    bank_l: torch.Tensor,
-    bank_ab: torch.Tensor,
-    idx: torch.Tensor,
-    tau: float,
-    k: int,
-) -> torch.Tensor:
-    """[CMC §3.2; ref: NCEAverage.forward + NCESoftmaxLoss] f_l, f_ab: [B, D] l2-normalised
-    embeddings of the L and ab views; bank_l, bank_ab: [N, D] memory banks (no gradient); idx: [B]
-    dataset indices. Each view's embedding is scored against the OTHER view's bank: the positive
-    is that bank's row idx_i. k > 0: candidates = [idx_i] + k noise rows drawn uniformly with
-    replacement, torch.randint(N, (B, k)) from the global RNG on f_l's device, the same rows for
-    both directions [ref: AliasMethod draw, column 0 = index]; k = 0: all N rows. Returns
-    CE(L -> ab) + CE(ab -> L), each a mean over the B anchors (softmax-CE at label 0).
-    DEVIATION: only the softmax-CE variant; the official default is the binary NCE with
-    constants Z_l, Z_ab fixed on the first batch (see instdisc.py for that NCE); the README
-    expects softmax-CE to do better and its ImageNet-100 table (75.8%) used it."""
+def cmc_scores(f_l, f_ab, bank_l, bank_ab, idx: torch.Tensor, tau: float, k: int) -> tuple:
+    """[CMC §3.2; ref: NCEAverage.forward] f_l, f_ab: [B, D] l2-normalised embeddings of the L and
+    ab views; bank_l, bank_ab: [N, D] memory banks (constants: no gradient); idx: [B] dataset
+    indices. Each view's embedding is scored against the OTHER view's bank, s = f . row / tau:
+    k > 0: rows [idx_i] + k noise rows drawn uniformly with replacement by torch.randint(N, (B, k))
+    from the global RNG on f_l's device, the same rows for both views [ref: AliasMethod draw of
+    uniform unigrams, column 0 = index] -> s_l, s_ab [B, 1 + k]; k = 0: all rows -> [B, N]."""
     with torch.autocast(f_l.device.type, enabled=False):
         f_l, f_ab, bank_l, bank_ab = (t.float() for t in (f_l, f_ab, bank_l, bank_ab))
         bank_l, bank_ab = bank_l.detach(), bank_ab.detach()
-        if k > 0:
-            noise = torch.randint(len(bank_l), (len(idx), k), device=f_l.device)
-            cand = torch.cat([idx[:, None], noise], dim=1)  # [B, 1 + k], positive first
-            logits_l = torch.einsum("bd,bkd->bk", f_l, bank_ab[cand]) / tau  # [B, 1 + k]
-            logits_ab = torch.einsum("bd,bkd->bk", f_ab, bank_l[cand]) / tau
-            target = torch.zeros_like(idx)
-        else:  # the whole bank: logits [B, N], the positive in column idx_i
-            logits_l, logits_ab, target = f_l @ bank_ab.T / tau, f_ab @ bank_l.T / tau, idx
-        return F.cross_entropy(logits_l, target) + F.cross_entropy(logits_ab, target)
+        if k == 0:  # the whole bank: the positive in column idx_i
+            return f_l @ bank_ab.T / tau, f_ab @ bank_l.T / tau
+        noise = torch.randint(len(bank_l), (len(idx), k), device=f_l.device)
+        cand = torch.cat([idx[:, None], noise], dim=1)  # [B, 1 + k], positive first
+        s_l = torch.einsum("bd,bkd->bk", f_l, bank_ab[cand]) / tau  # out_l: L vs the ab bank
+        return s_l, torch.einsum("bd,bkd->bk", f_ab, bank_l[cand]) / tau  # out_ab
 
 
-# ==== 4. method state: @torch.no_grad() update_bank ========================================
+def cmc_loss(s_l, s_ab, idx: torch.Tensor, k: int, n: int, z=None) -> torch.Tensor:
+    """Sum over the two views of a mean over the B anchors; s_l, s_ab: cmc_scores; n: bank rows.
+    z = (Z_l, Z_ab) and k > 0: binary NCE [CMC Eq. 2-3; ref: NCECriterion], P = exp(s) / Z, noise
+    prob 1/n: -log P_0/(P_0 + k/n + 1e-7) - sum_{j>0} log (k/n)/(P_j + k/n + 1e-7), in log space.
+    z None: softmax-CE at column 0 [ref: NCESoftmaxLoss, --softmax]; k = 0 at column idx_i."""
+    with torch.autocast(s_l.device.type, enabled=False):
+        if z is None:
+            target = idx if k == 0 else torch.zeros_like(idx)
+            return sum(F.cross_entropy(s.float(), target) for s in (s_l, s_ab))
+        loss = 0.0
+        for s, z_v in zip((s_l, s_ab), z):
+            log_p = s.float() - math.log(z_v)  # log P_j
+            log_den = torch.logaddexp(log_p, torch.full_like(log_p, math.log(k / n + 1e-7)))
+            pos = log_p[:, 0] - log_den[:, 0]  # log D_1 of the positive
+            noise = (math.log(k / n) - log_den[:, 1:]).sum(1)  # log D_0 of the k noise rows
+            loss = loss - (pos + noise).mean()
+        return loss
+
+
+# ==== 4. method state: @torch.no_grad() update_bank / estimate_z ===========================
 @torch.no_grad()
 def update_bank(banks: tuple, zs: tuple, idx: torch.Tensor, bank_m: float):
     """Per view: bank[i] <- normalise(bank_m * bank[i] + (1 - bank_m) * z_i) for the rows of ALL
@@ -257,6 +272,16 @@ def update_bank(banks: tuple, zs: tuple, idx: torch.Tensor, bank_m: float):
     for bank, z_v in zip(banks, z.split([t.shape[1] for t in zs], dim=1)):
         rows = F.normalize(bank[idx] * bank_m + z_v.to(bank.dtype) * (1 - bank_m), dim=1)
         bank.index_copy_(0, idx, rows)
+
+
+@torch.no_grad()
+def estimate_z(s_l: torch.Tensor, s_ab: torch.Tensor, n: int) -> torch.Tensor:
+    """(Z_l, Z_ab) = n * mean exp(s) over the [B, 1 + K] scores of the global batch (every
+    process's, equal sizes), float64 [ref: NCEAverage: params[2] = out_l.mean() * outputSize]."""
+    s = torch.stack([s_l.detach().float(), s_ab.detach().float()]).flatten(1)  # [2, B(1+K)]
+    lme = torch.logsumexp(s, 1) - math.log(s.shape[1])  # log mean exp per view, this process
+    lme = torch.logsumexp(C.gather_no_grad(lme[None]), 0) - math.log(C.get_world_size())
+    return (lme.double() + math.log(n)).exp()
 
 
 # ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
@@ -271,6 +296,8 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
     # after the loss, with this step's embeddings: a row is the positive before it is rewritten
     update_bank((net.bank_l, net.bank_ab), (z_l, z_ab), idx, args.bank_m)
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
+    if net.nce:  # the fixed normalisers, logged
+        stats.update(nce_z_l=net.nce_z[0].clone(), nce_z_ab=net.nce_z[1].clone())
     return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z_l)}
 
 

@@ -72,6 +72,11 @@ def naive_direction(f, bank, cands, tau):
     return total / len(f)
 
 
+def loss_of(f_l, f_ab, bank_l, bank_ab, idx, tau, k, z=None):
+    s_l, s_ab = cmc.cmc_scores(f_l, f_ab, bank_l, bank_ab, idx, tau, k)
+    return cmc.cmc_loss(s_l, s_ab, idx, k, len(bank_l), z)
+
+
 def random_inputs(b, d, n, seed):
     g = torch.Generator().manual_seed(seed)
     f_l, f_ab = (F.normalize(torch.randn(b, d, generator=g), dim=1) for _ in range(2))
@@ -83,7 +88,7 @@ def random_inputs(b, d, n, seed):
 @pytest.mark.parametrize("b,d,n,tau", [(5, 4, 9, 0.07), (8, 16, 20, 0.1), (1, 3, 4, 0.5)])
 def test_exact_softmax_matches_naive_reference(b, d, n, tau):
     f_l, f_ab, bank_l, bank_ab, idx = random_inputs(b, d, n, b)
-    got = cmc.cmc_loss(f_l, f_ab, bank_l, bank_ab, idx, tau, 0)
+    got = loss_of(f_l, f_ab, bank_l, bank_ab, idx, tau, 0)
     # candidates: the positive (the OTHER view's row idx_i), then every other row of that bank
     cands = [[i] + [j for j in range(n) if j != i] for i in idx.tolist()]
     ref = naive_direction(f_l.double(), bank_ab.double(), cands, tau)  # L anchors, ab bank
@@ -95,7 +100,7 @@ def test_exact_softmax_matches_naive_reference(b, d, n, tau):
 def test_sampled_softmax_matches_naive_reference_with_the_same_noise(b, k, n):
     f_l, f_ab, bank_l, bank_ab, idx = random_inputs(b, 8, n, k)
     torch.manual_seed(123)
-    got = cmc.cmc_loss(f_l, f_ab, bank_l, bank_ab, idx, 0.07, k)
+    got = loss_of(f_l, f_ab, bank_l, bank_ab, idx, 0.07, k)
     torch.manual_seed(123)  # the documented draw: uniform, with replacement, (B, k)
     noise = torch.randint(n, (b, k))
     cands = [[i] + row for i, row in zip(idx.tolist(), noise.tolist())]
@@ -104,22 +109,80 @@ def test_sampled_softmax_matches_naive_reference_with_the_same_noise(b, k, n):
     assert got.item() == pytest.approx(ref, rel=1e-5)
 
 
+def naive_nce(f, bank, cands, tau, z, n):
+    """NCECriterion on NCEAverage's out, float64 loops: P = exp(s)/Z, Pn = 1/n, m = k noise rows:
+    -(sum_i log P_i0/(P_i0 + m Pn + 1e-7) + sum_ij log m Pn/(P_ij + m Pn + 1e-7)) / B."""
+    total, m = 0.0, len(cands[0]) - 1
+    for fi, row in zip(f.tolist(), cands):
+        p = [math.exp(sum(a * b for a, b in zip(fi, bank[c].tolist())) / tau) / z for c in row]
+        total += math.log(p[0] / (p[0] + m / n + 1e-7))
+        total += sum(math.log((m / n) / (q + m / n + 1e-7)) for q in p[1:])
+    return -total / len(f)
+
+
+@pytest.mark.parametrize("b,k,n,tau", [(6, 5, 30, 0.07), (4, 40, 10, 0.1), (3, 2, 1000, 0.07)])
+def test_nce_and_its_normalisers_match_naive_reference_with_the_same_noise(b, k, n, tau):
+    f_l, f_ab, bank_l, bank_ab, idx = random_inputs(b, 8, n, k)
+    torch.manual_seed(7)
+    s_l, s_ab = cmc.cmc_scores(f_l, f_ab, bank_l, bank_ab, idx, tau, k)
+    z = cmc.estimate_z(s_l, s_ab, n)
+    assert z.dtype == torch.float64 and z.shape == (2,)
+    got = cmc.cmc_loss(s_l, s_ab, idx, k, n, tuple(z.tolist()))
+    torch.manual_seed(7)
+    cands = [[i] + row for i, row in zip(idx.tolist(), torch.randint(n, (b, k)).tolist())]
+    # Z = n * mean exp(s) over the B x (1 + k) scores of this (first) batch [NCEAverage]
+    z_ref = []
+    for f, bank in ((f_l, bank_ab), (f_ab, bank_l)):  # out_l: L anchors on the ab bank
+        e = [
+            math.exp(sum(x * y for x, y in zip(fi, bank[c].tolist())) / tau)
+            for fi, row in zip(f.double().tolist(), cands)
+            for c in row
+        ]
+        z_ref.append(n * sum(e) / len(e))
+    assert z.tolist() == pytest.approx(z_ref, rel=1e-5)
+    ref = naive_nce(f_l.double(), bank_ab.double(), cands, tau, z_ref[0], n)
+    ref += naive_nce(f_ab.double(), bank_l.double(), cands, tau, z_ref[1], n)
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_model_sets_z_on_the_first_batch_only_and_after_resume(tmp_path):
+    args = tiny_args(cmc, tmp_path, "--nce-k", 8)
+    C.setup_ddp(args)
+    torch.manual_seed(0)
+    model = cmc.CMC(args, 20)
+    assert model.nce and torch.equal(model.nce_z, torch.full((2,), -1.0, dtype=torch.float64))
+    x, idx = torch.rand(4, 3, 16, 16), torch.tensor([9, 2, 5, 0])
+    model(x, idx)
+    z = model.nce_z.clone()
+    assert (z > 0).all() and model.z_host == tuple(z.tolist())
+    model.bank_l.mul_(0.5)  # other scores: Z stays what the first batch set
+    model(torch.rand(4, 3, 16, 16), idx)
+    assert torch.equal(model.nce_z, z)
+    fresh = cmc.CMC(args, 20)
+    fresh.load_state_dict(model.state_dict())
+    fresh(x, idx)
+    assert torch.equal(fresh.nce_z, z) and fresh.z_host == tuple(z.tolist())
+    soft = cmc.CMC(tiny_args(cmc, tmp_path, "--nce-k", 8, "--softmax"), 20)
+    soft(x, idx)
+    assert not soft.nce and torch.equal(soft.nce_z, torch.full((2,), -1.0, dtype=torch.float64))
+
+
 def test_both_directions_each_against_the_other_views_bank():
     f_l, f_ab, bank_l, bank_ab, idx = random_inputs(6, 8, 12, 3)
     f_l.requires_grad_(), f_ab.requires_grad_()
     bank_l.requires_grad_(), bank_ab.requires_grad_()
-    cmc.cmc_loss(f_l, f_ab, bank_l, bank_ab, idx, 0.1, 0).backward()
+    loss_of(f_l, f_ab, bank_l, bank_ab, idx, 0.1, 0).backward()
     assert f_l.grad.abs().sum() > 0 and f_ab.grad.abs().sum() > 0  # both directions present
     assert bank_l.grad is None and bank_ab.grad is None  # the banks get no gradient
     g_l, g_ab = f_l.grad.clone(), f_ab.grad.clone()
     # the L anchors see only the ab bank, the ab anchors only the L bank
     f_l.grad = f_ab.grad = None
     other_l = F.normalize(torch.randn_like(bank_l), dim=1)
-    cmc.cmc_loss(f_l, f_ab, other_l, bank_ab, idx, 0.1, 0).backward()
+    loss_of(f_l, f_ab, other_l, bank_ab, idx, 0.1, 0).backward()
     assert torch.equal(f_l.grad, g_l) and not torch.allclose(f_ab.grad, g_ab)
     # swapping the roles of the views gives the same loss
-    a = cmc.cmc_loss(f_l, f_ab, bank_l, bank_ab, idx, 0.1, 0)
-    b = cmc.cmc_loss(f_ab, f_l, bank_ab, bank_l, idx, 0.1, 0)
+    a = loss_of(f_l, f_ab, bank_l, bank_ab, idx, 0.1, 0)
+    b = loss_of(f_ab, f_l, bank_ab, bank_l, idx, 0.1, 0)
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
 
 
@@ -128,16 +191,25 @@ def test_loss_extremes_and_half_precision():
     bank = F.normalize(torch.randn(n, d), dim=1)
     idx = torch.arange(4)
     # anchors equal to their positives with tiny tau: the loss goes to 0
-    low = cmc.cmc_loss(bank[idx], bank[idx], bank, bank, idx, 0.01, 0)
+    low = loss_of(bank[idx], bank[idx], bank, bank, idx, 0.01, 0)
     assert low.item() < 1e-3 and low.item() == pytest.approx(0.0, abs=1e-3)
     same = torch.ones(n, d) / math.sqrt(d)  # every logit 1/tau = 100: loss 2 log N
     for dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", dtype=dtype):
-            out = cmc.cmc_loss(same[:4].to(dtype), same[:4].to(dtype), same, same, idx, 0.01, 0)
+            out = loss_of(same[:4].to(dtype), same[:4].to(dtype), same, same, idx, 0.01, 0)
             assert torch.isfinite(out) and out.dtype == torch.float32
             assert out.item() == pytest.approx(2 * math.log(n), rel=1e-2)
-            out = cmc.cmc_loss(same[:4].to(dtype), same[:4].to(dtype), same, same, idx, 0.01, 5)
+            out = loss_of(same[:4].to(dtype), same[:4].to(dtype), same, same, idx, 0.01, 5)
             assert out.item() == pytest.approx(2 * math.log(6), rel=1e-2)
+            # NCE at tau 0.01: exp(100) overflows fp32, the log-space loss does not; all scores
+            # equal: P = 1/N for every row, the loss is the closed form below
+            s = cmc.cmc_scores(same[:4].to(dtype), same[:4].to(dtype), same, same, idx, 0.01, 5)
+            z = cmc.estimate_z(*s, n)
+            assert z.tolist() == pytest.approx([n * s[0].double().exp().mean().item()] * 2)
+            out = cmc.cmc_loss(*s, idx, 5, n, tuple(z.tolist()))
+            pn, m = 1 / n, 5 / n
+            ref = -2 * (math.log(pn / (pn + m + 1e-7)) + 5 * math.log(m / (pn + m + 1e-7)))
+            assert torch.isfinite(out) and out.item() == pytest.approx(ref, rel=1e-2)
 
 
 # ==== bank ==================================================================================
@@ -215,9 +287,12 @@ def test_presets(tmp_path):
         128,
         0.08,
     )
+    assert not imnet.softmax and not cifar.softmax  # NCE, as the README commands and weights
     lin = (imnet.linear_epochs, imnet.linear_lr, imnet.linear_wd, imnet.linear_batch_size)
     assert lin == (60, 30.0, 0.0, 256) and not imnet.linear_nesterov
-    assert imnet.linear_milestones == (30, 40, 50)
+    # LinearProbing.py: x0.2 at 30/40/50 set per epoch, the best epoch kept, N(0, 0.01) head
+    assert (imnet.linear_milestones, imnet.linear_decay) == ((30, 40, 50), 0.2)
+    assert imnet.linear_epoch_lr and imnet.linear_best and not imnet.linear_zero_init
 
 
 def test_train_step_writes_the_rows_of_this_batch_after_the_loss(tmp_path):

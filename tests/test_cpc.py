@@ -209,10 +209,13 @@ def test_presets():
     assert (imnet.arch, imnet.batch_size, imnet.lr, imnet.wd, imnet.aug) == (
         "resnet50",
         512,
-        4e-4,
-        0.0,
+        4e-5,
+        1e-5,
         "crop",
     )
+    assert (imnet.betas, imnet.adam_eps) == ((0.8, 0.999), 1e-7)  # pl_bolts configure_optimizers
+    # the SimCLR linear protocol: cosine per step, last epoch, zero-initialised head
+    assert imnet.linear_zero_init and not imnet.linear_best and not imnet.linear_epoch_lr
     head = (imnet.context_dim, imnet.context_blocks, imnet.target_dim, imnet.emb_scale)
     assert head == (256, 5, 64, 0.1) and (imnet.min_step, imnet.max_step) == (3, 3)
     assert imnet.directions == 4 and imnet.color_drop and imnet.patch_size == 0
