@@ -310,13 +310,46 @@ def to_tensor(ops: list, mean_std=None) -> T.Compose:
 
 AUG = {"scale": (0.08, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "gray_p": 0.2}
 AUG.update(blur_p=0.0, solarize_p=0.0, gray_first=False, bicubic=False, flip_p=0.5)
+AUG["additive_brightness"] = False  # SimCLR v1: x + U(-b, b) instead of x * U(1 - b, 1 + b)
+
+
+def add_brightness(img, d: float):
+    """x + d, clipped to [0, 1] [ref: simclr data_util.py (v1): tf.image.random_brightness, then
+    clip_by_value]; PIL images in uint8 steps (d * 255, rounded), as PIL's other colour ops."""
+    if isinstance(img, torch.Tensor):
+        return (img + d).clamp(0.0, 1.0)
+    x = np.clip(np.asarray(img, np.float32) + d * 255, 0, 255)
+    return Image.fromarray(x.round().astype(np.uint8))
+
+
+class AdditiveColorJitter(T.ColorJitter):
+    """T.ColorJitter (random op order) whose brightness is SimCLR v1's: x + d, d ~ U(-b, b)."""
+
+    def __init__(self, brightness, contrast=0, saturation=0, hue=0):
+        super().__init__(0, contrast, saturation, hue)
+        self.delta = brightness
+
+    def forward(self, img):
+        order, _, c, s, h = self.get_params(None, self.contrast, self.saturation, self.hue)
+        d, fn = float(torch.empty(1).uniform_(-self.delta, self.delta)), T.functional
+        for i in order.tolist():
+            if i == 0:
+                img = add_brightness(img, d)
+            elif i == 1 and c is not None:
+                img = fn.adjust_contrast(img, c)
+            elif i == 2 and s is not None:
+                img = fn.adjust_saturation(img, s)
+            elif i == 3 and h is not None:
+                img = fn.adjust_hue(img, h)
+        return img
 
 
 def augmentation(size: int, mean_std=None, **kw) -> T.Compose:
     """Crop, colour jitter (random op order), grayscale, blur, solarize, flip; knobs: AUG."""
     o = SimpleNamespace(**{**AUG, **kw})
     mode = T.InterpolationMode.BICUBIC if o.bicubic else T.InterpolationMode.BILINEAR
-    color = [T.RandomApply([T.ColorJitter(*o.jitter)], p=o.jitter_p), T.RandomGrayscale(o.gray_p)]
+    jitter = (AdditiveColorJitter if o.additive_brightness else T.ColorJitter)(*o.jitter)
+    color = [T.RandomApply([jitter], p=o.jitter_p), T.RandomGrayscale(o.gray_p)]
     ops = [T.RandomResizedCrop(size, scale=o.scale, interpolation=mode)]
     ops += color[::-1] if o.gray_first else color
     ops += [T.RandomApply([gaussian_blur], p=o.blur_p)] if o.blur_p > 0 else []
@@ -326,11 +359,12 @@ def augmentation(size: int, mean_std=None, **kw) -> T.Compose:
     return tf
 
 
-def simclr_augment(size, mean_std=None, s=1.0, blur=True):
+def simclr_augment(size, mean_std=None, s=1.0, blur=True, additive=False):
     """[SimCLR App. A; ref: google-research/simclr data_util.py] jitter 0.8s/0.2s p=0.8, gray
-    0.2, blur p=0.5 (ImageNet only), bicubic crop (0.08, 1); s=0.5 and no blur on CIFAR."""
-    jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
-    return augmentation(size, mean_std, jitter=jitter, blur_p=0.5 * blur, bicubic=True)
+    0.2, blur p=0.5 (ImageNet only), bicubic crop (0.08, 1); s=0.5 and no blur on CIFAR.
+    additive: v1's brightness x + U(-0.8s, 0.8s) (v2: x * U(1 - 0.8s, 1 + 0.8s))."""
+    jitter, kw = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), {"additive_brightness": additive}
+    return augmentation(size, mean_std, jitter=jitter, blur_p=0.5 * blur, bicubic=True, **kw)
 
 
 def moco_augment(size, mean_std, version="v2", scale=(0.2, 1.0), blur=True):
@@ -477,14 +511,17 @@ class BatchAugment:
         b, c, s, hue = o.jitter
         ranges = [(max(0, 1 - b), 1 + b), (max(0, 1 - c), 1 + c), (max(0, 1 - s), 1 + s)]
         ranges, on, f = ranges + [(-hue, hue)], u(B) < o.jitter_p, u(B, 4)
+        add = o.additive_brightness  # brightness: an offset d ~ U(-b, b), identity 0
+        ranges[0], ident = (-b, b) if add else ranges[0], [0.0 if add else 1.0, 1.0, 1.0, 0.0]
         p = {"box": rrc_boxes(h, w, o.scale, g=g), "flip": u(B) < o.flip_p}
-        p["jitter"] = torch.stack(  # identity factors (1, 1, 1, 0) where jitter is not applied
+        p["jitter"] = torch.stack(  # identity factors (ident) where jitter is not applied
             [
-                torch.where(on, lo + (hi - lo) * f[:, k], float(k < 3))
+                torch.where(on, lo + (hi - lo) * f[:, k], ident[k])
                 for k, (lo, hi) in enumerate(ranges)
             ],
             1,
         )
+        p["additive"] = torch.tensor(add)  # on the CPU: read without a device sync
         p["order"], p["gray"] = u(B, 4).argsort(1), u(B) < o.gray_p
         p["sigma"] = torch.where(u(B) < o.blur_p, 0.1 + 1.9 * u(B), torch.zeros(B, device=dev))
         p["solarize"] = u(B) < o.solarize_p
@@ -516,7 +553,8 @@ class BatchAugment:
         """ColorJitter with torchvision's semantics: brightness, contrast, saturation, hue, each
         sample in its own random order. The three blends (towards 0, the grey mean, the grey
         image) that precede a sample's hue run first, hue once, then the blends after it; a
-        blend with factor 1 is exactly the identity, so the others pass through untouched."""
+        blend with factor 1 is exactly the identity, so the others pass through untouched.
+        p["additive"]: brightness is x + f (clipped; f = 0 the identity), as add_brightness."""
         f, order = p["jitter"], p["order"]
         hue_at = (order == 3).int().argmax(1)
         towards = (lambda x: 0.0, lambda x: gray(x).mean((1, 2, 3), keepdim=True), gray)
@@ -525,6 +563,9 @@ class BatchAugment:
             for k in positions:
                 for j, target in enumerate(towards):
                     on = (order[:, k] == j) & keep(k)
+                    if j == 0 and bool(p.get("additive", False)):
+                        x = (x + torch.where(on, f[:, 0], 0.0)[:, None, None, None]).clamp(0, 1)
+                        continue
                     x = blend(x, target(x), torch.where(on, f[:, j], 1.0)[:, None, None, None])
             return x
 

@@ -4,12 +4,13 @@ Models are Strong Semi-Supervised Learners (Chen et al., NeurIPS 2020) https://a
 Reference code: google-research/simclr (objective.py add_contrastive_loss, model_util.py
 projection_head, lars_optimizer.py)
 Objective (Eq. 1): l(i,j) = -log exp(cos(z_i,z_j)/tau) / sum_{k != i} exp(cos(z_i,z_k)/tau), mean
-over all 2N views of the global batch.
+over the N anchors of each view, summed over the two views (= 2x the mean over all 2N views, the
+official scale [ref: objective.py add_contrastive_loss: loss_a + loss_b]).
 vs moco.py: (1) negatives are the other 2N-2 views of the GLOBAL batch: no queue, no momentum
 encoder; (2) both views go through the same encoder and the loss is symmetric; (3) the gather keeps
 gradients (every process's embeddings are anchors and negatives); (4) global BatchNorm (SyncBN)
 instead of shuffle-BN; (5) BN on every projector layer, inputs not mean/std-normalised; (6) LARS at
-batch 4096 with warm-up + cosine.
+batch 4096 with warm-up + cosine; classic momentum (lr inside the momentum buffer).
 Run: torchrun --nproc_per_node=8 simclr.py --preset imagenet --dataset imagenet --data-dir /path
      python simclr.py                      (CIFAR-10 preset, one process)
 """
@@ -67,30 +68,57 @@ class Args:
     arch: str = arg("resnet50", "backbone [SimCLR §3]", choices=C.ARCHS)
     epochs: int = arg(100, "epochs [SimCLR §2.3 default setting: 100; 1000 in Tab. 6]")
     batch_size: int = arg(4096, "GLOBAL batch [SimCLR §2.3 default setting]")
-    lr: float = arg(0.3, "LARS lr, x batch/256 [SimCLR §2.3: 4.8 at 4096]; v2: 0.1 x sqrt(batch)")
+    lr: float = arg(
+        0.3,
+        "LARS lr, x batch/256 [SimCLR §2.3: 4.8 at 4096; ref: run.py --learning_rate]; v2: 0.1 x "
+        "sqrt(batch) [SimCLRv2 §3.1; ref: simclr issue #77]",
+    )
     lr_scaling: str = arg(
         "linear",
         "linear: lr x B/256; sqrt: lr x sqrt(B) [SimCLRv2 App. B; "
         "ref: run.py --learning_rate_scaling]",
         choices=("linear", "sqrt"),
     )
-    wd: float = arg(1e-6, "weight decay, not on biases/BN [SimCLR §2.3; v2 1e-4, ref: README]")
-    warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine [SimCLR §2.3]")
+    wd: float = arg(
+        1e-6,
+        "LARS weight decay, not on BN/biases [SimCLR §2.3; ref: model_util.get_optimizer "
+        "exclude_from_weight_decay]; v2 1e-4 [SimCLRv2 §3.1; ref: README v2 command]",
+    )
+    momentum: float = arg(0.9, "LARS classic momentum [ref: run.py --momentum, lars_optimizer.py]")
+    warmup_epochs: int = arg(
+        10,
+        "linear warm-up from lr 0, then cosine [SimCLR §2.3; ref: model_util.learning_rate_"
+        "schedule]; v2 40 = 5% of 800 [SimCLRv2 §3.1; ref: simclr issue #77]",
+    )
     tau: float = arg(0.1, "NT-Xent temperature [SimCLR Tab. 5; ref: README --temperature]")
     proj_layers: int = arg(2, "projector layers (v1 2, v2 3) [ref: model_util.projection_head]")
     proj_dim: int = arg(128, "projector output dim [SimCLR §2.3; ref: --proj_out_dim]")
     color_s: float = arg(1.0, "colour jitter strength s [SimCLR App. A; CIFAR 0.5]")
     blur: bool = arg(True, "Gaussian blur p=0.5 [SimCLR App. A; off at CIFAR size]")
-    linear_epochs: int = arg(90, "linear-eval epochs [ref: simclr README linear-eval command]")
-    linear_lr: float = arg(0.1, "linear-eval lr per 256, cosine [ref: simclr README, model.py]")
-    linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: README; CIFAR 0]")
-    linear_batch_size: int = arg(4096, "linear-eval global batch [ref: README]")
-    linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: model.py use_nesterov]")
-    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: simclr README]")
-    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
-    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
-    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
-    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
+    linear_epochs: int = arg(90, "linear-eval epochs [ref: README ImageNet linear-eval command]")
+    linear_lr: float = arg(
+        0.1, "linear-eval lr x B/256, cosine per step [ref: README; learning_rate_schedule]"
+    )
+    linear_wd: float = arg(
+        1e-6, "linear-eval wd, weight and bias [ref: README; model_util.add_weight_decay]"
+    )
+    linear_batch_size: int = arg(4096, "linear-eval global batch [ref: README --train_batch_size]")
+    linear_nesterov: bool = arg(
+        True, "Nesterov momentum 0.9 [ref: README --optimizer=momentum; model_util.get_optimizer]"
+    )
+    linear_milestones: tuple = arg(
+        (), "linear lr x0.1 epochs (empty: cosine) [ref: README --warmup_epochs=0: cosine]"
+    )
+    linear_decay: float = arg(0.1, "linear lr factor per milestone [unused: README is cosine]")
+    linear_epoch_lr: bool = arg(
+        False, "linear lr once per epoch, not per step [ref: model_util.learning_rate_schedule]"
+    )
+    linear_best: bool = arg(
+        False, "linear top-1 of the best epoch, not the last [ref: README --mode=train_then_eval]"
+    )
+    linear_zero_init: bool = arg(
+        True, "zero-initialised linear classifier [ref: README --zero_init_logits_layer=True]"
+    )
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -105,10 +133,14 @@ class Args:
     def recipe(version: str = "v1", preset: str = "cifar", arch: str = "") -> dict:
         """Fields that differ from the defaults above for this version / preset."""
         r = {}
-        if version == "v2":  # [SimCLRv2 App. B; ref: README: 3-layer head, wd 1e-4, 800 epochs]
+        if version == "v2":  # 3-layer head [ref: run.py --num_proj_layers=3], wd 1e-4, 800
+            # epochs, lr 0.1 x sqrt(B), warm-up 5% [SimCLRv2 §3.1; ref: simclr issue #77]
             r.update(proj_layers=3, wd=1e-4, epochs=800, lr=0.1, lr_scaling="sqrt")
-        if preset == "cifar":  # [SimCLR App. B.9; ref: README CIFAR-10 command]
+            r.update(warmup_epochs=40)
+        if preset == "cifar":  # [SimCLR App. B.9; ref: README CIFAR-10 commands (v1: wd 1e-6, v2:
+            # 1e-4), default --warmup_epochs=10; linear eval: wd 0, 100 epochs, batch 512]
             r.update(arch="resnet18", batch_size=512, lr=1.0, epochs=1000, tau=0.5, color_s=0.5)
+            r.update(warmup_epochs=10)
             r.update(blur=False, lr_scaling="linear", linear_epochs=100, linear_wd=0.0)
             r["linear_batch_size"] = 512
         return r
@@ -154,9 +186,9 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor
     """NT-Xent [SimCLR Eq. 1]. z1, z2: this process's [B, D] projections of the two views. Both
     are l2-normalised and gathered WITH gradient from all processes; each of the 2B local anchors
     is scored against the 2N-1 other views of the global batch (positive: its other view).
-    Returns the mean over local anchors (= Eq. 1 when averaged over processes). The official
-    code returns the sum of the two directional means, i.e. 2x this value (DEVIATION: we keep
-    the paper's scale; LARS makes the update of >=2-D weights scale-free)."""
+    Returns the sum of the two directional means over local anchors, the official scale [ref:
+    objective.py add_contrastive_loss: loss = loss_a + loss_b], i.e. 2x Eq. 1's mean: LARS adds
+    wd * w before its trust ratio and leaves 1-D params unadapted, so the scale matters."""
     with torch.autocast(z1.device.type, enabled=False):
         z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
         B, N = len(z1), len(z1) * C.get_world_size()
@@ -165,7 +197,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor
         own = torch.arange(B, device=z1.device) + C.get_rank() * B  # rows of z1 in cands
         self_idx, pos_idx = torch.cat([own, own + N]), torch.cat([own + N, own])
         logits = logits.masked_fill(F.one_hot(self_idx, 2 * N).bool(), float("-inf"))
-        return F.cross_entropy(logits, pos_idx)
+        return 2 * F.cross_entropy(logits, pos_idx)  # mean over 2B anchors = (a + b) / 2
 
 
 # ==== 4. method state: none (SimCLR keeps no state beyond its parameters) ================
@@ -174,8 +206,12 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor
 # ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
 def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
     (x1, x2), _, _ = batch
-    lr = args.sched["lr"][step]
-    C.set_lr(optimizer, lr)
+    lr, prev = args.sched["lr"][step], args.sched["lr"][max(step - 1, 0)]
+    # classic momentum [ref: lars_optimizer.py classic_momentum=True]: v <- m v + lr_t d, w -= v.
+    # C.LARS steps w -= lr_t b, b <- m b + d: with m_t = m lr_{t-1} / lr_t, lr_t b = v exactly
+    # (otherwise the buffer's past terms would be rescaled to today's lr, e.g. in the warm-up)
+    for g in optimizer.param_groups:
+        g["lr"], g["momentum"] = lr, args.momentum * prev / lr if lr > 0 else args.momentum
     with C.autocast(args):
         loss, z = model(x1, x2)
     grad_norm = C.optimizer_step(loss, optimizer, scaler)
@@ -321,16 +357,23 @@ def fit(model, optimizer, data, args):
 # ==== 7. main(args) ========================================================================
 def main(args: Args):
     device = C.setup_ddp(args)
-    aug = lambda ms: C.simclr_augment(args.img_size, ms, args.color_s, args.blur)
+    # v1's brightness is additive (x + U(-0.8s, 0.8s)), v2's multiplicative [ref: data_util.py at
+    # the first release: tf.image.random_brightness; later: random_brightness impl=simclrv1/v2]
+    v1 = args.version == "v1"
+    aug = lambda ms: C.simclr_augment(args.img_size, ms, args.color_s, args.blur, additive=v1)
     # two views of the same recipe; inputs stay in [0, 1], no mean/std [SimCLR App. A]
     data = C.build_data(args, lambda ms: C.MultiView([aug(ms), aug(ms)]), normalize=False)
     C.prepare_run(args)
     model = C.convert_sync_bn(SimCLR(args)).to(device)  # global BN [SimCLR §3 "Global BN"]
-    sqrt = args.lr_scaling == "sqrt"
-    lr = args.lr * (math.sqrt(args.batch_size) if sqrt else args.batch_size / 256)
-    warmup = args.warmup_epochs * args.steps_per_epoch
-    args.sched = {"lr": C.cosine_schedule(lr, 0.0, args.total_steps, warmup)}
-    optimizer = C.LARS(C.param_groups([model], args.wd), lr=lr, weight_decay=args.wd)
+    sqrt, B, n = args.lr_scaling == "sqrt", args.batch_size, len(data.train)
+    lr = args.lr * (math.sqrt(B) if sqrt else B / 256)
+    # lr_t = lr t / w, then cosine to 0 at step n E // B + 1, w = n warmup_epochs // B: the
+    # official step counts (a stream without epochs) [ref: model_util.learning_rate_schedule]
+    warmup, total = n * args.warmup_epochs // B, n * args.epochs // B + 1
+    args.sched = {"lr": C.cosine_schedule(lr, 0.0, total, warmup)[: max(args.total_steps, 1)]}
+    # LARS: decay and trust ratio on conv/linear weights, not on BN [ref: get_optimizer]
+    kw = {"weight_decay": args.wd, "momentum": args.momentum}
+    optimizer = C.LARS(C.param_groups([model], args.wd), lr=lr, **kw)
     fit(model, optimizer, data, args)
 
 

@@ -52,6 +52,45 @@ def test_colour_ops_equal_torchvision(op):
     assert torch.allclose(C.BatchAugment.jitter(x, p), want, atol=1e-6)
 
 
+def test_additive_brightness_equals_the_cpu_op():
+    """SimCLR v1's brightness x + d, clipped [ref: simclr data_util.py at the first release:
+    tf.image.random_brightness then clip_by_value]: batched op = CPU op (tensor and PIL)."""
+    x, d = images(), torch.linspace(-0.8, 0.8, 8)
+    want = torch.stack([(x[i] + d[i]).clamp(0, 1) for i in range(8)])
+    cpu = torch.stack([C.add_brightness(x[i], d[i].item()) for i in range(8)])
+    p = {
+        "jitter": torch.tensor([[0.0, 1.0, 1.0, 0.0]]).repeat(8, 1),
+        "additive": torch.tensor(True),
+    }
+    p["jitter"][:, 0], p["order"] = d, torch.arange(4).repeat(8, 1)
+    assert torch.equal(cpu, want) and torch.allclose(C.BatchAugment.jitter(x, p), want, atol=1e-6)
+    pil = [TF.to_pil_image(x[i]) for i in range(8)]
+    got = torch.stack([TF.to_tensor(C.add_brightness(pil[i], d[i].item())) for i in range(8)])
+    want_u8 = torch.stack([(TF.to_tensor(pil[i]) + d[i]).clamp(0, 1) for i in range(8)])
+    assert (got - want_u8).abs().max() <= 0.5 / 255 + 1e-6  # uint8 rounding only
+    torch.manual_seed(0)  # the CPU transform draws its order, then d ~ U(-0.8, 0.8)
+    _, d0 = torch.randperm(4), torch.empty(1).uniform_(-0.8, 0.8).item()
+    torch.manual_seed(0)
+    assert torch.equal(C.AdditiveColorJitter(0.8)(x[0]), (x[0] + d0).clamp(0, 1))
+
+
+def test_additive_brightness_offsets_are_uniform_on_both_paths(monkeypatch):
+    aug = C.simclr_augment(32, None, 1.0, False, additive=True)
+    jit = [t for t in aug.transforms if isinstance(t, T.RandomApply)][0].transforms[0]
+    assert isinstance(jit, C.AdditiveColorJitter) and aug.batched.o.additive_brightness
+    p = aug.batched.sample(*sizes(N), torch.Generator().manual_seed(0))
+    on = p["jitter"][:, 1:3].ne(1).any(1)  # jitter applied (contrast/saturation moved)
+    v = p["jitter"][on, 0]
+    assert -0.8 <= v.min() < -0.79 and 0.79 < v.max() <= 0.8 and v.mean().abs() < 0.05
+    assert p["jitter"][~on, 0].eq(0).all()  # identity offset 0 where jitter is off
+    drawn = []
+    monkeypatch.setattr(C, "add_brightness", lambda img, d: drawn.append(d) or img)
+    torch.manual_seed(0)
+    for _ in range(1000):
+        jit(torch.full((3, 4, 4), 0.5))
+    assert ks(drawn, v) < 0.1 and min(drawn) >= -0.8 and max(drawn) <= 0.8
+
+
 def test_hue_and_grayscale_equal_torchvision():
     x, f = images(), torch.linspace(-0.5, 0.5, 8)
     want = torch.stack([TF.adjust_hue(x[i], f[i].item()) for i in range(8)])
