@@ -10,8 +10,8 @@ vs moco.py: (1) negatives and positives come from a memory BANK with one row per
 (2) the bank row is updated after use to normalise(0.5 v_i + 0.5 f_i): a momentum on the
 features, not on the weights; (3) one augmented view per image, no key encoder, so no
 shuffle-BN (per-process BN); (4) NCE with K=4096 uniform noise rows and a fixed Z (or the exact
-softmax over all N rows) instead of InfoNCE; (5) the paper's evaluation is a weighted kNN
-against the bank itself (bank_knn_top1).
+softmax over all N rows) instead of InfoNCE; (5) the paper's evaluation is a weighted kNN on the
+128-d embedding against the bank itself (bank_knn_top1) or recomputed (embed_knn_top1).
 Run: torchrun --nproc_per_node=8 instdisc.py --preset imagenet --dataset imagenet --data-dir /path
      python instdisc.py                      (CIFAR-10 preset, one process)
 """
@@ -21,7 +21,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +73,10 @@ class Args:
     lr: float = arg(0.03, "SGD lr, not scaled with the batch [ref: main.py --lr 0.03, README]")
     wd: float = arg(1e-4, "weight decay, all params [ref: main.py --wd 1e-4; cifar.py 5e-4]")
     lr_milestones: tuple = arg(
-        (120, 160), "x0.1 lr at these epochs [ref: main.py adjust_learning_rate]"
+        (120, 160),
+        "x0.1 lr at these epochs, set per epoch [ref: main.py, cifar.py adjust_learning_rate]",
     )
-    warmup_epochs: int = arg(0, "linear warm-up epochs [ref: main.py has none]")
+    warmup_epochs: int = arg(0, "linear warm-up epochs [ref: none in main.py, cifar.py]")
     tau: float = arg(0.07, "temperature [InstDisc §3.1; ref: --nce-t 0.07; cifar.py 0.1]")
     nce_k: int = arg(4096, "noise rows K; 0: exact softmax over the bank [ref: main.py --nce-k]")
     bank_m: float = arg(0.5, "bank momentum: v <- norm(m v + (1-m) f) [§3.3; ref: --nce-m 0.5]")
@@ -86,16 +87,22 @@ class Args:
         "imagenet: gray, jitter, flip [ref: main.py]; cifar: jitter, gray, no flip [ref: cifar.py]",
         choices=("imagenet", "cifar"),
     )
-    linear_epochs: int = arg(100, "linear-eval epochs (DEVIATION: no official script; MoCo's)")
+    linear_epochs: int = arg(
+        100, "linear-eval epochs (DEVIATION: lemniscate has no probe; moco main_lincls.py's)"
+    )
     linear_lr: float = arg(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
     linear_wd: float = arg(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
     linear_batch_size: int = arg(256, "linear-eval global batch [ref: moco main_lincls.py]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: moco main_lincls.py: plain 0.9]")
     linear_milestones: tuple = arg((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
-    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
-    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
-    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
-    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
+    linear_decay: float = arg(0.1, "linear lr factor per milestone [ref: moco main_lincls.py]")
+    linear_epoch_lr: bool = arg(
+        True, "linear lr set once per epoch [ref: moco main_lincls.py adjust_learning_rate]"
+    )
+    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: main_lincls.py best_acc1]")
+    linear_zero_init: bool = arg(
+        False, "zero-init classifier; off: N(0, 0.01), bias 0 [ref: main_lincls.py fc init]"
+    )
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -119,17 +126,17 @@ class Args:
 # ==== 2. model: heads + InstDisc(nn.Module), all method state as persistent buffers =========
 class InstDisc(nn.Module):
     """backbone -> Linear(feat, 128) -> l2 norm, no MLP [ref: models/resnet.py fc + l2norm]. The
-    memory bank holds one l2-normalised row per training image; z is the NCE normaliser."""
+    memory bank holds one row per training image; z is the NCE normaliser."""
 
     def __init__(self, args: Args, n: int):
         super().__init__()
         self.tau, self.k = args.tau, args.nce_k
         self.backbone, self.feat_dim = C.build_backbone(args.arch, args.img_size)
         self.projector = nn.Linear(self.feat_dim, args.dim)  # the fc layer [InstDisc §3.1]
-        # uniform in +-1/sqrt(D/3) [ref: NCEAverage.py memory]; DEVIATION: rows then l2-normalised
-        # (the official rows have norm ~1 but are not normalised until first written)
+        # uniform in +-1/sqrt(D/3), NOT normalised (norm ~1) until first written [ref:
+        # NCEAverage.py / LinearAverage.py memory]
         s = 1 / math.sqrt(args.dim / 3)
-        self.register_buffer("bank", F.normalize(torch.rand(n, args.dim) * 2 * s - s, dim=1))
+        self.register_buffer("bank", torch.rand(n, args.dim) * 2 * s - s)
         # the NCE normaliser Z; < 0 until estimated on the first batch [ref: NCEAverage params[2]]
         self.register_buffer("z", torch.tensor(-1.0, dtype=torch.float64))
         self.z_host = None  # z as a Python float, read once per process (no per-step host sync)
@@ -137,19 +144,22 @@ class InstDisc(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor):
         f = F.normalize(self.projector(self.backbone(x)), dim=1)  # [B, D]
-        if self.k and self.z_host is None:  # Z: estimated on the first batch, then fixed
+        if not self.k:
+            return nce_loss(f, self.bank, idx, self.tau, None, None), f
+        # k noise rows per sample, uniform with replacement (may hit the positive) [ref:
+        # NCEAverage.py: AliasMethod over uniform unigrams], from torch's global RNG
+        noise = torch.randint(len(self.bank), (len(f), self.k), device=f.device)  # [B, K]
+        if self.z_host is None:  # Z: estimated on the first batch's scores, then fixed
             if self.z.item() < 0:
-                self.z.fill_(estimate_z(f.detach(), self.bank, idx, self.tau, self.k))
+                self.z.fill_(estimate_z(f.detach(), self.bank, idx, noise, self.tau))
             self.z_host = self.z.item()
-        return nce_loss(f, self.bank, idx, self.tau, self.k, self.z_host), f
+        return nce_loss(f, self.bank, idx, self.tau, noise, self.z_host), f
 
 
 # ==== 3. loss: nce_loss(...) -> Tensor, pure, fp32 inside =================================
-def nce_scores(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float, k: int):
-    """s = v.f / tau for the positive row bank[idx] (column 0) and k noise rows per sample drawn
-    uniformly, with replacement, by torch.randint(N, (B, k), device=f.device) from torch's global
-    RNG (so they may include the positive) [ref: NCEAverage.py forward] -> [B, 1 + k]."""
-    noise = torch.randint(len(bank), (len(f), k), device=f.device)
+def nce_scores(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, noise, tau: float):
+    """s = v.f / tau for the positive row bank[idx] (column 0) and the noise rows bank[noise]
+    [ref: NCEAverage.py forward: idx.select(1, 0).copy_(y), bmm(weight, x) / T] -> [B, 1 + K]."""
     rows = torch.cat([idx[:, None], noise], dim=1)  # [B, 1 + K]
     return torch.einsum("bkd,bd->bk", bank[rows].float(), f.float()) / tau
 
@@ -160,25 +170,26 @@ def log_mean_exp(s: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(C.gather_no_grad(lme[None]), 0) - math.log(C.get_world_size())
 
 
-def nce_loss(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float, k: int, z):
+def nce_loss(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float, noise, z):
     """f: [B, D] l2-normalised features of this process; bank: [N, D] stored rows (constants: no
-    gradient reaches them); idx: [B] dataset indices (the positives). Mean over the B samples.
-    k > 0: binary NCE [InstDisc §3.2; ref: NCECriterion.py], P = exp(s)/z, noise prob 1/N:
-    -log P_pos/(P_pos + k/N + 1e-7) - sum_noise log (k/N)/(P_noise + k/N + 1e-7); z None: z =
-    N * mean exp(s) over this batch's B x (1 + k) scores, averaged over processes [ref:
-    NCEAverage.py, Z < 0]. k = 0: the exact softmax, cross-entropy of f @ bank.T / tau against
-    idx [ref: LinearAverage.py + nn.CrossEntropyLoss]; z unused. Computed in log space."""
+    gradient reaches them); idx: [B] dataset indices (the positives); noise: [B, K] noise rows.
+    Mean over the B samples. noise given: binary NCE [InstDisc §3.2; ref: NCECriterion.py],
+    P = exp(s)/z, noise prob 1/N: -log P_pos/(P_pos + K/N + 1e-7) - sum_noise log
+    (K/N)/(P_noise + K/N + 1e-7); z None: z = N * mean exp(s) over this batch's B x (1 + K)
+    scores, averaged over processes [ref: NCEAverage.py, Z < 0]. noise None: the exact softmax,
+    cross-entropy of f @ bank.T / tau against idx [ref: LinearAverage.py + nn.CrossEntropyLoss];
+    z unused. Computed in log space."""
     with torch.autocast(f.device.type, enabled=False):
         f, bank, n = f.float(), bank.detach(), len(bank)  # the bank: constants
-        if k == 0:
+        if noise is None:
             return F.cross_entropy(f @ bank.float().T / tau, idx)  # [B, N] logits
-        s = nce_scores(f, bank, idx, tau, k)  # [B, 1 + K]
+        k, s = noise.shape[1], nce_scores(f, bank, idx, noise, tau)  # s: [B, 1 + K]
         log_z = log_mean_exp(s) + math.log(n) if z is None else math.log(z)
         log_p = s - log_z  # log P(i|f) = s - log Z
         log_den = torch.logaddexp(log_p, torch.full_like(log_p, math.log(k / n + 1e-7)))
         pos = log_p[:, 0] - log_den[:, 0]  # log P(D=1 | positive)
-        noise = (math.log(k / n) - log_den[:, 1:]).sum(1)  # log P(D=0 | noise rows)
-        return -(pos + noise).mean()
+        noise_term = (math.log(k / n) - log_den[:, 1:]).sum(1)  # log P(D=0 | noise rows)
+        return -(pos + noise_term).mean()
 
 
 # ==== 4. method state: @torch.no_grad() update_bank / estimate_z ============================
@@ -193,10 +204,11 @@ def update_bank(model: InstDisc, f: torch.Tensor, idx: torch.Tensor, bank_m: flo
 
 
 @torch.no_grad()
-def estimate_z(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float, k: int):
-    """Z = N * mean exp(v.f / tau) over the positive and k uniform noise rows of every sample of
-    the global batch, as a float [ref: NCEAverage.py: params[2] = out.mean() * outputSize]."""
-    log_z = log_mean_exp(nce_scores(f, bank, idx, tau, k)) + math.log(len(bank))
+def estimate_z(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, noise, tau: float):
+    """Z = N * mean exp(v.f / tau) over the positive and noise rows of every sample of the global
+    batch (the same scores as the first loss), as a float [ref: NCEAverage.py: params[2] =
+    out.mean() * outputSize]."""
+    log_z = log_mean_exp(nce_scores(f, bank, idx, noise, tau)) + math.log(len(bank))
     return math.exp(log_z.item())  # float64 on the host: no overflow at small tau
 
 
@@ -220,22 +232,31 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return C.unwrap(model).backbone(x)
 
 
+def embed(model, x: torch.Tensor) -> torch.Tensor:
+    """The 128-d l2-normalised embedding f, what the official kNN reads [ref: test.py net(x)]."""
+    net = C.unwrap(model)
+    return F.normalize(net.projector(net.backbone(x)), dim=1)
+
+
 @torch.no_grad()
-def bank_knn(model, data, args) -> float:
+def paper_knn(model, data, args) -> dict:
     """The paper's evaluation [InstDisc §3.4; ref: test.py kNN(K=200, sigma=nce_t)]: weighted
-    kNN of the test images' 128-d features against the memory BANK rows (not recomputed), with
-    the training labels from the dataset. Top-1 in %."""
+    kNN of the test images' 128-d embeddings, top-1 in %, against (bank_knn_top1) the memory
+    BANK rows, as main.py's final kNN (recompute_memory=0), and (embed_knn_top1) the training
+    images' embeddings recomputed under the test transform in eval(), cifar.py's final "last
+    accuracy" (recompute_memory=1). Labels of the training images from the dataset."""
     net, base = C.unwrap(model), data.train.dataset
     ys = base.tensors[1] if isinstance(base, C.ArrayImages) else getattr(base, "targets", None)
     ys = torch.as_tensor(base.labels if ys is None else ys)[torch.tensor(data.train.indices)]
-    ys = ys.to(net.bank.device)
+    ys, t = ys.to(net.bank.device), args.tau  # sigma = the training temperature
     net.eval()
-    fn = lambda x: F.normalize(net.projector(net.backbone(x)), dim=1)
-    test, test_y = C.extract(fn, data.test, args)
+    test, test_y = C.extract(lambda x: embed(net, x), data.test, args)
+    recomputed = C.knn_eval(lambda x: embed(net, x), data, replace(args, knn_t=t))
     net.train()
     known = ys >= 0  # STL-10's unlabeled images have label -1
-    scores = C.knn_predict(test, net.bank[known], ys[known], data.num_classes, args.knn_k, args.tau)
-    return (scores.argmax(1) == test_y).float().mean().item() * 100
+    scores = C.knn_predict(test, net.bank[known], ys[known], data.num_classes, args.knn_k, t)
+    bank_top1 = (scores.argmax(1) == test_y).float().mean().item() * 100
+    return {"bank_knn_top1": bank_top1, "embed_knn_top1": recomputed, "k": args.knn_k, "t": t}
 
 
 # ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
@@ -400,7 +421,7 @@ def main(args: Args):
     optimizer = torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.wd, **fused)
     fit(model, optimizer, data, args)
     if args.knn_every and data.test is not None:  # the paper's kNN, against the memory bank
-        record = {"bank_knn_top1": bank_knn(model, data, args), "k": args.knn_k, "t": args.tau}
+        record = paper_knn(model, data, args)
         if args.is_main:
             print(line := json.dumps(record))
             with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as out:

@@ -49,10 +49,8 @@ def test_nce_loss_matches_naive_reference_with_the_same_noise(b, n, d, k, tau, g
     torch.manual_seed(b + n)
     f, bank, idx = unit(b, d), unit(n, d), torch.randperm(n)[:b]
     z = 3.7 * n if given_z else None
-    torch.manual_seed(11)  # the noise rows: torch.randint(N, (B, k)) from the global RNG
     noise = torch.randint(n, (b, k))
-    torch.manual_seed(11)
-    got = instdisc.nce_loss(f.float(), bank.float(), idx, tau, k, z)
+    got = instdisc.nce_loss(f.float(), bank.float(), idx, tau, noise, z)
     assert got.item() == pytest.approx(naive_nce(f, bank, idx, noise, tau, z), rel=1e-5)
 
 
@@ -60,31 +58,46 @@ def test_nce_loss_matches_naive_reference_with_the_same_noise(b, n, d, k, tau, g
 def test_exact_softmax_k0_matches_naive_reference(b, n, tau):
     torch.manual_seed(n)
     f, bank, idx = unit(b, 8), unit(n, 8), torch.randperm(n)[:b]
-    got = instdisc.nce_loss(f.float(), bank.float(), idx, tau, 0, None)
+    got = instdisc.nce_loss(f.float(), bank.float(), idx, tau, None, None)
     assert got.item() == pytest.approx(naive_softmax(f, bank, idx, tau), rel=1e-5)
 
 
 def test_estimated_z_is_the_official_first_batch_estimate():
     torch.manual_seed(0)
     f, bank, idx = unit(6, 8).float(), unit(30, 8).float(), torch.arange(6)
-    torch.manual_seed(3)
     noise = torch.randint(30, (6, 4))
     rows = torch.cat([idx[:, None], noise], 1)
     ref = 30 * torch.exp((bank[rows] * f[:, None]).sum(-1) / 0.07).mean().item()
-    torch.manual_seed(3)
-    z = instdisc.estimate_z(f, bank, idx, 0.07, 4)
+    z = instdisc.estimate_z(f, bank, idx, noise, 0.07)
     assert z == pytest.approx(ref, rel=1e-5)
-    torch.manual_seed(3)  # z None inside the loss == the same estimate passed in
-    a = instdisc.nce_loss(f, bank, idx, 0.07, 4, None)
-    torch.manual_seed(3)
-    assert a.item() == pytest.approx(instdisc.nce_loss(f, bank, idx, 0.07, 4, z).item(), rel=1e-6)
+    a = instdisc.nce_loss(f, bank, idx, 0.07, noise, None)  # z None: the same estimate inside
+    assert a.item() == pytest.approx(
+        instdisc.nce_loss(f, bank, idx, 0.07, noise, z).item(), rel=1e-6
+    )
+
+
+def test_first_batch_z_and_loss_share_one_noise_draw(tmp_path):
+    """NCEAverage draws the noise once and sets Z from the same scores as the first loss."""
+    model, args = tiny_model(tmp_path, 40, "--nce-k", "6")
+    model.eval()  # the same features twice
+    x, idx = torch.rand(4, 3, 16, 16), torch.arange(4)
+    torch.manual_seed(5)
+    loss, f = model(x, idx)
+    torch.manual_seed(5)
+    noise = torch.randint(40, (4, 6))
+    assert model.z.item() == pytest.approx(
+        instdisc.estimate_z(f.detach(), model.bank, idx, noise, args.tau), rel=1e-9
+    )
+    ref = instdisc.nce_loss(f.detach(), model.bank, idx, args.tau, noise, None)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
 def test_nce_loss_finite_under_half_precision_and_extreme_logits():
     f = F.normalize(torch.ones(8, 16), dim=1)
     for k, z in [(0, None), (6, 1e-30), (6, 1e30), (6, None)]:
+        noise = torch.randint(8, (8, k)) if k else None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = instdisc.nce_loss(f.half(), f.clone(), torch.arange(8), 0.01, k, z)
+            out = instdisc.nce_loss(f.half(), f.clone(), torch.arange(8), 0.01, noise, z)
         assert torch.isfinite(out) and out.dtype == torch.float32
 
 
@@ -92,7 +105,8 @@ def test_nce_loss_finite_under_half_precision_and_extreme_logits():
 def test_gradient_reaches_the_features_not_the_bank(k):
     f = unit(4, 8).float().requires_grad_()
     bank = unit(10, 8).float().requires_grad_()
-    instdisc.nce_loss(f, bank, torch.arange(4), 0.1, k, 10.0 if k else None).backward()
+    noise = torch.randint(10, (4, k)) if k else None
+    instdisc.nce_loss(f, bank, torch.arange(4), 0.1, noise, 10.0 if k else None).backward()
     assert f.grad.abs().sum() > 0 and bank.grad is None
 
 
@@ -109,7 +123,9 @@ def test_model_layout_bank_and_z(tmp_path):
     model, args = tiny_model(tmp_path, 50)
     assert isinstance(model.projector, torch.nn.Linear) and model.projector.out_features == 128
     assert model.bank.shape == (50, 128) and model.z.item() == -1.0
-    torch.testing.assert_close(model.bank.norm(dim=1), torch.ones(50))
+    s = 1 / math.sqrt(128 / 3)  # NCEAverage.py: uniform in +-stdv, not normalised (norm ~ 1)
+    assert model.bank.abs().max() <= s and model.bank.abs().max() > 0.9 * s
+    assert abs(model.bank.norm(dim=1).mean().item() - 1) < 0.05
     assert len(model.bank.unique(dim=0)) == 50  # random rows, not a constant
     assert {"bank", "z"} <= model.state_dict().keys()  # persistent: checkpointed
     loss, f = model(torch.rand(4, 3, 16, 16), torch.arange(4))
@@ -143,7 +159,7 @@ def test_train_step_positive_is_the_stored_row_then_updated(tmp_path):
     model.eval()  # same features in both forwards below
     with torch.no_grad():
         f = F.normalize(model.projector(model.backbone(x)), dim=1)
-        expect = instdisc.nce_loss(f, model.bank.clone(), idx, args.tau, 0, None)
+        expect = instdisc.nce_loss(f, model.bank.clone(), idx, args.tau, None, None)
         rows = F.normalize(0.5 * model.bank[idx] + 0.5 * f, dim=1)
     stats = instdisc.train_step(model, ([x], None, idx), opt, scaler, 0, args)
     assert stats["loss"].item() == pytest.approx(expect.item(), rel=1e-5)  # the old rows
@@ -177,6 +193,9 @@ def test_presets():
     assert (imnet.tau, imnet.nce_k, imnet.bank_m, imnet.dim) == (0.07, 4096, 0.5, 128)
     assert imnet.lr_milestones == cifar.lr_milestones == (120, 160) and imnet.aug == "imagenet"
     assert (imnet.crop_min, imnet.warmup_epochs, imnet.epochs) == (0.2, 0, 200)
+    for a in (cifar, imnet):  # moco main_lincls.py: x0.1 at 60/80 per epoch, best_acc1, N(0, .01)
+        assert (a.linear_milestones, a.linear_decay, a.linear_epoch_lr) == ((60, 80), 0.1, True)
+        assert (a.linear_best, a.linear_zero_init, a.linear_lr, a.linear_wd) == (True, False, 30, 0)
 
 
 def test_step_schedule_and_cifar_augmentation(tmp_path, monkeypatch):
@@ -243,6 +262,7 @@ def test_python_end_to_end_with_knn_and_bank_knn(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("knn_top1" in x for x in records)
     assert 0 <= records[-1]["bank_knn_top1"] <= 100 and records[-1]["k"] == 200
+    assert 0 <= records[-1]["embed_knn_top1"] <= 100 and records[-1]["t"] == 0.1
     train = [x for x in records if "loss" in x]
     assert train and {"loss", "lr", "nce_z", "grad_norm", "z_std"} <= train[0].keys()
     assert (tmp_path / "backbone.pth").exists()

@@ -123,6 +123,9 @@ def test_model_head_and_presets(tmp_path):
             (0.1, 0.05, 0.01),
         )
         assert (a.crop_min, a.warmup_epochs) == (0.2, 0)
+        # no probe in the official repo: moco main_lincls.py (x0.1 at 60/80 per epoch, best_acc1)
+        assert (a.linear_milestones, a.linear_decay, a.linear_epoch_lr) == ((60, 80), 0.1, True)
+        assert (a.linear_best, a.linear_zero_init, a.linear_lr, a.linear_wd) == (True, False, 30, 0)
 
 
 def test_lr_schedule_follows_the_official_factors(tmp_path):
@@ -174,6 +177,8 @@ def test_python_end_to_end_with_knn(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("knn_top1" in x for x in records)
+    assert 0 <= records[-1]["embed_knn_top1"] <= 100  # the paper's kNN on the 128-d embedding
+    assert (records[-1]["k"], records[-1]["t"]) == (200, 0.1)
     train = [x for x in records if "loss" in x]
     assert train and {"loss", "lr", "tau", "grad_norm", "z_std"} <= train[0].keys()
     assert (tmp_path / "backbone.pth").exists()
