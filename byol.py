@@ -72,6 +72,13 @@ class Args:
     lr: float = arg(0.2, "LARS lr per 256, x B/256 [BYOL §3.2; ref: configs/byol.py _LR_PRESETS]")
     wd: float = arg(1.5e-6, "weight decay, not on biases/BN [BYOL §3.2; ref: _WD_PRESETS]")
     warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine to 0 per step [BYOL §3.2]")
+    warmup_start: float = arg(0.0, "lr at step 0 (absolute) [ref: learning_schedule: lr*k/w]")
+    eta: float = arg(1e-3, "LARS trust coefficient [BYOL §3.2; ref: configs/byol.py eta]")
+    solo: bool = arg(
+        False,
+        "solo-learn's LARS (trust eta|w|/(|g|+wd|w|+1e-8), capped at 1/lr) and warm-up (lr at "
+        "step w-1) [ref: solo/utils/lars.py, lr_scheduler.py]; off: utils/optimizers.py lars",
+    )
     m: float = arg(0.996, "tau_base: target EMA, -> 1 by cosine [BYOL §3.2; ref: _EMA_PRESETS]")
     dim: int = arg(256, "projector/predictor output dim [BYOL §3.2; ref: projector_output_size]")
     hidden_dim: int = arg(4096, "projector hidden dim [BYOL §3.2; ref: projector_hidden_size]")
@@ -84,10 +91,16 @@ class Args:
     linear_batch_size: int = arg(1024, "linear-eval global batch [BYOL App. C.1]")
     linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: configs/eval.py nesterov]")
     linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: eval.py]")
-    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
-    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
-    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
-    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
+    linear_decay: float = arg(0.1, "unused: no milestones, cosine [ref: configs/eval.py]")
+    linear_epoch_lr: bool = arg(
+        False, "off: lr per step [ref: eval_experiment._update_func learning_schedule(step)]"
+    )
+    linear_best: bool = arg(
+        False, "off: the last epoch's top-1 [ref: byol README: final eval of the last checkpoint]"
+    )
+    linear_zero_init: bool = arg(
+        False, "off: hk.Linear init [ref: eval_experiment._classif_fn] (DEVIATION: N(0, 0.01))"
+    )
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -105,7 +118,10 @@ class Args:
         if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/byol.yaml, asymmetric.yaml]
             r.update(arch="resnet18", batch_size=256, lr=1.0, wd=1e-5, epochs=1000, m=0.99)
             r.update(blur=False)  # view 1 no blur, view 2 solarize 0.2 only
-            # DEVIATION: solo-learn's LARS has eta 0.02 + lr clipping; ours keeps eta 1e-3
+            # solo-learn's optimizer, which its lr 1.0 was tuned with: LARS eta 0.02, clip_lr,
+            # exclude_bias_n_norm (byol.yaml); warmup_cosine per step, 10 epochs from 3e-5
+            # (solo/methods/base.py defaults); tau per step (momentum.py, on_train_batch_end)
+            r.update(solo=True, eta=0.02, warmup_start=3e-5)
             # no official CIFAR linear protocol: BYOL's (Nesterov, cosine, no wd) at the
             # 100 epochs / batch 512 of the other CIFAR presets
             r.update(linear_epochs=100, linear_batch_size=512)
@@ -338,12 +354,18 @@ def main(args: Args):
     data = C.build_data(args, views, normalize=True)  # mean/std [ref: dataset.normalize_images]
     C.prepare_run(args)
     model = C.convert_sync_bn(BYOL(args)).to(device)  # cross-replica BN everywhere [BYOL §3.2]
-    lr, spe, T = args.lr * args.batch_size / 256, args.steps_per_epoch, args.total_steps
-    args.sched = {  # per step: lr warm-up + cosine; tau_k = 1 - (1 - tau_base)(cos(pi k/K) + 1)/2
-        "lr": C.cosine_schedule(lr, 0.0, T, args.warmup_epochs * spe),
-        "m": C.cosine_schedule(args.m, 1.0, T),
-    }
-    optimizer = C.LARS(C.param_groups([model], args.wd), lr=lr, weight_decay=args.wd)
+    lr, T = args.lr * args.batch_size / 256, args.total_steps  # lr per 256 [ref: schedules.py]
+    # per step: lr s + (lr - s) k/w over w steps, then cosine [ref: learning_schedule]
+    w, s = args.warmup_epochs * args.steps_per_epoch, args.warmup_start
+    lrs = C.cosine_schedule(lr, 0.0, T, w, s)
+    if args.solo:  # lr reached at step w-1 [ref: solo-learn LinearWarmupCosineAnnealingLR]
+        lrs = [s + (lr - s) * k / max(w - 1, 1) if k < w else v for k, v in enumerate(lrs)]
+    # tau_k = 1 - (1 - tau_base)(cos(pi k/K) + 1)/2 [ref: schedules.target_ema]
+    args.sched = {"lr": lrs, "m": C.cosine_schedule(args.m, 1.0, T)}
+    kw = {"clip_lr": True, "solo": True} if args.solo else {}  # LARS: 1-D params excluded
+    optimizer = C.LARS(
+        C.param_groups([model], args.wd), lr, args.wd, trust_coefficient=args.eta, **kw
+    )
     fit(model, optimizer, data, args)
 
 
