@@ -125,6 +125,8 @@ def projection_mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Se
     -> BN without affine. Hidden width 2048 [SimSiam §3] (builder.py: the backbone width, also
     2048 for ResNet-50). The official output Linear keeps a bias, frozen at its init ("hack: not
     use bias as it is followed by BN"); BN's mean subtraction cancels it, so here it is absent.
+    DEVIATION, no effect on any output: the last BN's running_mean lacks that shift (|b| <=
+    1/sqrt(2048) = 0.022; eval mode subtracts it again) [tests/test_official_simsiam.py].
     Default PyTorch init: a fixed std of 0.01 "may not converge" [SimSiam App. A]."""
     mods, d = [], in_dim
     for _ in range(layers - 1):
