@@ -104,10 +104,19 @@ class Args:
     linear_batch_size: int = arg(256, "linear-eval global batch [ref: main_lincls.py; v3 1024]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: main_lincls.py: plain 0.9]")
     linear_milestones: tuple = arg((60, 80), "linear lr x0.1 epochs [ref: main_lincls.py]")
-    linear_decay: float = arg(0.1, "linear lr factor at each milestone [ref: main_lincls.py]")
-    linear_epoch_lr: bool = arg(False, "linear lr set once per epoch, not per step [ref: probe]")
-    linear_best: bool = arg(False, "linear top-1 of the best epoch, not the last [ref: probe]")
-    linear_zero_init: bool = arg(False, "zero-initialised linear classifier [ref: probe]")
+    linear_decay: float = arg(0.1, "linear lr factor per milestone [ref: main_lincls.py: x0.1]")
+    linear_epoch_lr: bool = arg(
+        True, "linear lr set once per epoch [ref: main_lincls.py adjust_learning_rate(epoch)]"
+    )
+    linear_best: bool = arg(
+        True, "linear top-1 of the best epoch [ref: main_lincls.py keeps best_acc1, model_best]"
+    )
+    linear_zero_init: bool = arg(False, "linear head N(0, 0.01), bias 0 [ref: main_lincls.py]")
+    lars_solo: bool = arg(
+        False,
+        "solo-learn's LARS (eta 0.02, trust capped at 1/lr) and warm-up from 3e-5, which its lrs "
+        "were tuned with [ref: solo-learn solo/utils/lars.py, lr_scheduler.py, mocov3.yaml]",
+    )
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -120,27 +129,30 @@ class Args:
 
     @staticmethod
     def recipe(version: str = "v2", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this version / preset / arch."""
-        vit, r = arch.startswith("vit"), {}
+        """Fields that differ from the defaults above for this version / preset / arch. Each
+        combination takes its fields from the one source its comment cites (plus 32 px sizes)."""
+        vit, cifar, r = arch.startswith("vit"), preset == "cifar", {}
         if version == "v2":  # [ref: moco README "--mlp --moco-t 0.2 --aug-plus --cos"]
             r = {"tau": 0.2, "aug": "v2", "schedule": "cosine-epoch"}
-        if version == "v3":  # [ref: moco-v3 CONFIG.md, main_moco.py]
-            r = {"epochs": 300 if vit else 100, "batch_size": 4096, "queue_size": 0, "dim": 256}
+        if cifar and version != "v3":  # [ref: moco colab CIFAR-10 demo: R18, batch 512, lr 0.06,
+            # wd 5e-4, K 4096, m 0.99, cos, RandomResizedCrop(32) scale 0.08, no blur; v2: tau 0.2]
+            r.update(arch="resnet18", epochs=200, batch_size=512, wd=5e-4, crop_min=0.08)
+            r.update(blur=False, queue_size=4096, m=0.99, schedule="cosine-epoch", aug="v2")
+            r.update(patch_size=4)  # a ViT at 32 px
+            r["tau"] = 0.1 if version == "v1" else 0.2
+        if version == "v3":  # R50 100 ep [ref: moco-v3 CONFIG.md, main_moco.py, main_lincls.py]
+            r = {"epochs": 100, "batch_size": 4096, "queue_size": 0, "dim": 256}
             r.update(optimizer="lars", lr=0.6, wd=1e-6, schedule="cosine", warmup_epochs=10)
             r.update(tau=1.0, m=0.99, m_cos=True, aug="asym", linear_milestones=())
             r.update(linear_epochs=90, linear_lr=0.1, linear_batch_size=1024)
-        if version == "v3" and vit:  # AdamW, 40 warm-up epochs [MoCo v3 §4; ref: CONFIG.md]
-            r.update(optimizer="adamw", lr=1.5e-4, wd=0.1, warmup_epochs=40, tau=0.2)
-            r.update(crop_min=0.08, linear_lr=3.0)
-        if preset == "cifar":  # [ref: moco colab CIFAR-10 demo: R18, K 4096, m 0.99, no blur]
-            r.update(arch="resnet18", epochs=200, batch_size=512, wd=5e-4, crop_min=0.08)
-            r.update(blur=False, patch_size=4)
-        if preset == "cifar" and version != "v3":
-            r.update(queue_size=4096, m=0.99, schedule="cosine-epoch", aug="v2")
-            r["tau"] = 0.1 if version == "v1" else 0.2
-        if preset == "cifar" and version == "v3":  # [ref: solo-learn mocov3 cifar: tau 0.2]
-            r.update(tau=0.2, epochs=1000, linear_epochs=100, linear_batch_size=512)
-            r.update({} if vit else {"lr": 0.3, "wd": 1e-6})  # LARS 0.3 per 256 [solo-learn]
+        if version == "v3" and vit:  # ViT 300 ep, AdamW [MoCo v3 §4; ref: CONFIG.md ViT-S/B]
+            r.update(epochs=300, optimizer="adamw", lr=1.5e-4, wd=0.1, warmup_epochs=40)
+            r.update(tau=0.2, crop_min=0.08, linear_lr=3.0)  # crop: main_moco.py default
+        if version == "v3" and vit and cifar:  # CONFIG.md ViT-S 1-node batch; 32 px: patch 4,
+            r.update(batch_size=1024, patch_size=4, blur=False)  # no blur [as solo-learn cifar]
+        if version == "v3" and cifar and not vit:  # [ref: solo-learn pretrain/cifar/mocov3.yaml]
+            r.update(arch="resnet18", epochs=1000, batch_size=256, lr=0.3, wd=1e-6, tau=0.2)
+            r.update(lars_solo=True, crop_min=0.08, blur=False)  # asymmetric.yaml: no blur
         return r
 
 
@@ -187,6 +199,25 @@ def v3_mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -
     return nn.Sequential(*mods)
 
 
+def mocov3_vit_init(vit: C.ViT):
+    """[ref: moco-v3 vits.py VisionTransformerMoCo.__init__] Linear layers xavier-uniform (qkv: the
+    fans of each of q, k, v), zero biases; patch projection U(+-sqrt(6 / (3 p^2 + D))), zero bias
+    (v3 freezes it); cls token N(0, 1e-6); fixed 2-D sin-cos positions with the patch row in the
+    first half of the channels, the column in the second (vits.py's meshgrid(grid_w, grid_h))."""
+    for name, m in vit.named_modules():
+        if isinstance(m, nn.Linear):
+            fan_out = m.out_features // 3 if name.endswith("qkv") else m.out_features
+            a = math.sqrt(6 / (fan_out + m.in_features))
+            nn.init.uniform_(m.weight, -a, a), nn.init.zeros_(m.bias)
+    pe, d = vit.patch_embed, vit.patch_embed.out_channels
+    a = math.sqrt(6 / (pe.in_channels * math.prod(pe.kernel_size) + d))
+    nn.init.uniform_(pe.weight, -a, a), nn.init.zeros_(pe.bias)
+    nn.init.normal_(vit.cls_token, std=1e-6)
+    col_row = C.sincos_pos_embed(d, vit.grid, vit.grid)  # [g^2, D]: column half, row half
+    with torch.no_grad():
+        vit.pos_embed[0, 1:] = torch.cat(col_row.chunk(2, dim=1)[::-1], dim=1)
+
+
 class MoCo(nn.Module):
     def __init__(self, args: Args, bn_splits: int = 1):
         super().__init__()
@@ -201,6 +232,8 @@ class MoCo(nn.Module):
         self.backbone, self.feat_dim = C.build_backbone(
             args.arch, args.img_size, v3, norm, **vit_kw
         )
+        if v3 and vit:  # before the copy: the momentum encoder starts equal [ref: builder.py]
+            mocov3_vit_init(self.backbone)
         f, d = self.feat_dim, args.dim
         if args.version == "v1":  # the fc layer of the ResNet, 128-d [MoCo §3.3]
             self.projector = nn.Linear(f, d)
@@ -447,6 +480,9 @@ def main(args: Args):
             f"--queue-size {args.queue_size} is not divisible by the global batch "
             f"{args.batch_size}; pass a multiple of it, e.g. --queue-size {k}"
         )
+    # v1/v2 per-GPU BN: each rank's running statistics follow its own batches (training reads
+    # batch statistics only). The official DDP broadcasts rank 0's before every forward, which
+    # never changes rank 0's; C.save_state does it before every checkpoint, evaluation and export.
     bn_splits = args.bn_splits or (8 if args.world_size == 1 else 1)
     if args.version != "v3" and args.batch_size_per_gpu % bn_splits:
         C.fail(
@@ -471,7 +507,11 @@ def main(args: Args):
         lrs = C.step_schedule(lr, T, spe, args.lr_milestones)
     elif args.schedule == "cosine-epoch":  # updated once per epoch [ref: main_moco.py]
         lrs = [lr * 0.5 * (1 + math.cos(math.pi * (s // spe) / args.epochs)) for s in range(T)]
-    else:
+    elif args.lars_solo:  # per step: 3e-5 -> lr at step w - 1, then cosine [ref: solo-learn
+        w = args.warmup_epochs * spe  # LinearWarmupCosineAnnealingLR; base.py warmup_start_lr]
+        warm = [3e-5 + (lr - 3e-5) * s / max(w - 1, 1) for s in range(w)]
+        lrs = (warm + C.cosine_schedule(lr, 0.0, T - w))[: max(T, 1)]
+    else:  # per step: from 0, lr at step w, then cosine [ref: moco-v3 adjust_learning_rate]
         lrs = C.cosine_schedule(lr, 0.0, T, args.warmup_epochs * spe)
     ms = C.cosine_schedule(args.m, 1.0, T) if args.m_cos else [args.m] * max(T, 1)
     args.sched = {"lr": lrs or [lr], "m": ms}
@@ -480,7 +520,8 @@ def main(args: Args):
     if args.optimizer == "sgd":  # wd on all params [ref: main_moco.py]
         optimizer = torch.optim.SGD(params, lr, momentum=0.9, weight_decay=args.wd, **fused)
     elif args.optimizer == "lars":  # no wd / adaptation for 1-D params [ref: moco-v3 optimizer.py]
-        optimizer = C.LARS(params, lr, weight_decay=args.wd, momentum=0.9)
+        solo = {"trust_coefficient": 0.02, "clip_lr": True, "solo": True} if args.lars_solo else {}
+        optimizer = C.LARS(params, lr, weight_decay=args.wd, momentum=0.9, **solo)
     else:
         optimizer = torch.optim.AdamW(params, lr, weight_decay=args.wd, **fused)
     fit(model, optimizer, data, args)

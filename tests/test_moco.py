@@ -174,7 +174,7 @@ def test_v3_vit_layout_and_step(tmp_path):
     """MoCo v3 with a ViT: frozen random patch projection and sin-cos positions, 3-layer
     projector, predictor ending in BN, AdamW recipe; one step trains everything else."""
     flags = ["--arch", "vit_tiny", "--preset", "imagenet", "--patch-size", "4"]
-    model, args = tiny_model(tmp_path, "v3", *flags)
+    model, args = tiny_model(tmp_path, "v3", *flags, "--hidden-dim", "64")
     assert args.optimizer == "adamw" and args.tau == 0.2 and args.warmup_epochs == 40
     vit = model.backbone
     assert not any(p.requires_grad for p in vit.patch_embed.parameters())
@@ -197,3 +197,41 @@ def test_v3_vit_layout_and_step(tmp_path):
     assert all(not torch.equal(a, b) for a, b in zip(before, params))
     frozen_ema = model.momentum_backbone.patch_embed.weight  # EMA of a constant: itself
     torch.testing.assert_close(vit.patch_embed.weight, frozen_ema, atol=1e-7, rtol=0)
+
+
+def official_sincos(dim, h, w, temperature=10000.0):
+    """Restated from moco-v3 vits.py build_2d_sincos_position_embedding -> [1, 1 + h*w, dim]."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(w * 1.0), torch.arange(h * 1.0), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w, out_h = grid_w.flatten()[:, None] * omega, grid_h.flatten()[:, None] * omega
+    pe = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), pe])[None]
+
+
+def test_v3_vit_official_init(tmp_path):
+    """moco-v3 vits.py: xavier-uniform Linear (qkv with the fans of each of q, k, v), zero biases,
+    patch projection U(+-sqrt(6 / (3 p^2 + D))) with zero bias, cls N(0, 1e-6), sin-cos positions
+    in vits.py's channel order; ViT-S with 12 heads; the momentum encoder is a copy."""
+    flags = ["--arch", "vit_small", "--preset", "imagenet", "--patch-size", "4"]
+    model, args = tiny_model(tmp_path, "v3", *flags, "--hidden-dim", "64")
+    vit, D, p = model.backbone, model.feat_dim, 4
+    assert D == 384 and len(vit.blocks) == 12 and all(b.heads == 12 for b in vit.blocks)
+
+    def uniform(w, bound):  # inside the bound, and the std of U(-a, a) = a / sqrt(3) (to 5%)
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+    for name, m in vit.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            fan_out = m.out_features // 3 if name.endswith("qkv") else m.out_features
+            uniform(m.weight, math.sqrt(6 / (fan_out + m.in_features)))
+            assert m.bias is not None and not m.bias.any()
+        if isinstance(m, torch.nn.LayerNorm):
+            assert m.eps == 1e-6 and (m.weight == 1).all() and not m.bias.any()
+    uniform(vit.patch_embed.weight, math.sqrt(6 / (3 * p * p + D)))
+    assert not vit.patch_embed.bias.any() and not vit.patch_embed.bias.requires_grad
+    assert vit.cls_token.std().item() == pytest.approx(1e-6, rel=0.3)
+    ref = official_sincos(D, 4, 4)
+    torch.testing.assert_close(vit.pos_embed.data, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(vit.state_dict().values(), model.momentum_backbone.state_dict().values()):
+        assert torch.equal(a, b)
