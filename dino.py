@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -313,7 +314,7 @@ def warmup_cosine(base: float, final: float, T: int, w: int) -> list:
     """[ref: utils.cosine_scheduler] warm-up np.linspace(0, base, w): base AT step w - 1 (not at
     step w as C.cosine_schedule), then final + (base - final)(1 + cos(pi t / n)) / 2, t < n = T - w.
     wd and the teacher EMA: the same cosine over all T steps, no warm-up (C.cosine_schedule)."""
-    warm = [base * i / max(w - 1, 1) for i in range(w)]
+    warm = np.linspace(0.0, base, w).tolist()  # the last value exactly base
     return (warm + C.cosine_schedule(base, final, T - w))[: max(T, 1)]
 
 
