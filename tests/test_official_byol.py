@@ -26,6 +26,7 @@ B = 8  # global batch of the parity runs
 LR, STEPS = 32.0, 4  # lr per 256 of the parity run (x B/256 = 1): LARS moves weights ~0.1%/step
 # biases right before a BatchNorm: their gradient is 0 in exact arithmetic (BN removes any
 # constant), float noise (~1e-7) in practice, so both sides are bounded instead of compared
+WD = 1e-2  # a weight decay large enough that decaying a wrong parameter shows
 PRE_BN_BIAS = ("projector.0.bias", "predictor.0.bias")
 ONLINE = ("backbone", "projector", "predictor")
 TARGET = {"momentum_backbone": "backbone", "momentum_projector": "projector"}
@@ -179,13 +180,13 @@ def bn_recorder(ref):
 
 def test_official_step_parity(tmp_path, monkeypatch):
     """4 steps (2 of warm-up from lr 0, then cosine) of the ImageNet preset's optimizer at a
-    large lr (so that LARS moves the weights visibly) and a low tau (so that the EMA is
-    visible): loss, every online and target parameter, the LARS momentum of every online
-    parameter and every BN buffer agree with the official step."""
+    large lr (so that LARS moves the weights visibly), a large wd and a low tau (so that the
+    decay and the EMA show): loss, every online and target parameter, the LARS momentum of
+    every online parameter and every BN buffer agree with the official step."""
     flags = ["--preset", "imagenet", "--subset", 16, "--batch-size", B, "--epochs", 4]
-    flags += ["--warmup-epochs", 1, "--lr", LR, "--m", 0.5]
+    flags += ["--warmup-epochs", 1, "--lr", LR, "--m", 0.5, "--wd", WD]
     model, opt, args = built(tmp_path, monkeypatch, *flags)
-    assert (args.wd, args.eta, args.solo, args.warmup_start) == (1.5e-6, 1e-3, False, 0.0)
+    assert (args.wd, args.eta, args.solo, args.warmup_start) == (WD, 1e-3, False, 0.0)
     fresh_target(model, args)
     ref, xs = reference_nets(model), inputs(STEPS)
     rec = bn_recorder(ref)
@@ -295,9 +296,9 @@ def test_solo_learn_step_parity_at_the_cifar_preset(tmp_path, monkeypatch):
     """The CIFAR preset (solo-learn byol.yaml: LARS eta 0.02 + clip_lr + exclude_bias_n_norm,
     wd 1e-5, warmup_cosine from 3e-5, tau 0.99 -> 1 per step) against solo-learn's step."""
     flags = ["--subset", 16, "--batch-size", B, "--epochs", 4, "--warmup-epochs", 2, "--m", 0.5]
-    model, opt, args = built(tmp_path, monkeypatch, *flags)
-    preset = (args.lr, args.wd, args.eta, args.solo, args.warmup_start, args.warmup_epochs)
-    assert preset == (1.0, 1e-5, 0.02, True, 3e-5, 2)  # byol.yaml, base.py (warm-up: here 2)
+    model, opt, args = built(tmp_path, monkeypatch, *flags, "--wd", WD)
+    preset = (args.lr, args.eta, args.solo, args.warmup_start)
+    assert preset == (1.0, 0.02, True, 3e-5)  # byol.yaml, base.py (here wd WD, warm-up 2 epochs)
     fresh_target(model, args)
     ref, xs = reference_nets(model), inputs(6)
     params, buf = online_params(ref), {}
@@ -313,7 +314,7 @@ def test_solo_learn_step_parity_at_the_cifar_preset(tmp_path, monkeypatch):
         loss = sum(2 - 2 * F.cosine_similarity(p[1 - v], z[v], dim=-1).mean() for v in (0, 1))
         grads = torch.autograd.grad(loss, [q for _, q in params])
         assert args.sched["lr"][k] == pytest.approx(lrs[k], rel=1e-9), k
-        solo_lars(params, grads, buf, lrs[k], 1e-5, 0.02)
+        solo_lars(params, grads, buf, lrs[k], WD, 0.02)
         tau = solo_tau(k, args.m, T)  # on_train_batch_end: after the optimizer step
         assert args.sched["m"][k] == pytest.approx(tau, rel=1e-12), k
         with torch.no_grad():
