@@ -79,11 +79,13 @@ def official_model(model: nn.Module) -> nn.Module:
     def swap(mod):
         for name, c in mod.named_children():
             if isinstance(c, nn.modules.batchnorm._BatchNorm):
-                setattr(mod, name, OfficialBN(c, center=c.bias.requires_grad))
+                setattr(mod, name, OfficialBN(c))
             else:
                 swap(c)
 
     swap(ref)
+    last = max(i for i, m in enumerate(ref.projector) if isinstance(m, OfficialBN))
+    ref.projector[last] = OfficialBN(model.projector[last], center=False)
     return ref
 
 
