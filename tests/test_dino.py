@@ -1,6 +1,7 @@
 """DINO: the loss vs a naive float64 loop over the crop pairs, the centre over the global batch,
 teacher EMA and schedules, last-layer freeze, weight-norm g, per-parameter clipping, multi-crop
-grouping, 2-process parity, resume and end-to-end runs."""
+grouping, the ViT's official init and position interpolation, 2-process parity, resume and
+end-to-end runs. Tolerances: rtol plus an atol relative to the tensor's magnitude."""
 
 import importlib
 import json
@@ -9,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import TINY, assert_resume_exact, error_lines, python, tiny_args, torchrun
 from test_ddp import GLOBAL_B, assert_parity, single, spawn
 
@@ -16,6 +18,12 @@ import common as C
 import dino
 
 SMALL = ["--hidden-dim", "32", "--bottleneck-dim", "16", "--out-dim", "64", "--n-local", "2"]
+
+
+def close(actual, expected, rtol=1e-5, atol_rel=1e-6, msg=None):
+    """Equal to float rounding: rtol, and an atol relative to the tensor's magnitude."""
+    atol = atol_rel * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg)
 
 
 def naive_dino(s, t, center, tau_s, tau_t):
@@ -68,7 +76,7 @@ def test_dino_loss_skips_same_crop_pairs_and_uniform_gives_ln_k():
     got = dino.dino_loss(s, t, torch.zeros(1, k), 0.1, 0.04)
     ce = lambda q, lp: -(torch.softmax(q / 0.04, 1) * torch.log_softmax(lp / 0.1, 1)).sum(1).mean()
     pairs = [ce(t[0], s[1]), ce(t[0], s[2]), ce(t[1], s[0]), ce(t[1], s[2])]
-    torch.testing.assert_close(got, torch.stack(pairs).mean())
+    close(got, torch.stack(pairs).mean())
 
 
 def test_dino_loss_extremes_under_half_precision():
@@ -136,6 +144,75 @@ def test_head_teacher_and_weight_norm(tmp_path):
         assert torch.equal(a, b)
 
 
+def official_pos_encoding(pos_embed, patch, x_tokens, w, h):
+    """[ref: vision_transformer.py VisionTransformer.interpolate_pos_encoding] restated: as is
+    when the patch count and the image's sides match; else the patch grid through bicubic
+    interpolation with scale_factor ((w // patch + 0.1) / sqrt(N), (h // patch + 0.1) /
+    sqrt(N)) (w: the image's dim 2, h: dim 3), the [CLS] slot in front."""
+    npatch, N = x_tokens - 1, pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    dim, sqrt_n = pos_embed.shape[-1], math.sqrt(N)
+    w0, h0 = w // patch + 0.1, h // patch + 0.1
+    grid = pos_embed[:, 1:].reshape(1, int(sqrt_n), int(sqrt_n), dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(w0 / sqrt_n, h0 / sqrt_n), mode="bicubic")
+    assert int(w0) == grid.shape[-2] and int(h0) == grid.shape[-1]
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((pos_embed[:, :1], grid), dim=1)
+
+
+@pytest.fixture(scope="module")
+def vit_small():
+    torch.manual_seed(0)
+    return dino.ViT(224, 16, 384, 12, 6)
+
+
+def test_vit_init_is_dinos(vit_small):
+    """[ref: VisionTransformer.__init__ / _init_weights]: pos_embed (the [CLS] slot too) and
+    cls_token trunc-normal 0.02; Linear trunc-normal 0.02, bias 0; LayerNorm 1 / 0; the patch
+    conv keeps torch's default (kaiming-uniform, bound 1 / sqrt(fan_in))."""
+    net = vit_small
+    pos, cls = net.pos_embed.detach(), net.cls_token.detach()
+    assert pos.shape == (1, 197, 384) and pos.abs().max() < 2  # cut at +-2 (absolute)
+    assert pos.std().item() == pytest.approx(0.02, rel=0.03)  # 75648 draws
+    assert pos[0, 0].std().item() == pytest.approx(0.02, rel=0.25)  # the [CLS] slot: not 0
+    assert cls.std().item() == pytest.approx(0.02, rel=0.25)  # 384 draws (common: 1e-6)
+    lin = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(lin) == 12 * 4
+    w = torch.cat([m.weight.detach().flatten() for m in lin])
+    assert w.std().item() == pytest.approx(0.02, rel=0.01) and w.abs().max() < 2
+    assert all(not m.bias.any() for m in lin)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 25 and all(m.eps == 1e-6 for m in norms)  # vit_small: eps 1e-6
+    assert all((m.weight == 1).all() and not m.bias.any() for m in norms)
+    conv, bound = net.patch_embed, 1 / math.sqrt(3 * 16 * 16)
+    assert conv.weight.abs().max() <= bound and conv.weight.std() > 0.9 * bound / math.sqrt(3)
+    assert conv.bias.abs().max() <= bound and conv.bias.any()
+
+
+def test_vit_position_interpolation_is_dinos(vit_small):
+    net = vit_small
+    with torch.no_grad():
+        net.pos_embed.normal_()  # a position grid far from smooth: interpolation differences show
+    pos = net.pos_embed.detach()
+    for side in (96, 224):  # a 96 px local crop (6 x 6 patches); the training grid: as is
+        got = net.pos_for(side // 16, side // 16, square=True)
+        want = official_pos_encoding(pos, 16, (side // 16) ** 2 + 1, side, side)
+        close(got, want, rtol=1e-6)
+    assert net.pos_for(14, 14, True) is net.pos_embed
+    grid = pos[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+    size6 = F.interpolate(grid, size=(6, 6), mode="bicubic").flatten(2).transpose(1, 2)
+    assert (got := net.pos_for(6, 6, True))[:, 1:].sub(size6).abs().max() > 0.05  # not size=
+    # the forward adds exactly this grid: restated prepare_tokens + the blocks + final norm
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        tokens = net.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat((net.cls_token.expand(2, -1, -1), tokens), dim=1)
+        tokens = tokens + official_pos_encoding(pos, 16, tokens.shape[1], 96, 96)
+        want = net.norm(net.blocks(tokens))[:, 0]
+        close(net(x), want, atol_rel=1e-5)
+
+
 def test_multicrop_one_backbone_pass_per_resolution_crop_major(tmp_path):
     model, _ = tiny_model(tmp_path)
     calls = []
@@ -145,8 +222,8 @@ def test_multicrop_one_backbone_pass_per_resolution_crop_major(tmp_path):
     s, t = model(x)
     assert calls == [(6, 3, 16, 16), (9, 3, 8, 8)] and s.shape == (15, 64) and t.shape == (6, 64)
     per_crop = [model.student.head(model.student.backbone(v)) for v in x]
-    torch.testing.assert_close(s, torch.cat(per_crop), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(t, torch.cat(per_crop[:2]), atol=1e-5, rtol=1e-5)  # same init
+    close(s, torch.cat(per_crop), atol_rel=1e-5)  # BN in eval: the grouping only sums
+    close(t, torch.cat(per_crop[:2]), atol_rel=1e-5)  # the teacher: the same init
 
 
 def test_update_center_is_the_ema_of_the_batch_mean(tmp_path):
@@ -156,7 +233,7 @@ def test_update_center_is_the_ema_of_the_batch_mean(tmp_path):
     t = torch.randn(10, 64)
     dino.update_center(model, t, 0.9)
     naive = [0.9 * c0[0, k].item() + 0.1 * sum(t[:, k].tolist()) / 10 for k in range(64)]
-    torch.testing.assert_close(model.center[0], torch.tensor(naive), atol=1e-6, rtol=0)
+    close(model.center[0], torch.tensor(naive))
 
 
 def test_per_parameter_clipping_and_freeze():
@@ -196,9 +273,9 @@ def test_train_step_center_teacher_wd_and_freeze(tmp_path):
     keys = {"loss", "lr", "wd", "m", "tau_t", "grad_norm", "z_std"}
     assert set(stats) == keys and torch.isfinite(stats["loss"])
     assert opt.param_groups[0]["weight_decay"] == wd and opt.param_groups[1]["weight_decay"] == 0
-    torch.testing.assert_close(model.center, 0.9 * c0 + 0.1 * t.mean(0, keepdim=True))
+    close(model.center, 0.9 * c0 + 0.1 * t.mean(0, keepdim=True))
     for before, new_s, new_t in zip(t0, student, teacher):  # EMA with the NEW student
-        torch.testing.assert_close(new_t, m * before + (1 - m) * new_s, atol=1e-6, rtol=0)
+        close(new_t, m * before + (1 - m) * new_s)
     assert torch.equal(last_v, v0)  # epoch 0 (step < steps_per_epoch): last layer frozen
     g = model.student.head.last_layer.parametrizations.weight.original0
     assert torch.equal(g, torch.ones_like(g)) and all(
@@ -299,7 +376,7 @@ def test_two_processes_equal_one(tmp_path):
     assert torch.equal(ranks[0]["state"]["center"], ranks[1]["state"]["center"])
     for r in ranks:  # centre of the GLOBAL batch and the same teacher, on every rank
         for n, p in ref["state"].items():
-            torch.testing.assert_close(r["state"][n], p, atol=1e-5, rtol=1e-4, msg=n)
+            close(r["state"][n], p, rtol=1e-4, atol_rel=1e-5, msg=n)
 
 
 def test_two_steps_resume_two_steps_equals_four(tmp_path):
