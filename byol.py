@@ -9,7 +9,8 @@ the online one with tau 0.996 -> 1 by a per-step cosine, updated after the optim
 uses the online network itself under stop-gradient; (2) projector Linear(+bias) -> BN -> ReLU ->
 Linear 4096 -> 256, no output BN; predictor the same shape 256 -> 4096 -> 256; (3) the two
 directions are summed, each 2 - 2 cos (SimSiam: -cos, averaged); (4) asymmetric views: blur
-1.0 / 0.1, solarize 0 / 0.2; (5) LARS (bias/BN excluded) at batch 4096, 10 warm-up epochs + cosine.
+1.0 / 0.1, solarize 0 / 0.2; (5) LARS (bias/BN excluded) at batch 4096, 10 warm-up epochs + cosine
+(CIFAR preset: solo-learn's LARS variant and warm-up, which its lr was tuned with).
 Run: torchrun --nproc_per_node=8 byol.py --preset imagenet --dataset imagenet --data-dir /path
      python byol.py                      (CIFAR-10 preset, one process)
 """
@@ -122,6 +123,8 @@ class Args:
             # exclude_bias_n_norm (byol.yaml); warmup_cosine per step, 10 epochs from 3e-5
             # (solo/methods/base.py defaults); tau per step (momentum.py, on_train_batch_end)
             r.update(solo=True, eta=0.02, warmup_start=3e-5)
+            # as solo-learn: the target starts as a copy (initialize_momentum_params); heads
+            # stay the official ones (solo's last projector/predictor Linear has a bias)
             # no official CIFAR linear protocol: BYOL's (Nesterov, cosine, no wd) at the
             # 100 epochs / batch 512 of the other CIFAR presets
             r.update(linear_epochs=100, linear_batch_size=512)
@@ -145,7 +148,10 @@ class BYOL(nn.Module):
     """Online: backbone -> projector -> predictor. Target: momentum_backbone -> momentum_projector,
     an EMA of the online parameters, never trained (requires_grad False, so DDP skips them).
     Target BN running stats: its OWN, from its own train-mode forwards; the EMA averages
-    parameters only [ref: byol_experiment.py: target_state comes from forward.apply]."""
+    parameters only [ref: byol_experiment.py: target_state comes from forward.apply].
+    DEVIATION: BN running stats are torch's (init 0/1, unbiased batch var), not Haiku's
+    zero-debiased EMA of the biased var; eval-time only, gap 0.9^k after k updates (2 a step):
+    < 1e-4 after 44 steps (tests/test_official_byol.py measures it)."""
 
     def __init__(self, args: Args):
         super().__init__()
@@ -355,7 +361,9 @@ def main(args: Args):
     C.prepare_run(args)
     model = C.convert_sync_bn(BYOL(args)).to(device)  # cross-replica BN everywhere [BYOL §3.2]
     lr, T = args.lr * args.batch_size / 256, args.total_steps  # lr per 256 [ref: schedules.py]
-    # per step: lr s + (lr - s) k/w over w steps, then cosine [ref: learning_schedule]
+    # per step: lr s + (lr - s) k/w over w steps, then cosine [ref: learning_schedule];
+    # DEVIATION: w, T count whole epochs of N // B steps; official floor(E N / B) (ImageNet,
+    # B 4096: T 312000 vs 312784, w 3120 vs 3127, 0.25%)
     w, s = args.warmup_epochs * args.steps_per_epoch, args.warmup_start
     lrs = C.cosine_schedule(lr, 0.0, T, w, s)
     if args.solo:  # lr reached at step w-1 [ref: solo-learn LinearWarmupCosineAnnealingLR]
