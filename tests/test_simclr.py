@@ -90,3 +90,19 @@ def test_train_step_decreases_loss_and_reports(tmp_path):
     assert losses[-1]["loss"] < losses[0]["loss"]
     assert set(losses[0]) >= {"loss", "lr", "grad_norm", "z_std"}
     assert simclr.features(model, x).shape == (16, model.feat_dim)
+
+
+def test_presets_follow_the_official_recipes(tmp_path):
+    """v2: 800 epochs, warm-up 5% = 40, lr 0.1 x sqrt(B), wd 1e-4, 3-layer head [SimCLRv2 §3.1;
+    simclr issue #77]; CIFAR (README): warm-up 10; linear eval (README): zero-init head, cosine
+    per step, last epoch."""
+    v1, v2 = simclr.Args(), simclr.Args(**simclr.Args.recipe("v2", "imagenet"))
+    keys = ("epochs", "warmup_epochs", "wd", "lr", "lr_scaling")
+    assert [getattr(v1, k) for k in keys] == [100, 10, 1e-6, 0.3, "linear"]
+    assert [getattr(v2, k) for k in keys] == [800, 40, 1e-4, 0.1, "sqrt"]
+    assert v2.proj_layers == 3 and v1.proj_layers == 2 and v1.momentum == 0.9
+    c2 = simclr.Args(**simclr.Args.recipe("v2", "cifar"))
+    assert (c2.warmup_epochs, c2.wd, c2.epochs, c2.lr_scaling) == (10, 1e-4, 1000, "linear")
+    for a in (v1, v2, c2):
+        assert a.linear_zero_init and not a.linear_epoch_lr and not a.linear_best
+        assert a.linear_milestones == () and a.linear_nesterov
