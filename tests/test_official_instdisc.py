@@ -22,13 +22,14 @@ N, B, K, STEPS = 64, 8, 16, 4  # training images (bank rows), batch, NCE noise r
 SPE = N // B  # steps per epoch
 
 
-def built(tmp_path, monkeypatch, *flags):
+def built(tmp_path, monkeypatch, *flags, data=False):
     """model, optimizer and args (with args.sched) exactly as instdisc.main builds them."""
     got = {}
-    monkeypatch.setattr(instdisc, "fit", lambda model, opt, data, args: got.update(m=model, o=opt))
+    fit = lambda model, opt, data, args: got.update(m=model, o=opt, d=data)
+    monkeypatch.setattr(instdisc, "fit", fit)
     args = tiny_args(instdisc, tmp_path, "--subset", N, "--batch-size", B, *flags)
     instdisc.main(args)
-    return got["m"], got["o"], args
+    return (got["m"], got["o"], args) + ((got["d"],) if data else ())
 
 
 def close(a, b, msg=""):
@@ -147,6 +148,26 @@ def alias_table(probs):
     return prob, alias
 
 
+def official_knn(net, train_features, train_labels, test_set, k, sigma):
+    """test.py kNN: net.eval(); per test batch of 100: dist = features @ trainFeatures, top-K,
+    one-hot of the neighbours' labels weighted by exp(yd / sigma), summed; predictions sorted
+    descending; top-1 = prediction 0 == target. trainFeatures = lemniscate.memory.t(), or with
+    recompute_memory=1 net(inputs) of the training set under the test transform."""
+    c, top1, total = int(train_labels.max()) + 1, 0, 0
+    with torch.no_grad():
+        for inputs, targets, _ in torch.utils.data.DataLoader(test_set, batch_size=100):
+            features = net(inputs)
+            yd, yi = torch.mm(features, train_features).topk(k, dim=1, largest=True, sorted=True)
+            retrieval = torch.gather(train_labels.view(1, -1).expand(len(inputs), -1), 1, yi)
+            one_hot = torch.zeros(len(inputs) * k, c).scatter_(1, retrieval.view(-1, 1), 1)
+            weights = yd.clone().div_(sigma).exp_()
+            probs = (one_hot.view(len(inputs), -1, c) * weights.view(len(inputs), -1, 1)).sum(1)
+            predictions = probs.sort(1, True)[1]
+            top1 += predictions.eq(torch.as_tensor(targets).view(-1, 1))[:, 0].sum().item()
+            total += len(inputs)
+    return top1 / total
+
+
 # ---- the tests -------------------------------------------------------------------------------
 def test_official_noise_sampler_is_uniform_with_replacement():
     """NCEAverage draws with AliasMethod(torch.ones(N)): every prob is 1, so draw() returns its
@@ -227,3 +248,30 @@ def test_training_steps_match_the_official_loop(tmp_path, monkeypatch, preset, f
         assert model.z.item() == pytest.approx(params[2].item(), rel=1e-5)
     for (name, p), buf in zip(model.named_parameters(), bufs):
         close(opt.state[p]["momentum_buffer"], buf, f"momentum buffer of {name}")
+
+
+def test_paper_knn_is_the_official_knn_on_the_bank_and_recomputed(tmp_path, monkeypatch):
+    """bank_knn_top1: main.py's final kNN (recompute_memory=0) against the memory; embed_knn_top1:
+    cifar.py's final kNN (recompute_memory=1), training features recomputed in eval()."""
+    flags = ["--preset", "imagenet", "--nce-k", K, "--knn-k", 20, "--knn-every", 1]
+    model, _, args, data = built(tmp_path, monkeypatch, *flags, data=True)
+    with torch.no_grad():  # every row written once, as after training (the memory is unit-norm)
+        model.bank.copy_(torch.nn.functional.normalize(torch.randn_like(model.bank), dim=1))
+        model.bank[:16] = instdisc.embed(
+            model.eval(), torch.stack([data.train_eval[i][0] for i in range(16)])
+        )
+    model.train()
+    got = instdisc.paper_knn(model, data, args)
+    assert model.training  # back in train mode
+
+    net = lambda x: official_net(model.backbone, model.projector, x)
+    model.eval()
+    labels = torch.as_tensor([data.train_eval[i][1] for i in range(len(data.train_eval))])
+    bank = official_knn(net, model.bank.t(), labels, data.test, 20, args.tau)
+    loader = torch.utils.data.DataLoader(data.train_eval, batch_size=100)
+    with torch.no_grad():
+        recomputed = torch.cat([net(x) for x, _, _ in loader]).t()
+    embed = official_knn(net, recomputed, labels, data.test, 20, args.tau)
+    assert got["bank_knn_top1"] == pytest.approx(bank * 100, rel=1e-9)
+    assert got["embed_knn_top1"] == pytest.approx(embed * 100, rel=1e-9)
+    assert (got["k"], got["t"]) == (20, 0.07)

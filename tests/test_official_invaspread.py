@@ -20,13 +20,14 @@ N, B, STEPS = 64, 8, 4  # training images, batch (images; 2B views), steps
 SPE = N // B  # steps per epoch (drop_last)
 
 
-def built(tmp_path, monkeypatch, *flags):
+def built(tmp_path, monkeypatch, *flags, data=False):
     """model, optimizer and args (with args.sched) exactly as invaspread.main builds them."""
     got = {}
-    monkeypatch.setattr(invaspread, "fit", lambda model, o, data, args: got.update(m=model, o=o))
+    fit = lambda model, o, data, args: got.update(m=model, o=o, d=data)
+    monkeypatch.setattr(invaspread, "fit", fit)
     args = tiny_args(invaspread, tmp_path, "--subset", N, "--batch-size", B, *flags)
     invaspread.main(args)
-    return got["m"], got["o"], args
+    return (got["m"], got["o"], args) + ((got["d"],) if data else ())
 
 
 def close(a, b, msg=""):
@@ -87,6 +88,29 @@ def sgd_step(params, bufs, lr, wd, momentum=0.9):
             p.sub_(lr * bufs[i])
 
 
+def official_knn(net, train_set, test_set, k, sigma):
+    """utils.py kNN: net.eval(); trainFeatures = net(inputs) of the training set under the test
+    transform (batches of 100); per test batch: dist = features @ trainFeatures, top-K, one-hot
+    of the neighbours' labels weighted by exp(yd / sigma), summed, sorted descending; top-1 in
+    % (top1 * 100 / total)."""
+    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=100)
+    top1, total = 0, 0
+    with torch.no_grad():
+        train_features = torch.cat([net(x) for x, _, _ in loader(train_set)]).t()
+        train_labels = torch.cat([torch.as_tensor(y) for _, y, _ in loader(train_set)])
+        c = int(train_labels.max()) + 1
+        for inputs, targets, _ in loader(test_set):
+            yd, yi = torch.mm(net(inputs), train_features).topk(k, dim=1, largest=True)
+            retrieval = torch.gather(train_labels.view(1, -1).expand(len(inputs), -1), 1, yi)
+            one_hot = torch.zeros(len(inputs) * k, c).scatter_(1, retrieval.view(-1, 1), 1)
+            weights = yd.clone().div_(sigma).exp_()
+            probs = (one_hot.view(len(inputs), -1, c) * weights.view(len(inputs), -1, 1)).sum(1)
+            predictions = probs.sort(1, True)[1]
+            top1 += predictions.eq(torch.as_tensor(targets).view(-1, 1))[:, 0].sum().item()
+            total += len(inputs)
+    return top1 * 100.0 / total
+
+
 # ---- the tests -------------------------------------------------------------------------------
 def test_schedule_is_the_official_adjust_learning_rate(tmp_path, monkeypatch):
     _, _, args = built(tmp_path, monkeypatch)
@@ -128,3 +152,17 @@ def test_training_steps_match_the_official_loop(tmp_path, monkeypatch, start_epo
         close(v.float(), ref_buffers[name].float(), name)
     for (name, p), buf in zip(model.named_parameters(), bufs):
         close(opt.state[p]["momentum_buffer"], buf, f"momentum buffer of {name}")
+
+
+def test_paper_knn_is_the_official_knn_on_the_128d_embedding(tmp_path, monkeypatch):
+    """demo_seen.py: kNN(epoch, net, trainloader, testloader, 200, args.batch_t, ...) on net(x),
+    the l2-normalised 128-d output (not the backbone)."""
+    flags = ["--knn-k", 20, "--knn-every", 1]
+    model, _, args, data = built(tmp_path, monkeypatch, *flags, data=True)
+    got = invaspread.paper_knn(model, data, args)
+    assert model.training  # back in train mode
+    model.eval()
+    net = lambda x: official_net(model.backbone, model.projector, x)
+    want = official_knn(net, data.train_eval, data.test, 20, 0.1)  # --batch-t 0.1
+    assert got["embed_knn_top1"] == pytest.approx(want, rel=1e-9)
+    assert (got["k"], got["t"]) == (20, 0.1)
