@@ -4,7 +4,8 @@ Contrastive Learning (Chen, Fan, Girshick, He 2020) https://arxiv.org/abs/2003.0
 Empirical Study of Training Self-Supervised Vision Transformers (Chen, Xie, He, ICCV 2021)
 https://arxiv.org/abs/2104.02057
 Reference code: facebookresearch/moco (moco/builder.py, main_moco.py, colab CIFAR-10 demo) and
-facebookresearch/moco-v3 (moco/builder.py, moco/optimizer.py, vits.py)
+facebookresearch/moco-v3 (moco/builder.py, moco/optimizer.py, vits.py); v3 CIFAR optimizer:
+vturrisi/solo-learn (scripts/pretrain/cifar/mocov3.yaml, solo/utils/lars.py)
 Objective (Eq. 1): L_q = -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_{k- in queue} exp(q.k-/tau));
 v3: 2 tau (L(q1, k2) + L(q2, k1)) with the keys of the global batch as candidates.
 vs simclr.py: (1) keys come from a momentum (EMA) encoder, updated before the key forward; (2) v1/v2
