@@ -725,10 +725,12 @@ def small_cnn(norm_layer, in_chans=3, c=32) -> nn.Sequential:
 
 
 def sincos_pos_embed(dim: int, gh: int, gw: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding [MoCo v3 §4; ref: moco-v3 vits.py] -> [gh*gw, dim]."""
+    """Fixed 2-D sin-cos position embedding [MoCo v3 §4; ref: moco-v3 vits.py
+    build_2d_sincos_position_embedding] -> [gh*gw, dim]: sin, cos of the patch row in the first
+    half of the channels, of the column in the second (vits.py's meshgrid(grid_w, grid_h))."""
     y, x = torch.meshgrid(torch.arange(gh * 1.0), torch.arange(gw * 1.0), indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
-    out = [f(c.flatten()[:, None] * omega) for c in (x, y) for f in (torch.sin, torch.cos)]
+    out = [f(c.flatten()[:, None] * omega) for c in (y, x) for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1)
 
 

@@ -203,8 +203,7 @@ def v3_mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -
 def mocov3_vit_init(vit: C.ViT):
     """[ref: moco-v3 vits.py VisionTransformerMoCo.__init__] Linear layers xavier-uniform (qkv: the
     fans of each of q, k, v), zero biases; patch projection U(+-sqrt(6 / (3 p^2 + D))), zero bias
-    (v3 freezes it); cls token N(0, 1e-6); fixed 2-D sin-cos positions with the patch row in the
-    first half of the channels, the column in the second (vits.py's meshgrid(grid_w, grid_h))."""
+    (v3 freezes it); cls token N(0, 1e-6); fixed 2-D sin-cos positions (C.sincos_pos_embed)."""
     for name, m in vit.named_modules():
         if isinstance(m, nn.Linear):
             fan_out = m.out_features // 3 if name.endswith("qkv") else m.out_features
@@ -213,10 +212,7 @@ def mocov3_vit_init(vit: C.ViT):
     pe, d = vit.patch_embed, vit.patch_embed.out_channels
     a = math.sqrt(6 / (pe.in_channels * math.prod(pe.kernel_size) + d))
     nn.init.uniform_(pe.weight, -a, a), nn.init.zeros_(pe.bias)
-    nn.init.normal_(vit.cls_token, std=1e-6)
-    col_row = C.sincos_pos_embed(d, vit.grid, vit.grid)  # [g^2, D]: column half, row half
-    with torch.no_grad():
-        vit.pos_embed[0, 1:] = torch.cat(col_row.chunk(2, dim=1)[::-1], dim=1)
+    nn.init.normal_(vit.cls_token, std=1e-6)  # positions: C.sincos_pos_embed, fixed
 
 
 class MoCo(nn.Module):

@@ -438,6 +438,9 @@ def test_sincos_pos_embed():
     assert e.abs().max() <= 1.0
     d = torch.cdist(e, e) + torch.eye(12) * 1e3
     assert d.min() > 1e-3, "two grid positions share an embedding"
+    grid = e.view(3, 4, 16)  # moco-v3 vits.py's order: the row's half first, the column's second
+    assert torch.equal(grid[:, :1, :8].expand(3, 4, 8), grid[:, :, :8])  # row half: row only
+    assert torch.equal(grid[:1, :, 8:].expand(3, 4, 8), grid[:, :, 8:])  # column half
 
 
 # ==== augmentations =========================================================================
