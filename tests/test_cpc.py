@@ -141,8 +141,10 @@ def test_pixels_below_a_patch_row_do_not_change_its_context(tmp_path):
     x2[:, :, 8:] = torch.rand(2, 3, 8, 16)  # 4 px patches, stride 2: rows >= 3 see pixel 8
     with torch.no_grad():
         c, c2 = (model.context[0](model.encode(v)) for v in (x, x2))
-    torch.testing.assert_close(c[:, :, :3], c2[:, :, :3], atol=0, rtol=0)
-    assert not torch.allclose(c[:, :, 3], c2[:, :, 3])
+    # rows 0-2: the same up to float rounding (a conv may tile rows together); row 3 moves
+    atol = 1e-6 * c.abs().max().item()
+    torch.testing.assert_close(c[:, :, :3], c2[:, :, :3], atol=atol, rtol=1e-6)
+    assert (c[:, :, 3] - c2[:, :, 3]).abs().max() > 1e3 * atol
 
 
 def test_patch_grid_matches_naive_loop():

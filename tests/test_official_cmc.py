@@ -127,11 +127,11 @@ class OfficialCMC:
         return loss.reshape(())
 
 
-def close(got, ref, what, scale=1e-6):
+def close(got, ref, what, scale=1e-6, extra=0.0):
     """rtol 1e-5, atol scale x the largest |ref|. Gradient-like tensors (momentum buffers, sums of
     partly cancelling terms; the official NCE divides where the project works in log space)
     take scale 1e-5: the measured differences are ~1e-6 of the largest entry."""
-    atol = scale * max(ref.abs().max().item(), 1e-12)
+    atol = scale * max(ref.abs().max().item(), 1e-12) + extra
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
@@ -151,6 +151,7 @@ def test_train_step_matches_the_official_loop(tmp_path, monkeypatch, name):
     ref = OfficialCMC(
         model, N, args.nce_k, args.tau, args.bank_m, args.softmax, args.lr, (1, 2), args.wd, spe
     )
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):
@@ -165,7 +166,8 @@ def test_train_step_matches_the_official_loop(tmp_path, monkeypatch, name):
     assert ref.lr == pytest.approx(args.lr * 0.01)  # both decays were passed
     named_ref = dict(ref.net.named_parameters())
     for n, p in model.named_parameters():
-        close(p.detach(), named_ref[n].detach(), n)
+        q = named_ref[n].detach()  # + 1e-5 of the change: BN biases start at 0 (measured 8e-7)
+        close(p.detach(), q, n, extra=1e-5 * (q - init[n]).abs().max().item())
         i = [id(q) for q in ref.params].index(id(named_ref[n]))
         close(opt.state[p]["momentum_buffer"], ref.buf[i], n + " momentum", scale=1e-5)
     ref_buffers = dict(ref.net.named_buffers())
