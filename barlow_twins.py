@@ -96,6 +96,9 @@ class Args:
         "the exact multi-process gradient (DEVIATION, see barlow_twins_loss)",
     )
     zero_init_residual: bool = arg(True, "zero last BN gamma per block [ref: main.py resnet50]")
+    stem_padding: int = arg(
+        1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
+    )
     linear_epochs: int = arg(100, "linear-eval epochs [ref: evaluate.py --epochs]")
     linear_lr: float = arg(0.3, "linear-eval lr at batch 256 [ref: evaluate.py --lr-classifier]")
     linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: evaluate.py --weight-decay]")
@@ -130,7 +133,7 @@ class Args:
             # one lr for every group, its warm-up/cosine, loss x scale_loss before backward; no
             # zero-init [ref: solo/utils/lars.py, solo/methods/base.py, torchvision resnet18]
             r.update(lr=0.3, lr_biases=0.3, wd=1e-4, eta=0.02, scale_loss=0.1, solo=True)
-            r.update(zero_init_residual=False)
+            r.update(zero_init_residual=False, stem_padding=2)  # solo-learn base.py
         return r
 
 
@@ -150,7 +153,7 @@ class BarlowTwins(nn.Module):
         super().__init__()
         # zero-init of each residual block's last BN gamma [ref: main.py resnet50(zero_init_...)]
         self.backbone, self.feat_dim = C.build_backbone(
-            args.arch, args.img_size, zero_init_residual=args.zero_init_residual
+            args.arch, args.img_size, args.zero_init_residual, stem_padding=args.stem_padding
         )
         self.projector = projection_head(self.feat_dim, args.projector)
         self.lambd, self.plain = args.lambd, args.plain_all_reduce

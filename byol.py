@@ -68,6 +68,9 @@ class Args:
     zero_init_residual: bool = arg(
         False, "zero-init each block's last BN gamma; the paper ran without [ref: byol README]"
     )
+    stem_padding: int = arg(
+        1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
+    )
     epochs: int = arg(1000, "epochs [BYOL §3.2; ref: configs/byol.py presets 40/100/300/1000]")
     batch_size: int = arg(4096, "GLOBAL batch [BYOL §3.2: 4096 over 512 TPU v3 cores]")
     lr: float = arg(0.2, "LARS lr per 256, x B/256 [BYOL §3.2; ref: configs/byol.py _LR_PRESETS]")
@@ -123,6 +126,7 @@ class Args:
             # exclude_bias_n_norm (byol.yaml); warmup_cosine per step, 10 epochs from 3e-5
             # (solo/methods/base.py defaults); tau per step (momentum.py, on_train_batch_end)
             r.update(solo=True, eta=0.02, warmup_start=3e-5)
+            r.update(stem_padding=2)  # solo-learn base.py: the CIFAR stem conv pads by 2
             # as solo-learn: the target starts as a copy (initialize_momentum_params); heads
             # stay the official ones (solo's last projector/predictor Linear has a bias)
             # no official CIFAR linear protocol: BYOL's (Nesterov, cosine, no wd) at the
@@ -157,7 +161,7 @@ class BYOL(nn.Module):
         super().__init__()
         # gamma = 1 in every BN by default: the paper's setting [ref: README "Note on batch norm"]
         self.backbone, self.feat_dim = C.build_backbone(
-            args.arch, args.img_size, args.zero_init_residual
+            args.arch, args.img_size, args.zero_init_residual, stem_padding=args.stem_padding
         )
         self.projector = mlp(self.feat_dim, args.hidden_dim, args.dim)
         self.predictor = mlp(args.dim, args.pred_hidden_dim, args.dim)

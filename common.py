@@ -692,14 +692,15 @@ VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer=None, **kw):
     """-> (module: [B, C, H, W] -> h [B, feat_dim], feat_dim). ResNets: torchvision's minus fc,
     CIFAR stem (3x3 stride-1 conv, no max-pool) [SimCLR resnet.py] at <= 64 px. kw: in_chans, width
-    (ResNet-50+: torchvision's width_per_group, bottleneck inner width only; smallcnn: all layers);
+    (ResNet-50+: torchvision's width_per_group, bottleneck inner width only; smallcnn: all layers),
+    stem_padding (of the CIFAR stem: 1 [SimCLR]; solo-learn base.py pads by 2, 34x34 maps at 32 px);
     ViT: patch_size (16; 4 at <= 64 px), num_heads, pos_embed, freeze_patch_embed."""
-    in_chans, width = kw.get("in_chans", 3), kw.get("width", 1.0)
+    in_chans, width, pad = kw.get("in_chans", 3), kw.get("width", 1.0), kw.get("stem_padding", 1)
     if arch in ARCHS and arch.startswith("resnet"):
         kw = {"norm_layer": norm_layer, "width_per_group": int(64 * width)}
         net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual, **kw)
         if img_size <= 64 or in_chans != 3:
-            k, s, p = (3, 1, 1) if img_size <= 64 else (7, 2, 3)
+            k, s, p = (3, 1, pad) if img_size <= 64 else (7, 2, 3)
             net.conv1 = nn.Conv2d(in_chans, 64, k, s, p, bias=False)
         net.maxpool = nn.Identity() if img_size <= 64 else net.maxpool
         dim, net.fc = net.fc.in_features, nn.Identity()

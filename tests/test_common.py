@@ -386,6 +386,8 @@ def test_resnet18_cifar_stem():
         h = net(torch.randn(2, 3, 32, 32))
     assert h.shape == (2, 512)
     assert seen["shape"] == (2, 512, 4, 4)
+    solo, _ = C.build_backbone("resnet18", 32, stem_padding=2)  # solo-learn's CIFAR stem
+    assert solo.conv1.padding == (2, 2) and solo.conv1(torch.zeros(1, 3, 32, 32)).shape[-1] == 34
 
 
 def test_resnet50_imagenet_is_torchvision_format():
