@@ -786,11 +786,14 @@ class LARS(torch.optim.Optimizer):
     eta*|w|/|d|; 1-D params (biases, norms): no decay, no adaptation. m <- mu*m + d; w -= lr*m.
     solo=True is solo-learn's variant [ref: solo-learn solo/utils/lars.py], which its CIFAR lrs
     were tuned with: trust eta*|w|/(|g| + wd*|w| + 1e-8), and with clip_lr the trust is capped
-    at 1/lr (a step never exceeds plain SGD's); exclude_bias_n_norm as here."""
+    at 1/lr (a step never exceeds plain SGD's); exclude_bias_n_norm as here. classic=True is
+    the "classic" momentum of SimCLR's LARS [ref: simclr lars_optimizer.py classic_momentum]:
+    m <- mu*m + lr*d; w -= m (past steps keep the lr they were taken with)."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw):
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
-        kw = {"clip_lr": False, "solo": False, **kw, "trust_coefficient": trust_coefficient}
+        kw = {"clip_lr": False, "solo": False, "classic": False, **kw}
+        kw["trust_coefficient"] = trust_coefficient
         super().__init__(params, {**defaults, **kw})
 
     @torch.no_grad()
@@ -819,8 +822,8 @@ class LARS(torch.optim.Optimizer):
             bufs = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in ps]
             if ps:
                 torch._foreach_mul_(bufs, g["momentum"])
-                torch._foreach_add_(bufs, ds)
-                torch._foreach_add_(ps, bufs, alpha=-g["lr"])
+                torch._foreach_add_(bufs, ds, alpha=g["lr"] if g["classic"] else 1.0)
+                torch._foreach_add_(ps, bufs, alpha=-1.0 if g["classic"] else -g["lr"])
 
 
 def param_groups(modules, wd: float) -> list[dict]:

@@ -206,12 +206,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor
 # ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
 def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
     (x1, x2), _, _ = batch
-    lr, prev = args.sched["lr"][step], args.sched["lr"][max(step - 1, 0)]
-    # classic momentum [ref: lars_optimizer.py classic_momentum=True]: v <- m v + lr_t d, w -= v.
-    # C.LARS steps w -= lr_t b, b <- m b + d: with m_t = m lr_{t-1} / lr_t, lr_t b = v exactly
-    # (otherwise the buffer's past terms would be rescaled to today's lr, e.g. in the warm-up)
-    for g in optimizer.param_groups:
-        g["lr"], g["momentum"] = lr, args.momentum * prev / lr if lr > 0 else args.momentum
+    lr = args.sched["lr"][step]
+    C.set_lr(optimizer, lr)
     with C.autocast(args):
         loss, z = model(x1, x2)
     grad_norm = C.optimizer_step(loss, optimizer, scaler)
@@ -372,7 +368,8 @@ def main(args: Args):
     warmup, total = n * args.warmup_epochs // B, n * args.epochs // B + 1
     args.sched = {"lr": C.cosine_schedule(lr, 0.0, total, warmup)[: max(args.total_steps, 1)]}
     # LARS: decay and trust ratio on conv/linear weights, not on BN [ref: get_optimizer]
-    kw = {"weight_decay": args.wd, "momentum": args.momentum}
+    # classic momentum: v <- m v + lr_t d, w -= v [ref: lars_optimizer.py classic_momentum=True]
+    kw = {"weight_decay": args.wd, "momentum": args.momentum, "classic": True}
     optimizer = C.LARS(C.param_groups([model], args.wd), lr=lr, **kw)
     fit(model, optimizer, data, args)
 

@@ -122,6 +122,32 @@ def test_lars_solo_variant_matches_solo_learn(clip, lr):
         assert all(torch.equal(p.detach().double(), r) for p, r in zip(ps, ref))
 
 
+def test_lars_classic_momentum_keeps_each_steps_lr():
+    """[ref: simclr lars_optimizer.py, classic_momentum=True]: d = g + wd w (decayed params),
+    trust = eta |w| / |d|; v <- mu v + lr_t trust d; w -= v. Under a warm-up the past steps keep
+    their smaller lr (the default form would rescale them to today's)."""
+    torch.manual_seed(0)
+    wd, mu, eta, lrs = 0.1, 0.9, 0.02, [0.0, 0.5, 1.0, 1.5]
+    ps = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))]
+    opt = C.LARS(C.param_groups([nn.ParameterList(ps)], wd), 0.0, wd, mu, eta, classic=True)
+    ref, v = [p.detach().double().clone() for p in ps], [0.0, 0.0]
+    for lr in lrs:
+        gs = [torch.randn_like(p) for p in ps]
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        C.set_lr(opt, lr)
+        opt.step()
+        for i, (w, g) in enumerate(zip(ref, gs)):
+            d, trust = g.double(), 1.0
+            if w.ndim > 1:
+                d = d + wd * w
+                trust = eta * w.norm() / d.norm()
+            v[i] = mu * v[i] + lr * trust * d
+            ref[i] = w - v[i]
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-7)
+
+
 def test_param_groups_split_by_ndim():
     a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
     b = nn.Sequential(nn.Linear(2, 2, bias=False), nn.LayerNorm(2))
