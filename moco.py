@@ -102,6 +102,9 @@ class Args:
     stem_padding: int = arg(
         1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
     )
+    zero_init_residual: bool = arg(
+        True, "v3: zero last BN gamma per block [ref: moco-v3 main_moco.py; solo-learn: off]"
+    )
     linear_epochs: int = arg(100, "linear-eval epochs [ref: main_lincls.py; v3 90]")
     linear_lr: float = arg(30.0, "linear lr per 256 [ref: main_lincls.py; v3 0.1 R50 / 3 ViT]")
     linear_wd: float = arg(0.0, "linear-eval weight decay [ref: main_lincls.py]")
@@ -157,7 +160,7 @@ class Args:
         if version == "v3" and cifar and not vit:  # [ref: solo-learn pretrain/cifar/mocov3.yaml]
             r.update(arch="resnet18", epochs=1000, batch_size=256, lr=0.3, wd=1e-6, tau=0.2)
             r.update(lars_solo=True, crop_min=0.08, blur=False)  # asymmetric.yaml: no blur
-            r.update(stem_padding=2)  # solo-learn base.py: the CIFAR stem conv pads by 2
+            r.update(stem_padding=2, zero_init_residual=False)  # solo-learn base.py, resnet.py
         return r
 
 
@@ -231,8 +234,9 @@ class MoCo(nn.Module):
         vit_kw["freeze_patch_embed"] = v3 and args.stop_grad_conv1
         vit_kw["stem_padding"] = args.stem_padding
         # zero-init of each residual block's last BN in v3 [ref: moco-v3 main_moco.py]
+        zero = v3 and args.zero_init_residual
         self.backbone, self.feat_dim = C.build_backbone(
-            args.arch, args.img_size, v3, norm, **vit_kw
+            args.arch, args.img_size, zero, norm, **vit_kw
         )
         if v3 and vit:  # before the copy: the momentum encoder starts equal [ref: builder.py]
             mocov3_vit_init(self.backbone)

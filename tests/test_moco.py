@@ -269,3 +269,16 @@ def test_recipes_take_every_field_from_their_source():
         got = (a.linear_milestones, a.linear_lr, a.linear_epochs, a.linear_batch_size, a.linear_wd)
         assert got == ((), lr, 90, 1024, 0.0)
         assert a.linear_epoch_lr and a.linear_best and not a.linear_zero_init
+
+
+@pytest.mark.parametrize("preset", ["cifar", "imagenet"])
+def test_v3_resnet_stem_and_residual_init_follow_the_preset(tmp_path, preset):
+    """v3 at CIFAR builds solo-learn's ResNet-18 (3x3 stem padded by 2: 34 x 34 maps at 32 px; no
+    zero-init of the residual BNs); moco-v3 zero-initialises each block's last BN gamma."""
+    args = C.parse_args(moco.Args, ["--version", "v3", "--preset", preset, "--arch", "resnet18"])
+    args.img_size = 32
+    torch.manual_seed(0)
+    net = moco.MoCo(args, 1).backbone
+    assert net.conv1.padding == ((2, 2) if preset == "cifar" else (1, 1))
+    gammas = torch.cat([b.bn2.weight for layer in (net.layer1, net.layer4) for b in layer])
+    assert (gammas == 0).all() == (preset == "imagenet")
