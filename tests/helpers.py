@@ -19,6 +19,18 @@ def tiny_args(module, out_dir, *extra):
     return C.parse_args(module.Args, [*TINY, "--out-dir", str(out_dir), *map(str, extra)])
 
 
+def built_by_main(module, monkeypatch, tmp_path, *flags):
+    """module.main(tiny args + flags) as it runs, stopped where it calls fit: the real model,
+    optimizer (with its parameter groups), data and args (with args.sched), which the official-loop
+    parity tests step beside their restatement of the official code."""
+    got = {}
+    monkeypatch.setattr(
+        module, "fit", lambda model, opt, data, args: got.update(m=model, o=opt, d=data)
+    )
+    module.main(args := tiny_args(module, tmp_path, *flags))
+    return got["m"], got["o"], args, got["d"]
+
+
 def run(cmd, timeout=240, cwd=ROOT):
     """Run a command (own process group: a hung torchrun is killed with all its workers)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_args
+from helpers import built_by_main
 from torch import nn
 
 import byol
@@ -34,11 +34,7 @@ TARGET = {"momentum_backbone": "backbone", "momentum_projector": "projector"}
 
 def built(tmp_path, monkeypatch, *flags):
     """model, optimizer and args (with args.sched) exactly as byol.main builds them."""
-    got = {}
-    monkeypatch.setattr(byol, "fit", lambda model, opt, data, args: got.update(m=model, o=opt))
-    args = tiny_args(byol, tmp_path, *SMALL, *flags)
-    byol.main(args)
-    return got["m"], got["o"], args
+    return built_by_main(byol, monkeypatch, tmp_path, *SMALL, *flags)[:3]
 
 
 def close(a, b, msg=""):

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_args
+from helpers import built_by_main
 
 import cmc
 
@@ -28,12 +28,8 @@ def one_thread():
 
 def project_run(tmp_path, monkeypatch, flags):
     """main() up to fit(): the real model, optimizer and args.sched."""
-    got = {}
-    monkeypatch.setattr(cmc, "fit", lambda model, opt, data, args: got.update(m=model, o=opt))
     base = ["--subset", N, "--batch-size", B, "--epochs", 3, "--lr-milestones", 1, 2]
-    args = tiny_args(cmc, tmp_path, *base, "--lr", 0.05, "--wd", 1e-3, *flags)
-    cmc.main(args)
-    return got["m"], got["o"], args
+    return built_by_main(cmc, monkeypatch, tmp_path, *base, "--lr", 0.05, "--wd", 1e-3, *flags)[:3]
 
 
 def l2norm(x):  # models/resnet.py Normalize(2)

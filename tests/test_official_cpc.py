@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_args
+from helpers import built_by_main
 
 import cpc
 
@@ -35,12 +35,8 @@ def one_thread():
 
 def project_run(tmp_path, monkeypatch, flags):
     """main() up to fit(): the real model, optimizer and args.sched."""
-    got = {}
-    monkeypatch.setattr(cpc, "fit", lambda model, opt, data, args: got.update(m=model, o=opt))
     base = ["--subset", N, "--batch-size", B, "--epochs", 1, *SMALL, *NO_AUG]
-    args = tiny_args(cpc, tmp_path, *base, *flags)
-    cpc.main(args)
-    return got["m"], got["o"], args
+    return built_by_main(cpc, monkeypatch, tmp_path, *base, *flags)[:3]
 
 
 def conv(x, layer, padding=0):  # NHWC in and out, as the pseudocode's Conv2D

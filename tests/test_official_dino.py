@@ -11,11 +11,11 @@ code; it shares only deep copies of the initial backbone and head MLP (and their
 import copy
 import math
 
+import helpers
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_args
 from torch import nn
 
 import common as C
@@ -41,7 +41,7 @@ VARIANTS = {  # clip 3.0 is the preset; 0.01 makes the per-parameter clipping bi
 def built_by_main(monkeypatch, tmp_path, *flags, spe=0):
     """dino.main as it runs, stopped where it calls fit: the model, optimizer and args (spe:
     steps per epoch of a full dataset, set where main reads the data size)."""
-    got, prepare = {}, C.prepare_run
+    prepare = C.prepare_run
 
     def prepare_run(args):
         prepare(args)
@@ -49,9 +49,7 @@ def built_by_main(monkeypatch, tmp_path, *flags, spe=0):
             args.steps_per_epoch, args.total_steps = spe, spe * args.epochs
 
     monkeypatch.setattr(C, "prepare_run", prepare_run)
-    monkeypatch.setattr(dino, "fit", lambda m, opt, data, a: got.update(m=m, opt=opt, a=a))
-    dino.main(tiny_args(dino, tmp_path, *flags))
-    return got["m"], got["opt"], got["a"]
+    return helpers.built_by_main(dino, monkeypatch, tmp_path, *flags)[:3]
 
 
 # ==== the official code, restated ===========================================================

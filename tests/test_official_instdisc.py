@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_args
+from helpers import built_by_main
 
 import instdisc
 
@@ -24,12 +24,9 @@ SPE = N // B  # steps per epoch
 
 def built(tmp_path, monkeypatch, *flags, data=False):
     """model, optimizer and args (with args.sched) exactly as instdisc.main builds them."""
-    got = {}
-    fit = lambda model, opt, data, args: got.update(m=model, o=opt, d=data)
-    monkeypatch.setattr(instdisc, "fit", fit)
-    args = tiny_args(instdisc, tmp_path, "--subset", N, "--batch-size", B, *flags)
-    instdisc.main(args)
-    return (got["m"], got["o"], args) + ((got["d"],) if data else ())
+    flags = ("--subset", N, "--batch-size", B, *flags)
+    model, opt, args, d = built_by_main(instdisc, monkeypatch, tmp_path, *flags)
+    return (model, opt, args) + ((d,) if data else ())
 
 
 def close(a, b, msg=""):

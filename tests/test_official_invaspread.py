@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_args
+from helpers import built_by_main
 
 import invaspread
 
@@ -22,12 +22,9 @@ SPE = N // B  # steps per epoch (drop_last)
 
 def built(tmp_path, monkeypatch, *flags, data=False):
     """model, optimizer and args (with args.sched) exactly as invaspread.main builds them."""
-    got = {}
-    fit = lambda model, o, data, args: got.update(m=model, o=o, d=data)
-    monkeypatch.setattr(invaspread, "fit", fit)
-    args = tiny_args(invaspread, tmp_path, "--subset", N, "--batch-size", B, *flags)
-    invaspread.main(args)
-    return (got["m"], got["o"], args) + ((got["d"],) if data else ())
+    flags = ("--subset", N, "--batch-size", B, *flags)
+    model, opt, args, d = built_by_main(invaspread, monkeypatch, tmp_path, *flags)
+    return (model, opt, args) + ((d,) if data else ())
 
 
 def close(a, b, msg=""):

@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_args
+from helpers import built_by_main
 from torch import nn
 
 import moco
@@ -32,12 +32,11 @@ ENC = {"q": ("backbone", "projector"), "k": ("momentum_backbone", "momentum_proj
 
 def built(tmp_path, monkeypatch, *flags):
     """model, optimizer and args (with args.sched) exactly as moco.main builds them."""
-    got = {}
-    monkeypatch.setattr(moco, "fit", lambda model, opt, data, args: got.update(m=model, o=opt))
-    args = tiny_args(moco, tmp_path, "--subset", N_IMG, "--batch-size", B, *flags)
-    moco.main(args)
+    model, opt, args, _ = built_by_main(
+        moco, monkeypatch, tmp_path, "--subset", N_IMG, "--batch-size", B, *flags
+    )
     assert args.steps_per_epoch == N_IMG // B
-    return got["m"], got["o"], args
+    return model, opt, args
 
 
 def close(a, b, msg="", scale=None):

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_args
+from helpers import built_by_main
 from torch import nn
 
 import simclr
@@ -22,12 +22,10 @@ LARGE_NUM = 1e9  # [ref: objective.py LARGE_NUM]
 
 def build(tmp_path, monkeypatch, *flags):
     """main() up to fit: the project's model, LARS and args.sched; fit is captured, not run."""
-    got = {}
-    monkeypatch.setattr(
-        simclr, "fit", lambda m, o, d, a: got.update(model=m, opt=o, data=d, args=a)
+    model, opt, args, data = built_by_main(
+        simclr, monkeypatch, tmp_path, "--preset", "imagenet", *flags
     )
-    simclr.main(tiny_args(simclr, tmp_path, "--preset", "imagenet", *flags))
-    return got["model"], got["opt"], got["data"], got["args"]
+    return model, opt, data, args
 
 
 # ---- official schedule [ref: model_util.py learning_rate_schedule, get_train_steps] ---------

@@ -9,8 +9,8 @@ running mean. The reference calls nothing of simsiam.py's loss, optimizer or sch
 import copy
 import math
 
+import helpers
 import torch
-from helpers import tiny_args
 from torch import nn
 
 import simsiam
@@ -24,10 +24,7 @@ FLAGS += ["--proj-hidden", 256, "--dim", 64, "--pred-dim", 16]
 
 def built_by_main(monkeypatch, tmp_path, *flags):
     """simsiam.main as it runs, stopped where it calls fit: the model, optimizer and args."""
-    got = {}
-    monkeypatch.setattr(simsiam, "fit", lambda m, opt, data, a: got.update(m=m, opt=opt, a=a))
-    simsiam.main(tiny_args(simsiam, tmp_path, *flags))
-    return got["m"], got["opt"], got["a"]
+    return helpers.built_by_main(simsiam, monkeypatch, tmp_path, *flags)[:3]
 
 
 # ==== the official code, restated ===========================================================

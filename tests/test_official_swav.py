@@ -8,10 +8,10 @@ Sinkhorn, queue, prototype, optimizer or schedule code; it shares only the initi
 import copy
 import math
 
+import helpers
 import numpy as np
 import torch
 import torch.nn.functional as F
-from helpers import tiny_args
 from torch import nn
 
 import common as C
@@ -28,10 +28,7 @@ FLAGS += ["--epoch-queue-starts", 1, "--freeze-prototypes-niters", 3]
 
 def built_by_main(monkeypatch, tmp_path, *flags):
     """swav.main as it runs, stopped where it calls fit: the model, optimizer and args."""
-    got = {}
-    monkeypatch.setattr(swav, "fit", lambda m, opt, data, a: got.update(m=m, opt=opt, a=a))
-    swav.main(tiny_args(swav, tmp_path, *flags))
-    return got["m"], got["opt"], got["a"]
+    return helpers.built_by_main(swav, monkeypatch, tmp_path, *flags)[:3]
 
 
 # ==== the official code, restated ===========================================================
