@@ -369,8 +369,8 @@ def build_optimizer(model: BarlowTwins, args: Args) -> C.LARS:
     base, total = args.batch_size / 256, args.total_steps
     w = args.warmup_epochs * args.steps_per_epoch
     if args.solo:
-        lr, start = C.cosine_schedule(base, 0.0, total, w), 3e-5 / args.lr  # start: absolute lr
-        lr[:w] = [start + (base - start) * t / max(w - 1, 1) for t in range(min(w, len(lr)))]
+        start = 3e-5 / args.lr  # an absolute lr
+        lr = C.cosine_schedule(base, 0.0, total, w, start, linspace=True)
     else:
         lr = C.cosine_schedule(base, base * 0.001, total, w)
     args.sched = {"lr": lr}

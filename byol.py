@@ -369,9 +369,8 @@ def main(args: Args):
     # DEVIATION: w, T count whole epochs of N // B steps; official floor(E N / B) (ImageNet,
     # B 4096: T 312000 vs 312784, w 3120 vs 3127, 0.25%)
     w, s = args.warmup_epochs * args.steps_per_epoch, args.warmup_start
-    lrs = C.cosine_schedule(lr, 0.0, T, w, s)
-    if args.solo:  # lr reached at step w-1 [ref: solo-learn LinearWarmupCosineAnnealingLR]
-        lrs = [s + (lr - s) * k / max(w - 1, 1) if k < w else v for k, v in enumerate(lrs)]
+    # --solo: lr reached at step w-1 [ref: solo-learn LinearWarmupCosineAnnealingLR]
+    lrs = C.cosine_schedule(lr, 0.0, T, w, s, linspace=args.solo)
     # tau_k = 1 - (1 - tau_base)(cos(pi k/K) + 1)/2 [ref: schedules.target_ema]
     args.sched = {"lr": lrs, "m": C.cosine_schedule(args.m, 1.0, T)}
     kw = {"clip_lr": True, "solo": True} if args.solo else {}  # LARS: 1-D params excluded

@@ -833,12 +833,19 @@ def param_groups(modules, wd: float) -> list[dict]:
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps=0, warmup_start=0.0):
-    """Per-step values: linear warm-up from warmup_start at step 0 (base would come at step w),
-    then half-cosine base -> final from step w [ref: moco-v3 main_moco.py adjust_learning_rate,
-    simclr model_util.learning_rate_schedule, byol schedules.py, barlowtwins main.py]."""
+def cosine_schedule(
+    base, final, total_steps: int, warmup_steps=0, warmup_start=0.0, linspace=False
+):
+    """Per-step values: linear warm-up from warmup_start at step 0, base coming at step w [ref:
+    moco-v3 main_moco.py adjust_learning_rate, simclr model_util.learning_rate_schedule, byol
+    schedules.py, barlowtwins main.py] or, linspace=True, already at step w - 1 as
+    np.linspace(warmup_start, base, w) [ref: dino utils.cosine_scheduler, swav main_swav.py,
+    solo-learn LinearWarmupCosineAnnealingLR]; then half-cosine base -> final from step w."""
     w, n = warmup_steps, max(total_steps - warmup_steps, 1)
-    warm = [warmup_start + (base - warmup_start) * i / w for i in range(w)]
+    step = (base - warmup_start) / (max(w - 1, 1) if linspace else max(w, 1))
+    warm = [warmup_start + i * step for i in range(w)]  # as numpy's linspace computes it
+    if linspace and w > 1:
+        warm[-1] = base
     cos = [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
     return (warm + cos)[: max(total_steps, 1)]
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -310,14 +309,6 @@ def clip_and_freeze(student: MultiCrop, clip: float, freeze: bool):
         p.grad = None
 
 
-def warmup_cosine(base: float, final: float, T: int, w: int) -> list:
-    """[ref: utils.cosine_scheduler] warm-up np.linspace(0, base, w): base AT step w - 1 (not at
-    step w as C.cosine_schedule), then final + (base - final)(1 + cos(pi t / n)) / 2, t < n = T - w.
-    wd and the teacher EMA: the same cosine over all T steps, no warm-up (C.cosine_schedule)."""
-    warm = np.linspace(0.0, base, w).tolist()  # the last value exactly base
-    return (warm + C.cosine_schedule(base, final, T - w))[: max(T, 1)]
-
-
 # ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
 def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
     views, _, _ = batch
@@ -510,7 +501,7 @@ def main(args: Args):
     W = args.tau_t_warmup_epochs  # tau_t: linspace(warm-up, final, W) per EPOCH, then final
     tau = lambda e: args.tau_t_warmup + (args.tau_t - args.tau_t_warmup) * e / max(W - 1, 1)
     args.sched = {  # per step [ref: utils.cosine_scheduler; main_dino.py DINOLoss]
-        "lr": warmup_cosine(lr, args.min_lr, T, args.warmup_epochs * spe),
+        "lr": C.cosine_schedule(lr, args.min_lr, T, args.warmup_epochs * spe, linspace=True),
         "wd": C.cosine_schedule(args.wd, args.wd_end, T),
         "m": C.cosine_schedule(args.m, 1.0, T),
         "tau_t": [tau(k // spe) if k // spe < W else args.tau_t for k in range(T)] or [args.tau_t],

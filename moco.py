@@ -515,8 +515,7 @@ def main(args: Args):
         lrs = [lr * 0.5 * (1 + math.cos(math.pi * (s // spe) / args.epochs)) for s in range(T)]
     elif args.lars_solo:  # per step: 3e-5 -> lr at step w - 1, then cosine [ref: solo-learn
         w = args.warmup_epochs * spe  # LinearWarmupCosineAnnealingLR; base.py warmup_start_lr]
-        warm = [3e-5 + (lr - 3e-5) * s / max(w - 1, 1) for s in range(w)]
-        lrs = (warm + C.cosine_schedule(lr, 0.0, T - w))[: max(T, 1)]
+        lrs = C.cosine_schedule(lr, 0.0, T, w, 3e-5, linspace=True)
     else:  # per step: from 0, lr at step w, then cosine [ref: moco-v3 adjust_learning_rate]
         lrs = C.cosine_schedule(lr, 0.0, T, args.warmup_epochs * spe)
     ms = C.cosine_schedule(args.m, 1.0, T) if args.m_cos else [args.m] * max(T, 1)

@@ -16,7 +16,6 @@ Run: torchrun --nproc_per_node=8 swav.py --preset imagenet --dataset imagenet --
 """
 
 # ==== 0. imports ===========================================================================
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -258,16 +257,11 @@ class LARC(torch.optim.Optimizer):
 
 
 def lr_schedule(args: Args) -> list:
-    """Per-step lr [ref: main_swav.py main, lr_schedule]: warm-up np.linspace(start_warmup, lr,
-    w) over w = warmup_epochs x steps_per_epoch steps (lr reached AT the last warm-up step, not
-    one step later as C.cosine_schedule), then final + (lr - final)(1 + cos(pi t / n)) / 2 for
-    t = 0 .. n - 1, n = total - w (the cosine starts at lr again)."""
-    w, T = args.warmup_epochs * args.steps_per_epoch, args.total_steps
-    base, start, final = args.lr, args.start_warmup, args.final_lr
-    n = max(T - w, 1)
-    warm = [start + (base - start) * i / max(w - 1, 1) for i in range(w)]
-    cos = [final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / n)) for t in range(T - w)]
-    return (warm + cos)[: max(T, 1)]
+    """Per-step lr [ref: main_swav.py lr_schedule]: np.linspace(start_warmup, lr, w) over w =
+    warmup_epochs x steps_per_epoch steps (lr reached AT the last warm-up step), then final +
+    (lr - final)(1 + cos(pi t / n)) / 2 for t = 0 .. n - 1, n = total - w."""
+    w = args.warmup_epochs * args.steps_per_epoch
+    return C.cosine_schedule(args.lr, args.final_lr, args.total_steps, w, args.start_warmup, True)
 
 
 def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:

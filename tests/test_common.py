@@ -191,6 +191,18 @@ def test_cosine_schedule_with_warmup():
     assert min(s[warm:]) >= final
 
 
+def test_cosine_schedule_linspace_warmup_is_numpys():
+    """linspace=True: the warm-up is np.linspace(start, base, w), base AT step w - 1 [ref: dino
+    utils.cosine_scheduler, swav main_swav.py]; the cosine part is the same as without."""
+    np = pytest.importorskip("numpy")
+    base, final, total, warm, start = 4.8, 0.0048, 60, 10, 0.3
+    s = C.cosine_schedule(base, final, total, warm, start, linspace=True)
+    plain = C.cosine_schedule(base, final, total, warm, start)
+    np.testing.assert_allclose(s[:warm], np.linspace(start, base, warm), rtol=1e-12)
+    assert s[warm - 1] == pytest.approx(base, rel=1e-15) and s[warm:] == plain[warm:]
+    assert C.cosine_schedule(1.0, 0.0, 5, 1, 0.25, linspace=True)[0] == 0.25  # w = 1: the start
+
+
 def test_step_schedule_milestones_factors_and_warmup():
     spe = 3  # steps per epoch; 5 epochs
     got = C.step_schedule(1.0, 15, spe, (2, 4))
