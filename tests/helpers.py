@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import common as C
@@ -12,6 +13,15 @@ import common as C
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--arch", "smallcnn", "--img-size", "16", "--workers", "0"]
 TINY += ["--knn-every", "0", "--linear-epochs", "0", "--log-every", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)  # autouse where a test module imports it
+def one_thread():
+    """Small ops: one intra-op thread is much faster on a shared, loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_args(module, out_dir, *extra):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from einops import rearrange
-from helpers import TINY, assert_resume_exact, error_lines, python, tiny_args, torchrun
+from helpers import TINY, assert_resume_exact, error_lines, one_thread, python, tiny_args, torchrun  # noqa: F401 (autouse fixture)
 from test_ddp import GLOBAL_B, assert_parity, single, spawn
 
 import common as C
@@ -13,15 +13,6 @@ import cpc
 
 SMALL = ["--context-dim", "16", "--context-blocks", "2"]  # a small context network
 NO_AUG = ["--no-color-drop", "--no-patch-flip", "--no-patch-crop"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: one intra-op thread is much faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def naive_cpc(preds, targets):

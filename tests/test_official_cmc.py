@@ -10,20 +10,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import built_by_main
+from helpers import built_by_main, one_thread  # noqa: F401 (autouse fixture)
 
 import cmc
 
 N, B, STEPS = 32, 16, 5  # 32 images, batch 16: 2 steps per epoch, lr milestones at epochs 1, 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: one intra-op thread is much faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def project_run(tmp_path, monkeypatch, flags):

@@ -15,22 +15,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import built_by_main
+from helpers import built_by_main, one_thread  # noqa: F401 (autouse fixture)
 
 import cpc
 
 N, B, STEPS = 32, 8, 4  # 16 px images, 4 px patches at stride 2: a 7 x 7 grid as in the paper
 SMALL = ["--context-dim", "16", "--context-blocks", "2", "--target-dim", "16"]
 NO_AUG = ["--no-color-drop", "--no-patch-flip", "--no-patch-crop"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops: one intra-op thread is much faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def project_run(tmp_path, monkeypatch, flags):
