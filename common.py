@@ -206,8 +206,11 @@ def base_datasets(args) -> tuple:
             train_dir, val_dir = root, ""
         if not os.path.isdir(train_dir):
             fail(f"no image folder at {train_dir}; pass --data-dir to a folder with train/ [val/]")
-        test = tv.ImageFolder(val_dir) if os.path.isdir(val_dir) else None
-        return (train := tv.ImageFolder(train_dir)), test, len(train.classes)
+        try:
+            test = ImageFiles(val_dir) if os.path.isdir(val_dir) else None
+            return (train := ImageFiles(train_dir)), test, len(train.classes)
+        except FileNotFoundError as e:  # no class folder, or one without image files
+            fail(f"{str(e).splitlines()[0]}; pass --data-dir to folders of class folders of images")
     if ds not in DATASETS:
         fail(f"unknown --dataset {ds}; choose from {', '.join(DATASETS)}")
     try:
@@ -218,6 +221,44 @@ def base_datasets(args) -> tuple:
     except (RuntimeError, OSError) as e:
         why = f"{ds} not in --data-dir {root} and not downloadable ({type(e).__name__})"
         fail(f"{why}; point --data-dir at a copy or use --dataset cifar10-npz/folder/synthetic")
+
+
+def open_rgb(path) -> Image.Image:
+    """PIL image (path or file object) -> RGB, any mode: grayscale, palette, RGBA (alpha
+    dropped), CMYK, and 16-bit grayscale scaled to 8 bits (PIL's convert clips it to 255)."""
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG / TIFF grayscale
+            x = (np.asarray(im, np.float32) / 257).round().clip(0, 255).astype(np.uint8)
+            return Image.fromarray(x).convert("RGB")
+        return im.convert("RGB")
+
+
+class ImageFiles(torchvision.datasets.ImageFolder):
+    """ImageFolder that never stops a run on a bad file: every format PIL reads (JPEG, PNG, BMP,
+    TIFF, WebP, ...) in any mode -> RGB; a file that cannot be decoded (truncated, empty, not
+    an image) is marked in `bad` (shared memory: the loader's workers mark it too) and replaced
+    by the next decodable file, so batches keep their size. skipped() lists the marked files."""
+
+    def __init__(self, root: str):
+        super().__init__(root, loader=open_rgb)
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def __getitem__(self, i: int):
+        for j in range(i, i + len(self.samples)):
+            try:
+                return super().__getitem__(j % len(self.samples))
+            except Exception:  # whatever PIL raises on a broken file
+                self.bad[j % len(self.samples)] = True
+        raise RuntimeError(f"no file under {self.root} can be decoded as an image")
+
+    def skipped(self) -> list[str]:
+        return [self.samples[j][0] for j in self.bad.nonzero()[:, 0].tolist()]
+
+
+def skipped_files(data) -> list[str]:
+    """The undecodable files met so far in the training and test folders (none for arrays)."""
+    sets = (getattr(d, "dataset", None) for d in (data.train, data.test))
+    return [p for ds in sets if isinstance(ds, ImageFiles) for p in ds.skipped()]
 
 
 class Indexed(torch.utils.data.Dataset):
@@ -394,7 +435,7 @@ def eval_transform(size: int, mean_std=None, train: bool = False) -> T.Compose:
     256/224 + centre crop at ImageNet scale, the plain image at CIFAR scale."""
     if train:
         return to_tensor([T.RandomResizedCrop(size), T.RandomHorizontalFlip()], mean_std)
-    ops = [T.Resize(size * 8 // 7), T.CenterCrop(size)] if size > 64 else [T.Resize(size)]
+    ops = [T.Resize(size * 8 // 7 if size > 64 else size), T.CenterCrop(size)]  # square
     tf = to_tensor(ops, mean_std)
     tf.batched = partial(eval_batch, size=size, mean_std=mean_std)  # for in-memory data
     return tf
@@ -521,7 +562,7 @@ class BatchAugment:
             ],
             1,
         )
-        p["additive"] = torch.tensor(add)  # on the CPU: read without a device sync
+        p["additive"] = add  # a Python bool: read without a device sync
         p["order"], p["gray"] = u(B, 4).argsort(1), u(B) < o.gray_p
         p["sigma"] = torch.where(u(B) < o.blur_p, 0.1 + 1.9 * u(B), torch.zeros(B, device=dev))
         p["solarize"] = u(B) < o.solarize_p
@@ -563,7 +604,7 @@ class BatchAugment:
             for k in positions:
                 for j, target in enumerate(towards):
                     on = (order[:, k] == j) & keep(k)
-                    if j == 0 and bool(p.get("additive", False)):
+                    if j == 0 and p.get("additive", False):
                         x = (x + torch.where(on, f[:, 0], 0.0)[:, None, None, None]).clamp(0, 1)
                         continue
                     x = blend(x, target(x), torch.where(on, f[:, j], 1.0)[:, None, None, None])
@@ -599,7 +640,16 @@ class FileBytes(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i = key[0] if isinstance(key, tuple) else key
         path, y = self.ds.dataset.samples[self.ds.indices[i]]
-        return torchvision.io.read_file(path), y, i
+        return read_bytes(path), y, i
+
+
+def read_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as uint8 (empty when it is empty or unreadable: then it does not decode)."""
+    try:
+        with open(path, "rb") as f:
+            return torch.frombuffer(bytearray(f.read()) or bytearray(1), dtype=torch.uint8)
+    except OSError:
+        return torch.zeros(1, dtype=torch.uint8)
 
 
 def collate_bytes(batch: list) -> tuple:  # variable-length file bytes stay a list
@@ -607,21 +657,50 @@ def collate_bytes(batch: list) -> tuple:  # variable-length file bytes stay a li
     return list(data), torch.tensor(y), torch.tensor(i)
 
 
-def decode(data: list, device, canvas: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """JPEG bytes -> ([B, 3, canvas, canvas] float in [0, 1], true sizes [B, 2]): decoded on the
-    GPU (nvJPEG) when device is CUDA, else on the CPU; other formats on the CPU. Every image
-    is resized to the canvas; crop boxes drawn on its true size restore its aspect ratio."""
+def read_image(data: torch.Tensor):
+    """One file's bytes -> [3, H, W] float in [0, 1] on the CPU, or None if nothing decodes it:
+    torchvision's decoders (JPEG incl. grayscale and CMYK; PNG incl. palette, alpha, 16 bits;
+    WebP; GIF: its first frame), else PIL (BMP, TIFF, PPM, ...) through open_rgb."""
+    try:
+        im = torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+        im = im[0] if im.ndim == 4 else im
+        return im.float() / (65535.0 if im.dtype == torch.uint16 else 255.0)
+    except RuntimeError:
+        pass
+    try:
+        return T.functional.to_tensor(open_rgb(io.BytesIO(data.numpy().tobytes())))
+    except Exception:  # truncated, empty, or not an image
+        return None
+
+
+def decode(data: list, device) -> list:
+    """Files' bytes -> [3, H, W] floats in [0, 1] on device (None: undecodable): a batch of JPEGs
+    in one call (nvJPEG on CUDA); when that fails, file by file (nvJPEG, then read_image)."""
     rgb = torchvision.io.ImageReadMode.RGB
     try:
-        imgs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
-    except RuntimeError:  # not a JPEG (or a CMYK one nvJPEG rejects)
-        imgs = [torchvision.io.decode_image(d, mode=rgb).to(device) for d in data]
+        return [
+            im.float() / 255 for im in torchvision.io.decode_jpeg(data, mode=rgb, device=device)
+        ]
+    except RuntimeError:  # a file that is no JPEG, broken, or a JPEG nvJPEG rejects (CMYK)
+        pass
+    out = []
+    for d in data:
+        try:
+            im = torchvision.io.decode_jpeg(d, mode=rgb, device=device).float() / 255
+        except RuntimeError:
+            im = read_image(d)
+            im = im.to(device, non_blocking=True) if im is not None else None
+        out.append(im)
+    return out
+
+
+def to_canvas(imgs: list, canvas: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [3, h, w] -> ([B, 3, canvas, canvas], true sizes [B, 2]): each resized to the
+    canvas; crop boxes drawn on its true size restore its aspect ratio."""
     hw = torch.tensor([im.shape[-2:] for im in imgs], dtype=torch.float)
-    hw = hw.pin_memory().to(device, non_blocking=True) if hw.device != device else hw
-    resize = lambda im: F.interpolate(
-        im[None].float(), (canvas,) * 2, mode="bilinear", antialias=True
-    )
-    return torch.cat([resize(im) for im in imgs]).div_(255).clamp_(0, 1), hw
+    hw = hw.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hw
+    resize = lambda im: F.interpolate(im[None], (canvas,) * 2, mode="bilinear", antialias=True)
+    return torch.cat([resize(im) for im in imgs]).clamp_(0, 1), hw
 
 
 class DeviceLoader:
@@ -632,7 +711,7 @@ class DeviceLoader:
 
     def __init__(self, ds, args, batch_size: int):
         self.device, self.batch_size = torch.device(args.device), batch_size
-        self.views, self.canvas = [t.batched for t in ds.transform], 0
+        self.ds, self.views, self.canvas = ds, [t.batched for t in ds.transform], 0
         self.key = (args.seed, args.rank)
         arrays = image_arrays(ds.dataset)
         if arrays is not None:  # [N, 3, H, W] uint8 on the device
@@ -652,13 +731,23 @@ class DeviceLoader:
     def batches(self):
         """(float images in [0, 1], true sizes or None, labels, indices) per batch."""
         if self.canvas:
+            to = lambda t: t.to(self.device, non_blocking=True)
             for data, y, i in self.files:
-                x, hw = decode(data, self.device, self.canvas)
-                yield x, hw, y.to(self.device), i.to(self.device)
+                imgs = decode(data, self.device)
+                for k in (k for k, im in enumerate(imgs) if im is None):
+                    imgs[k], y[k] = self.replacement(int(i[k]))
+                yield *to_canvas(imgs, self.canvas, self.device), to(y), to(i)
             return
         keys = torch.tensor([i for i, _ in self.sampler]).to(self.device, non_blocking=True)
         for i in keys[: len(keys) // self.batch_size * self.batch_size].split(self.batch_size):
             yield self.x[i].float().div_(255), None, self.y[i], i
+
+    def replacement(self, i: int) -> tuple:
+        """An undecodable file: marked, replaced by the next decodable one, as ImageFiles does."""
+        base, j = self.ds.dataset, self.ds.indices[i]
+        base.bad[j] = True
+        img, y = base[(j + 1) % len(base)]
+        return T.functional.to_tensor(img).to(self.device, non_blocking=True), y
 
     def __iter__(self):
         g, start = torch.Generator(self.device), self.sampler.skip // self.batch_size
@@ -1031,12 +1120,26 @@ def prepare_run(args):
 
 
 class Logger:
-    """metrics.jsonl (a line per log step or evaluation) + tqdm bar, on the main process."""
+    """metrics.jsonl (a line per log step or evaluation) + tqdm bar, on the main process; data:
+    its image folders' undecodable files are reported (count, first paths) as they are met."""
 
-    def __init__(self, args, total: int, initial: int):
+    def __init__(self, args, total: int, initial: int, data=None):
         self.batch, self.t0, self.last = args.batch_size, time.time(), initial
         self.path = os.path.join(args.out_dir, "metrics.jsonl") if args.is_main else None
         self.bar = tqdm(total=total, initial=initial, disable=not args.is_main, dynamic_ncols=True)
+        self.data, self.skipped = data, 0
+
+    def report_skipped(self, step: int):
+        """A record and a warning when more undecodable files were met (replaced, not dropped)."""
+        paths = skipped_files(self.data) if self.data is not None and self.path else []
+        if len(paths) > self.skipped:
+            self.skipped = len(paths)
+            tqdm.write(
+                f"warning: {len(paths)} undecodable image files skipped so far (each "
+                f"replaced by the next file), e.g. {', '.join(paths[:3])}",
+                file=sys.stderr,
+            )
+            self.write({"step": step, "skipped_files": len(paths), "first": paths[:5]}, False)
 
     def log(self, step: int, stats: dict):
         stats = {k: float(v) for k, v in stats.items()}  # the one host sync of the train loop
@@ -1047,6 +1150,7 @@ class Logger:
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("loss", "lr", "img_s") if k in stats})
         self.write({"step": step, **stats}, echo=False)
+        self.report_skipped(step)
 
     def write(self, record: dict, echo: bool = True):
         if self.path:

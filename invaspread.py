@@ -263,6 +263,7 @@ def evaluate(model, data, args, logger, step: int, final: bool):
         if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
             raise RuntimeError("linear eval changed the frozen model")
     logger.write(res)
+    logger.report_skipped(step)
     model.train()
 
 
@@ -290,7 +291,7 @@ def fit(model, optimizer, data, args):
         warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")  # torch >= 2.14
         ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
     loader = C.train_loader(data, args)
-    logger = C.Logger(args, args.total_steps, step)
+    logger = C.Logger(args, args.total_steps, step, data)
     end = min(args.max_steps or args.total_steps, args.total_steps)
     if step == 0 < end and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline

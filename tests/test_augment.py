@@ -1,6 +1,7 @@
 """The batched device augmentation (common.BatchAugment) against the torchvision reference path,
 and the device-resident loader (common.DeviceLoader) against make_loader."""
 
+import json
 import math
 
 import numpy as np
@@ -58,10 +59,7 @@ def test_additive_brightness_equals_the_cpu_op():
     x, d = images(), torch.linspace(-0.8, 0.8, 8)
     want = torch.stack([(x[i] + d[i]).clamp(0, 1) for i in range(8)])
     cpu = torch.stack([C.add_brightness(x[i], d[i].item()) for i in range(8)])
-    p = {
-        "jitter": torch.tensor([[0.0, 1.0, 1.0, 0.0]]).repeat(8, 1),
-        "additive": torch.tensor(True),
-    }
+    p = {"jitter": torch.tensor([[0.0, 1.0, 1.0, 0.0]]).repeat(8, 1), "additive": True}
     p["jitter"][:, 0], p["order"] = d, torch.arange(4).repeat(8, 1)
     assert torch.equal(cpu, want) and torch.allclose(C.BatchAugment.jitter(x, p), want, atol=1e-6)
     pil = [TF.to_pil_image(x[i]) for i in range(8)]
@@ -200,7 +198,7 @@ def test_samples_are_independent_and_seeded():
     assert corr[:10, 10:].abs().max() < 0.08  # no parameter of one predicts the next's
     again = aug.sample(*hw, torch.Generator().manual_seed(3))
     other = aug.sample(*hw, torch.Generator().manual_seed(4))
-    assert all(torch.equal(p[k], again[k]) for k in p)
+    assert all(torch.equal(p[k], again[k]) for k in p if k != "additive")
     assert not torch.equal(p["box"], other["box"])
 
 
@@ -258,8 +256,8 @@ def test_device_loader_decodes_an_image_folder(tmp_path):
     batches = list(dev)
     assert len(batches) == 2 and batches[0][0][0].shape == (4, 3, 16, 16)
     paths = [data.train.dataset.samples[i] for i in range(8)]
-    data_bytes = [C.torchvision.io.read_file(p) for p, _ in paths]
-    x, hw = C.decode(data_bytes, torch.device("cpu"), 32)
+    data_bytes = [C.read_bytes(p) for p, _ in paths]
+    x, hw = C.to_canvas(C.decode(data_bytes, torch.device("cpu")), 32, torch.device("cpu"))
     sizes_true = [Image.open(p).size[::-1] for p, _ in paths]
     assert hw.tolist() == [list(map(float, s)) for s in sizes_true] and x.shape == (8, 3, 32, 32)
     pil = np.asarray(Image.open(paths[2][0]).convert("RGB").resize((32, 32), Image.BILINEAR))
@@ -316,3 +314,106 @@ def test_extract_on_device_equals_the_dataloader_path(tmp_path):
         args.pipeline = "device"
         got = C.extract(fn, ds, args)[0]
         assert got.shape == ref.shape and (got - ref).abs().mean() < 0.05
+
+
+# ---- image folders as they come: odd formats and broken files -----------------------------
+BROKEN = ("truncated.jpg", "empty.jpg", "text.jpg")
+
+
+def messy_folder(root) -> dict:
+    """One class folder per kind: every mode and format ImageFolder lists, and three files no
+    decoder reads (a truncated JPEG, a zero-byte file, a text file named .jpg). -> name: path."""
+    rng, paths = np.random.default_rng(0), {}
+    rgb = lambda h, w: rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    kinds = {
+        "gray.jpg": Image.fromarray(rgb(30, 40)[..., 0]),
+        "palette.png": Image.fromarray(rgb(36, 24)).convert("P"),
+        "rgba.png": Image.fromarray(np.dstack([rgb(28, 28), rgb(28, 28)[..., 0]])),
+        "deep.png": Image.fromarray(rng.integers(0, 65535, (20, 30)).astype(np.uint16)),
+        "cmyk.jpg": Image.fromarray(rgb(26, 34)).convert("CMYK"),
+        "plain.bmp": Image.fromarray(rgb(22, 30)),
+        "plain.tif": Image.fromarray(rgb(32, 20)),
+        "plain.jpg": Image.fromarray(rgb(40, 30)),
+    }
+    for k, (name, img) in enumerate(kinds.items()):
+        (d := root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        img.save(paths.setdefault(name, d / f"{k:02d}_{name}"))
+    good = paths["plain.jpg"].read_bytes()
+    for k, (name, data) in enumerate(zip(BROKEN, (good[: len(good) // 2], b"", b"no image"))):
+        (paths.setdefault(name, root / f"c{k % 2}" / f"{k:02d}x_{name}")).write_bytes(data)
+    return paths
+
+
+def test_every_decodable_file_reads_the_same_on_both_paths(tmp_path):
+    """The device path's decoders (torchvision's, then PIL) give the image the CPU pipeline's
+    PIL path gives, for every kind; the broken files give None there and raise in PIL."""
+    paths = messy_folder(tmp_path)
+    for name, path in paths.items():
+        got = C.decode([C.read_bytes(str(path))], torch.device("cpu"))[0]
+        if name in BROKEN:
+            assert got is None
+            with pytest.raises(Exception):  # noqa: B017 - whatever PIL raises
+                C.open_rgb(path)
+            continue
+        want = TF.to_tensor(C.open_rgb(path))
+        tol = 3 / 255 if name.endswith(".jpg") else 0.5 / 255 + 1e-6  # JPEG: IDCT rounding
+        assert got.shape == want.shape and (got - want).abs().mean() <= tol, name
+    deep = np.asarray(Image.open(paths["deep.png"]), np.float64) / 65535
+    assert np.abs(TF.to_tensor(C.open_rgb(paths["deep.png"]))[0].numpy() - deep).max() < 0.003
+
+
+@pytest.mark.parametrize("pipeline,workers", [("cpu", 2), ("device", 2), ("device", 0)])
+def test_broken_files_are_skipped_counted_and_replaced(tmp_path, pipeline, workers):
+    """An epoch over the folder: full batches, every broken file marked once (by the loader's
+    worker processes too) and replaced by the next file of the folder, nothing else marked."""
+    paths = messy_folder(tmp_path / "img")
+    flags = ("--dataset", "folder", "--data-dir", tmp_path / "img", "--workers", workers)
+    args = loader_args(tmp_path / "run", *flags)
+    args.subset, args.batch_size, args.batch_size_per_gpu = 0, 4, 4
+    data = build(args)
+    base = data.train.dataset
+    assert isinstance(base, C.ImageFiles) and len(base) == 11
+    loader = (C.DeviceLoader if pipeline == "device" else C.make_loader)(data.train, args, 4)
+    loader.sampler.set_epoch(0)
+    seen = {}
+    for views, y, i in loader:
+        assert views[0].shape == (4, 3, 16, 16) and torch.isfinite(views[0]).all()
+        seen.update(zip(i.tolist(), y.tolist()))
+    assert len(seen) == 8  # 11 files, batches of 4, drop_last
+    broken = sorted(str(paths[n]) for n in BROKEN)
+    marked = sorted(C.skipped_files(data))
+    assert set(marked) <= set(broken) and len(marked) == sum(p in marked for p in broken)
+    files = [p for p, _ in base.samples]
+    for i, y in seen.items():  # a broken file's sample is the next decodable file's
+        j = i
+        while files[j] in broken:
+            j = (j + 1) % len(files)
+        assert y == base.samples[j][1]
+    sampled = {files[data.train.indices[i]] for i in seen}
+    assert set(marked) == {p for p in broken if p in sampled}  # exactly the broken ones read
+
+
+def test_a_run_on_a_messy_folder_logs_its_skipped_files(tmp_path, capsys):
+    paths = messy_folder(tmp_path / "img" / "train")
+    for c in ("c0", "c1"):  # a test split of good files: kNN reads all the training files
+        (tmp_path / "img" / "val" / c).mkdir(parents=True)
+        Image.new("RGB", (20, 20), "red" if c == "c0" else "blue").save(
+            tmp_path / "img" / "val" / c / "a.png"
+        )
+    flags = ["--dataset", "folder", "--data-dir", tmp_path / "img", "--batch-size", 4]
+    flags += ["--epochs", 1, "--pipeline", "device", "--subset", 0, "--knn-every", 1]
+    simclr.main(tiny_args(simclr, tmp_path / "run", *flags))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    skips = [r for r in recs if "skipped_files" in r]
+    assert skips and skips[-1]["skipped_files"] == 3  # the kNN monitor reads every file
+    assert sorted(skips[-1]["first"]) == sorted(str(paths[n]) for n in BROKEN)
+    assert "3 undecodable image files skipped" in capsys.readouterr().err
+
+
+def test_a_folder_without_images_is_one_line(tmp_path):
+    (tmp_path / "img" / "c0").mkdir(parents=True)
+    (tmp_path / "img" / "c0" / "notes.txt").write_text("no image")
+    args = loader_args(tmp_path / "run", "--dataset", "folder", "--data-dir", tmp_path / "img")
+    with pytest.raises(SystemExit, match="^error: .*pass --data-dir"):
+        build(args)
