@@ -32,13 +32,18 @@ Run from the repo root (--extra adds flags to every run, last, so they win):
   python tests/bench_learning.py --profile cifar10-200 --methods simclr_v1,moco_v2,byol,swav,dino
   python tests/bench_learning.py --profile cifar10-800 --extra="--workers 14"
   python tests/bench_learning.py --profile cpu-smoke --calibrate   # re-measure the seconds per step
+  python tests/bench_learning.py --profile cpu-smoke --plot-only   # redraw knn.png, run nothing
 Outputs in --out (default runs/bench_<profile>): <row>/ (the run's metrics.jsonl, logs and
 checkpoint; <row>/init/ the --epochs 0 run), results.json, results.md and knn.png (kNN top-1 per
-epoch). A run whose metrics.jsonl already holds the final linear record is not run again
-(--force re-runs it): running again with a longer --methods list trains only the rows not
-finished yet and rebuilds the table from all of them; an interrupted run resumes from its
-checkpoint. The exit status is 1 when a row failed or a row's final kNN top-1 is not above its
-random-init kNN top-1.
+epoch; needs matplotlib, the `bench` extra of pyproject.toml: without it the plot is skipped).
+A run whose metrics.jsonl already holds the final linear record is not run again (--force re-runs
+it): running again with a longer --methods list trains only the rows not finished yet and
+rebuilds the table from all of them; an interrupted run resumes from its checkpoint. The exit
+status is 1 when a row failed or a row's final kNN top-1 is not above its random-init kNN top-1.
+--plot-only [RESULTS_JSON] redraws the plot from a results file (default: --out's results.json)
+into --png (default: knn.png beside it), e.g. the one in tests/results:
+  python tests/bench_learning.py --plot-only tests/results/cpu-smoke.json \\
+    --png tests/results/knn_cpu-smoke.png
 """
 
 import argparse
@@ -49,12 +54,10 @@ import os
 import shlex
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the method files and common.py, for their presets
@@ -260,7 +263,7 @@ def calibrate(rows: list[str], a):
             print(f"{row}: {batch / statistics.median(img_s):.3f} s/step", flush=True)
 
 
-# ==== report: markdown, JSON and a PNG line chart drawn without a plotting library ==========
+# ==== report: markdown, JSON and a line chart (matplotlib, optional) ========================
 def fmt(v, spec=".1f", unit="") -> str:
     return "-" if v is None else f"{v:{spec}}{unit}"
 
@@ -304,90 +307,33 @@ def write_markdown(results: list[dict], cmdline: str, path: str):
         f.write("\n".join(lines) + "\n")
 
 
-GLYPHS = (  # 3x5 pixel glyphs (FONT below), one octal digit per row, bit 4: left
-    "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 25755 65656 34443 65556 "
-    "74647 74644 34553 55755 72227 11152 55655 44447 57755 65555 25552 65644 25563 65655 "
-    "34216 72222 55557 55552 55775 55255 55222 71247 00007 00002 00700 51245 12221 42224 "
-    "00000"
-)
-FONT = dict(zip("0123456789abcdefghijklmnopqrstuvwxyz_.-%() ", GLYPHS.split()))
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-PALETTE += [(140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-PALETTE += [(0, 0, 0), (128, 0, 0), (0, 0, 128), (240, 190, 0)]
-
-
-class Canvas:
-    """An RGB pixel array with rectangles, lines and text, saved as a PNG (zlib + struct)."""
-
-    def __init__(self, w: int, h: int):
-        self.w, self.h, self.px = w, h, bytearray(b"\xff" * (w * h * 3))
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, c: tuple):  # [x0, x1) x [y0, y1)
-        x0, x1 = max(x0, 0), min(x1, self.w)
-        for y in range(max(y0, 0), min(y1, self.h)):
-            if x1 > x0:
-                self.px[3 * (y * self.w + x0) : 3 * (y * self.w + x1)] = bytes(c) * (x1 - x0)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, c: tuple, r: int = 1):
-        n = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for i in range(n + 1):
-            x, y = round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n)
-            self.rect(x - r // 2, y - r // 2, x - r // 2 + r, y - r // 2 + r, c)
-
-    def text(self, x: int, y: int, s: str, c=(0, 0, 0), k: int = 2):  # 4k px per character
-        for j, ch in enumerate(s.lower()):
-            for row, bits in enumerate(FONT.get(ch, "00000")):
-                for b in range(3):
-                    if int(bits) >> (2 - b) & 1:
-                        x0, y0 = x + (4 * j + b) * k, y + row * k
-                        self.rect(x0, y0, x0 + k, y0 + k, c)
-
-    def save(self, path: str):
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            crc = struct.pack(">I", zlib.crc32(tag + data))
-            return struct.pack(">I", len(data)) + tag + data + crc
-
-        stride = 3 * self.w
-        raw = b"".join(b"\0" + self.px[y * stride : (y + 1) * stride] for y in range(self.h))
-        head = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)  # 8-bit RGB
-        with open(path, "wb") as f:
-            f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head))
-            f.write(chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def plot(results: list[dict], title: str, path: str):
-    """kNN top-1 against epochs, one line per row, legend on the right."""
-    curves = [(r["row"], r["knn_curve"]) for r in results if r["knn_curve"]]
+def plot(results: list[dict], title: str, path: str) -> bool:
+    """kNN top-1 against epochs, one line per row from its random-init point (the step-0 record,
+    epoch 0) on, legend on the right. Without matplotlib: one line printed and False."""
+    curves = [(r["row"], r["knn_curve"]) for r in results if r.get("knn_curve")]
     if not curves:
-        return
-    W, H, L, R, T, B = 900, 540, 64, 180, 40, 56  # canvas and margins (left, right, top, bottom)
-    xs, ys = [e for _, c in curves for e, _ in c], [v for _, c in curves for _, v in c]
-    x_max, lo, hi = max(xs) or 1.0, math.floor(min(ys) / 5) * 5, math.ceil(max(ys) / 5) * 5
-    hi = max(hi, lo + 5)
-    px = lambda e: L + round((W - R - L) * e / x_max)
-    py = lambda v: H - B - round((H - B - T) * (v - lo) / (hi - lo))
-    cv, grey = Canvas(W, H), (225, 225, 225)
-    y_step = next(s for s in (1, 2, 5, 10, 20) if (hi - lo) / s <= 8)
-    for v in range(math.ceil(lo / y_step) * y_step, hi + 1, y_step):
-        cv.line(L, py(v), W - R, py(v), grey)
-        cv.text(L - 8 - 8 * len(str(v)), py(v) - 5, str(v))
-    x_step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 10**9) if x_max / s <= 10)
-    for e in range(0, int(x_max) + 1, x_step):
-        cv.line(px(e), T, px(e), H - B, grey)
-        cv.text(px(e) - 4 * len(str(e)), H - B + 8, str(e))
-    cv.line(L, T, L, H - B, (0, 0, 0)), cv.line(L, H - B, W - R, H - B, (0, 0, 0))
-    cv.text(L, 12, title), cv.text((L + W - R) // 2 - 20, H - 24, "epoch")
-    for i, (row, curve) in enumerate(curves):
-        c = PALETTE[i % len(PALETTE)]
-        pts = [(px(e), py(v)) for e, v in curve]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            cv.line(x0, y0, x1, y1, c, r=2)
-        for x, y in pts:
-            cv.rect(x - 3, y - 3, x + 4, y + 4, c)
-        ly = T + 6 + 22 * i
-        cv.rect(W - R + 16, ly + 3, W - R + 40, ly + 7, c)
-        cv.text(W - R + 48, ly, row)
-    cv.save(path)
+        print("plot skipped: no row has a kNN curve")
+        return False
+    try:  # the Figure class directly: no pyplot state, no backend to select
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return False
+    fig = Figure(figsize=(8, 5), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    for i, (row, curve) in enumerate(curves):  # 10 colours, then the next line style
+        epochs, top1 = zip(*curve)
+        style = ("-", "--", ":")[i // 10 % 3]
+        ax.plot(epochs, top1, style, marker="o", markersize=3, linewidth=1.5, label=row)
+    ax.set(title=title, xlabel="epoch", ylabel="kNN top-1 (%)")
+    ax.set_xlim(left=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(steps=[1, 2, 5, 10], integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small", frameon=False)
+    fig.savefig(path)
+    return True
 
 
 def beats_init(r: dict) -> bool:
@@ -411,9 +357,28 @@ def main():
     p.add_argument("--force", action="store_true", help="re-run rows that finished before")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--calibrate", action="store_true", help="measure the seconds per step in ROWS")
+    p.add_argument(
+        "--plot-only",
+        nargs="?",
+        const="",
+        metavar="RESULTS_JSON",
+        help="run nothing, redraw the plot from a results.json (default: the one in --out)",
+    )
+    p.add_argument("--png", default="", help="the plot's path (default: knn.png beside the JSON)")
     a = p.parse_args()
     a.data_dir = os.path.abspath(a.data_dir)
     a.out = os.path.abspath(a.out or os.path.join(REPO, "runs", f"bench_{a.profile}"))
+    if a.plot_only is not None:
+        src = a.plot_only or os.path.join(a.out, "results.json")
+        if not os.path.isfile(src):
+            p.error(f"--plot-only: no {rel(os.path.abspath(src))}")
+        with open(src) as f:
+            res = json.load(f)
+        png = a.png or os.path.join(os.path.dirname(os.path.abspath(src)), "knn.png")
+        drew = plot(res["rows"], f"kNN top-1 per epoch, {res['profile']}", png)
+        if drew:
+            print(f"wrote {rel(os.path.abspath(png))}")
+        sys.exit(0 if drew else 1)
     rows = [r.strip() for r in a.methods.split(",") if r.strip()]
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(ROWS)}")
@@ -443,8 +408,9 @@ def main():
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"command": cmdline, "profile": a.profile, "rows": results}, f, indent=1)
     write_markdown(results, cmdline, os.path.join(a.out, "results.md"))
-    plot(results, f"knn top-1 (%) - {a.profile}", os.path.join(a.out, "knn.png"))
-    print(f"wrote {rel(a.out)}/results.md, results.json and the plot knn.png")
+    png = os.path.abspath(a.png or os.path.join(a.out, "knn.png"))
+    drew = plot(results, f"kNN top-1 per epoch, {a.profile}", png)
+    print(f"wrote {rel(a.out)}/results.md, results.json" + (f", {rel(png)}" if drew else ""))
     bad = [f"FAILED {r['row']}: {r['error']}" for r in results if r["error"]]
     bad += [
         f"NOT LEARNING {r['row']}: kNN {fmt(r['knn_init'])} at init -> {fmt(r['knn_final'])}"
