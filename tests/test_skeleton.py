@@ -240,3 +240,11 @@ def test_import_has_no_side_effects(name, tmp_path):
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert r.stdout == b"" and r.stderr == b"", (r.stdout + r.stderr).decode()[-2000:]
     assert list(tmp_path.iterdir()) == [], f"importing {name} created files"
+
+
+def test_the_package_ships_every_method_file():
+    """pyproject's flat-layout module list (pip install .[bench]) names every top-level file."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        listed = tomllib.load(f)["tool"]["setuptools"]["py-modules"]
+    assert sorted(listed) == sorted([*FILES, "common"])
