@@ -153,7 +153,7 @@ def invaspread_loss(f1: torch.Tensor, f2: torch.Tensor, tau: float) -> torch.Ten
         log_p = logits.log_softmax(dim=1)  # [2B, 2N], -inf on the own column
         pos = F.one_hot(pos_idx, 2 * N).bool()
         spread = log1mexp(log_p.masked_fill(pos, float("-inf"))).sum(1)  # negatives only
-        return -(log_p[pos] + spread).mean()
+        return -(log_p.gather(1, pos_idx[:, None])[:, 0] + spread).mean()
 
 
 # ==== 4. method state: none (InvaSpread keeps no state beyond its parameters) ============

@@ -162,7 +162,10 @@ class SwAV(nn.Module):
         self.prototypes = nn.Linear(args.dim, args.n_prototypes, bias=False)
         rows = args.queue_length // args.world_size
         self.register_buffer("queue", torch.zeros(2, rows, args.dim))
-        self.queue_full = False  # a cache of "last queue row non-zero" (it never empties)
+        # rows of the queue filled so far, counted on the host; read from the device once per
+        # process (at the first use, after init or a load) instead of once per step
+        self.queue_rows = None
+        self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "queue_rows", None))
 
     def forward(self, views: list):
         """views: crops of one batch, consecutive crops of one size share a backbone pass (BN
@@ -273,12 +276,12 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
     with C.autocast(args):
         z, scores = model(views)  # [V*B, D], [V*B, K]
     z_a = z.detach().float()[: 2 * B].view(2, B, -1)  # the 2 global (assigned) crops
-    # the queue: filled from epoch_queue_starts on, used once full [ref: use_the_queue]; the
-    # check reads the device only until it is full (a few steps), then the cache answers
+    # the queue: filled from epoch_queue_starts on, used once full (its last row non-zero)
+    # [ref: main_swav.py use_the_queue]; the filled rows are counted, not read, per step
     on = net.queue.shape[1] > 0 and step >= args.epoch_queue_starts * args.steps_per_epoch
-    if on and not net.queue_full:
-        net.queue_full = bool(net.queue[:, -1].any())
-    use_queue = on and net.queue_full
+    if on and net.queue_rows is None:
+        net.queue_rows = int(net.queue[0].any(1).sum())  # unit z rows: none is all zeros
+    use_queue = on and net.queue_rows >= net.queue.shape[1]
     q = []
     for i in range(2):  # codes of each global crop, prepended queue scores with the current
         s = scores[i * B : (i + 1) * B].detach()  # prototypes, the batch rows kept
@@ -287,6 +290,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
         q.append(sinkhorn(s, args.eps, args.sinkhorn_iters)[-B:])  # [B, K]
     if on:
         enqueue(net.queue, z_a)
+        net.queue_rows = min(net.queue_rows + B, net.queue.shape[1])
     loss = swav_loss(list(scores.split(B)), q, args.tau)
     # prototypes frozen for the first iterations: their gradient cancelled after the backward,
     # so no momentum and no weight decay either [ref: main_swav.py "cancel gradients"]

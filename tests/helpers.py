@@ -13,6 +13,30 @@ import common as C
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--arch", "smallcnn", "--img-size", "16", "--workers", "0"]
 TINY += ["--knn-every", "0", "--linear-epochs", "0", "--log-every", "1", "--device", "cpu"]
+# every variant with CPU-sized flags (small heads, queues and banks): name -> (module, flags)
+VARIANTS = {
+    "simclr_v1": ("simclr", []),
+    "simclr_v2": ("simclr", ["--version", "v2"]),
+    "moco_v1": ("moco", ["--version", "v1", "--queue-size", "32"]),
+    "moco_v2": ("moco", ["--version", "v2", "--queue-size", "32"]),
+    "moco_v3": ("moco", ["--version", "v3"]),
+    "instdisc": ("instdisc", ["--nce-k", "8"]),
+    "invaspread": ("invaspread", []),
+    "cmc": ("cmc", ["--nce-k", "8"]),
+    "cpc": ("cpc", ["--context-dim", "16", "--context-blocks", "2"]),
+    "swav": (
+        "swav",
+        ["--hidden-dim", "64", "--n-prototypes", "32", "--dim", "16", "--n-local", "2"]
+        + ["--queue-length", "32", "--epoch-queue-starts", "0"],
+    ),
+    "byol": ("byol", ["--hidden-dim", "64", "--pred-hidden-dim", "32"]),
+    "simsiam": ("simsiam", ["--dim", "64", "--pred-dim", "16", "--proj-hidden", "64"]),
+    "barlow_twins": ("barlow_twins", ["--projector", "64-64-32"]),
+    "dino": (
+        "dino",
+        ["--hidden-dim", "32", "--bottleneck-dim", "16", "--out-dim", "64", "--n-local", "2"],
+    ),
+}
 
 
 @pytest.fixture(autouse=True)  # autouse where a test module imports it

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import TINY
+from helpers import TINY, VARIANTS
 
 import common as C
 import moco
@@ -142,29 +142,6 @@ def test_gathers_across_processes(tmp_path):
 # ==== every method: one model on every rank ==================================================
 # flags that make each method CPU-sized (small heads, small queues/banks); per-GPU BN methods
 # keep rank-local BN statistics while training and take rank 0's at every checkpoint
-VARIANTS = {
-    "simclr_v1": ("simclr", []),
-    "simclr_v2": ("simclr", ["--version", "v2"]),
-    "moco_v1": ("moco", ["--version", "v1", "--queue-size", "32"]),
-    "moco_v2": ("moco", ["--version", "v2", "--queue-size", "32"]),
-    "moco_v3": ("moco", ["--version", "v3"]),
-    "instdisc": ("instdisc", ["--nce-k", "8"]),
-    "invaspread": ("invaspread", []),
-    "cmc": ("cmc", ["--nce-k", "8"]),
-    "cpc": ("cpc", ["--context-dim", "16", "--context-blocks", "2"]),
-    "swav": (
-        "swav",
-        ["--hidden-dim", "64", "--n-prototypes", "32", "--dim", "16", "--n-local", "2"]
-        + ["--queue-length", "32", "--epoch-queue-starts", "0"],
-    ),
-    "byol": ("byol", ["--hidden-dim", "64", "--pred-hidden-dim", "32"]),
-    "simsiam": ("simsiam", ["--dim", "64", "--pred-dim", "16", "--proj-hidden", "64"]),
-    "barlow_twins": ("barlow_twins", ["--projector", "64-64-32"]),
-    "dino": (
-        "dino",
-        ["--hidden-dim", "32", "--bottleneck-dim", "16", "--out-dim", "64", "--n-local", "2"],
-    ),
-}
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 _BN = torch.nn.modules.batchnorm._BatchNorm
 PER_GPU_BN = {"moco_v1", "moco_v2", "instdisc", "invaspread", "cmc"}
