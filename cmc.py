@@ -59,7 +59,7 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
         0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
     )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
@@ -76,7 +76,7 @@ class Args:
     arch: str = arg(
         "resnet50", "each view's encoder [ref: train_CMC.py --model resnet50v1]", choices=C.ARCHS
     )
-    width: float = arg(
+    width: float = arg(  # 1/32: one channel at least in every layer of smallcnn
         0.5,
         "ResNet stage width, stem kept: v1 0.5, v2 1, v3 2 [ref: models/resnet.py ResNetV1]",
         range="[0.03125, inf)",
@@ -95,7 +95,7 @@ class Args:
     nce_k: int = ge0(
         4096, "noise rows per anchor, 0: softmax over the whole bank [README; code 16384]"
     )
-    bank_m: float = arg(
+    bank_m: float = arg(  # m = 1: the bank would never change
         0.5, "bank momentum: row <- normalise(m row + (1 - m) z) [ref: --nce_m]", range="[0, 1)"
     )
     dim: int = gt0(128, "embedding dim per view [ref: train_CMC.py --feat_dim]")

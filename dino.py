@@ -62,7 +62,7 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
         0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
     )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)

@@ -59,7 +59,7 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
         0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
     )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
@@ -87,7 +87,9 @@ class Args:
     warmup_epochs: int = ge0(0, "linear warm-up epochs [ref: none in main.py, cifar.py]")
     tau: float = gt0(0.07, "temperature [InstDisc §3.1; ref: --nce-t 0.07; cifar.py 0.1]")
     nce_k: int = ge0(4096, "noise rows K; 0: exact softmax over the bank [ref: main.py --nce-k]")
-    bank_m: float = unit(0.5, "bank momentum: v <- norm(m v + (1-m) f) [§3.3; ref: --nce-m 0.5]")
+    bank_m: float = arg(  # m = 1: the bank would never change
+        0.5, "bank momentum: v <- norm(m v + (1-m) f) [§3.3; ref: --nce-m 0.5]", range="[0, 1)"
+    )
     dim: int = gt0(128, "embedding dim [InstDisc §3.1; ref: main.py --low-dim 128]")
     crop_min: float = frac(0.2, "min crop scale [ref: main.py RandomResizedCrop scale=(0.2, 1)]")
     aug: str = arg(

@@ -58,7 +58,7 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
         0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
     )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
@@ -101,7 +101,7 @@ class Args:
     tau: float = gt0(0.1, "NT-Xent temperature [SimCLR Tab. 5; ref: README --temperature]")
     proj_layers: int = gt0(2, "projector layers (v1 2, v2 3) [ref: model_util.projection_head]")
     proj_dim: int = gt0(128, "projector output dim [SimCLR §2.3; ref: --proj_out_dim]")
-    color_s: float = arg(
+    color_s: float = arg(  # 2.5: ColorJitter's hue 0.2 s <= 0.5
         1.0, "colour jitter strength s [SimCLR App. A; CIFAR 0.5]", range="[0, 2.5]"
     )
     blur: bool = arg(True, "Gaussian blur p=0.5 [SimCLR App. A; off at CIFAR size]")
