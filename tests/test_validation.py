@@ -8,10 +8,13 @@ import importlib
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 from helpers import error_lines, python
+from PIL import Image
 from test_skeleton import FILES
 
 import common as C
@@ -137,6 +140,34 @@ def test_a_documented_zero_is_allowed(name):
     assert len(zero) >= 5, [f.name for f in zero]  # img_size, subset, max_steps, knn_* at least
     for f in zero:
         assert C.in_range(0, f.metadata["range"]), f"{name}.py: --{f.name} 0 is documented"
+
+
+# ==== the uncommon bounds are where the code stops working ===================================
+def spec_of(name: str, field_name: str) -> tuple:
+    return bounds(MODULES[name].Args.__dataclass_fields__[field_name].metadata["range"])
+
+
+def test_seed_bound_is_the_last_that_seeds_the_augmentation():
+    hi = spec_of("simclr", "seed")[2]  # (seed, epoch, index) -> one 64-bit torch seed
+    ds = lambda seed: C.Indexed(C.synthetic_images(2, 8, 0), lambda img: torch.rand(1), seed=seed)
+    assert ds(int(hi))[(1, 10_000)][2] == 1  # epoch 10000
+    with pytest.raises((RuntimeError, ValueError, OverflowError)):
+        ds(int(2 * hi))[(1, 0)]
+
+
+def test_colour_strength_bound_is_colorjitters_hue():
+    hi, img = spec_of("simclr", "color_s")[2], Image.new("RGB", (8, 8))
+    assert C.simclr_augment(8, None, s=hi)(img).shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="hue"):
+        C.simclr_augment(8, None, s=hi * 1.01)(img)
+
+
+def test_cmc_width_bound_keeps_a_channel_in_every_layer():
+    lo, x = spec_of("cmc", "width")[0], torch.rand(2, 1, 8, 8)
+    assert MODULES["cmc"].encoder("smallcnn", 8, 1, lo)[0](x).shape[0] == 2
+    with warnings.catch_warnings(), pytest.raises(RuntimeError):
+        warnings.simplefilter("ignore")  # torch: zero-element init is a no-op
+        MODULES["cmc"].encoder("smallcnn", 8, 1, lo * 0.99)[0](x)
 
 
 # ==== the shipped recipes pass =============================================================
