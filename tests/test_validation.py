@@ -50,25 +50,26 @@ def bounds(spec: str):
     return float(lo), a == "[", float(hi), b == "]"
 
 
+def nearest(integer: bool):  # x one step towards d (+1 / -1): an integer, or the next float
+    return (lambda x, d: x + d) if integer else (lambda x, d: math.nextafter(x, d * math.inf))
+
+
 def just_outside(spec: str, integer: bool) -> list:
     """The nearest values outside the range, on each finite side; NaN and inf for floats."""
-    lo, lo_in, hi, hi_in = bounds(spec)
-    step = (lambda x, d: x + d) if integer else (lambda x, d: math.nextafter(x, d * math.inf))
-    out = [int(step(lo, -1)) if integer and lo_in else step(lo, -1) if lo_in else lo]
-    if not math.isinf(hi):
-        out.append(int(step(hi, 1)) if integer and hi_in else step(hi, 1) if hi_in else hi)
-    out = [int(x) if integer else x for x in out]
-    return out if integer else [*out, math.nan, math.inf]
+    (lo, lo_in, hi, hi_in), near = bounds(spec), nearest(integer)
+    out = [near(lo, -1) if lo_in else lo] + (
+        [] if math.isinf(hi) else [near(hi, 1) if hi_in else hi]
+    )
+    return [int(x) for x in out] if integer else [*out, math.nan, math.inf]
 
 
 def just_inside(spec: str, integer: bool) -> list:
     """The range's edges, or the nearest values inside an open end."""
-    lo, lo_in, hi, hi_in = bounds(spec)
-    step = (lambda x, d: x + d) if integer else (lambda x, d: math.nextafter(x, d * math.inf))
-    out = [lo if lo_in else step(lo, 1)] + (
-        [] if math.isinf(hi) else [hi if hi_in else step(hi, -1)]
+    (lo, lo_in, hi, hi_in), near = bounds(spec), nearest(integer)
+    out = [lo if lo_in else near(lo, 1)] + (
+        [] if math.isinf(hi) else [hi if hi_in else near(hi, -1)]
     )
-    return [int(x) if integer else x for x in out]
+    return [int(x) for x in out] if integer else out
 
 
 def parse_fails(module, argv, capsys) -> str:
