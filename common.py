@@ -739,6 +739,7 @@ def check_patch(args, patch: int, flag: str, px: int):
         given = getattr(args, flag[2:].replace("-", "_"))
         why = f"{px} px crops are smaller than the ViT's {patch} px patch"
         alt = " or a smaller --patch-size" * (hasattr(args, "patch_size") and "patch" not in flag)
+        # (a crop's flag, with the ViT's patch a flag too; CPC's --patch-size is its own crop)
         fail(f"{flag} {given}: {why}; pass {flag} >= {patch}{alt}")
 
 
