@@ -20,6 +20,7 @@ Run: torchrun --nproc_per_node=8 barlow_twins.py --preset imagenet --dataset ima
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,13 @@ import common as C
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -41,9 +47,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -51,39 +57,41 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     arch: str = arg("resnet50", "backbone [BT §2 Implementation details]", choices=C.ARCHS)
-    epochs: int = arg(1000, "epochs [BT §2 Implementation details; ref: main.py --epochs]")
-    batch_size: int = arg(2048, "GLOBAL batch [BT §2 Implementation details; ref: --batch-size]")
-    lr: float = arg(0.2, "LARS lr of weights, x batch/256 [BT §2; ref: --learning-rate-weights]")
-    lr_biases: float = arg(
+    epochs: int = ge0(1000, "epochs [BT §2 Implementation details; ref: main.py --epochs]")
+    batch_size: int = gt0(2048, "GLOBAL batch [BT §2 Implementation details; ref: --batch-size]")
+    lr: float = gt0(0.2, "LARS lr of weights, x batch/256 [BT §2; ref: --learning-rate-weights]")
+    lr_biases: float = ge0(
         0.0048,
         "biases/BN lr, x batch/256 [BT §2; ref: main.py --learning-rate-biases]. The official "
         "W-GPU run had 1/W of the gradient (see barlow_twins_loss): it equals this run with "
         "--lr-biases 0.0048/W and --wd W x 1e-6, or --plain-all-reduce on W processes",
     )
-    wd: float = arg(
+    wd: float = ge0(
         1e-6,
         "weight decay, not on biases/BN [ref: main.py --weight-decay 1e-6, the code of the "
         "released 73.5% model; BT §2 says 1.5e-6]; an official W-GPU run: W x this (--lr-biases)",
     )
-    warmup_epochs: int = arg(10, "linear warm-up, then cosine to lr/1000 [BT §2; ref: main.py]")
-    lambd: float = arg(0.0051, "off-diagonal weight lambda [ref: main.py --lambd; BT §2: 5e-3]")
+    warmup_epochs: int = ge0(10, "linear warm-up, then cosine to lr/1000 [BT §2; ref: main.py]")
+    lambd: float = ge0(0.0051, "off-diagonal weight lambda [ref: main.py --lambd; BT §2: 5e-3]")
     projector: str = arg("8192-8192-8192", "projector widths [BT §2; ref: main.py --projector]")
     blur: bool = arg(True, "blur p=1.0 / 0.1 [BT §2; ref: main.py Transform; off at CIFAR size]")
-    eta: float = arg(0.001, "LARS trust coefficient [ref: main.py LARS eta=0.001]")
-    scale_loss: float = arg(1.0, "loss x this before backward [ref: main.py: none; solo: 0.1]")
+    eta: float = gt0(0.001, "LARS trust coefficient [ref: main.py LARS eta=0.001]")
+    scale_loss: float = gt0(1.0, "loss x this before backward [ref: main.py: none; solo: 0.1]")
     solo: bool = arg(
         False,
         "solo-learn's step: LARS trust eta|w|/(|g|+wd|w|) capped at 1/lr (clip_lr) [ref: solo-"
@@ -96,16 +104,16 @@ class Args:
         "the exact multi-process gradient (DEVIATION, see barlow_twins_loss)",
     )
     zero_init_residual: bool = arg(True, "zero last BN gamma per block [ref: main.py resnet50]")
-    stem_padding: int = arg(
+    stem_padding: int = ge0(
         1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
     )
-    linear_epochs: int = arg(100, "linear-eval epochs [ref: evaluate.py --epochs]")
-    linear_lr: float = arg(0.3, "linear-eval lr at batch 256 [ref: evaluate.py --lr-classifier]")
-    linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: evaluate.py --weight-decay]")
-    linear_batch_size: int = arg(256, "linear-eval global batch [ref: evaluate.py --batch-size]")
+    linear_epochs: int = ge0(100, "linear-eval epochs [ref: evaluate.py --epochs]")
+    linear_lr: float = ge0(0.3, "linear-eval lr at batch 256 [ref: evaluate.py --lr-classifier]")
+    linear_wd: float = ge0(1e-6, "linear-eval weight decay [ref: evaluate.py --weight-decay]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: evaluate.py --batch-size]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: evaluate.py: SGD momentum 0.9]")
-    linear_milestones: tuple = arg((), "lr x0.1 epochs (empty: cosine) [ref: evaluate.py cosine]")
-    linear_decay: float = arg(0.1, "lr factor per milestone (unused: cosine) [ref: evaluate.py]")
+    linear_milestones: tuple = ge0((), "lr x0.1 epochs (empty: cosine) [ref: evaluate.py cosine]")
+    linear_decay: float = unit(0.1, "lr factor per milestone (unused: cosine) [ref: evaluate.py]")
     linear_epoch_lr: bool = arg(
         True, "cosine lr set once per epoch [ref: evaluate.py CosineAnnealingLR, stepped per epoch]"
     )
@@ -135,6 +143,15 @@ class Args:
             r.update(lr=0.3, lr_biases=0.3, wd=1e-4, eta=0.02, scale_loss=0.1, solo=True)
             r.update(zero_init_residual=False, stem_padding=2)  # solo-learn base.py
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        if not all(w.isdigit() and int(w) > 0 for w in self.projector.split("-")):
+            C.fail(
+                f"--projector {self.projector}: not widths joined by '-'; pass e.g. 8192-8192-8192"
+            )
+        if self.batch_size < 2:  # C_ij standardises each dimension over the batch, as BN does
+            C.fail(f"--batch-size {self.batch_size}: no std over one sample; pass >= 2")
 
 
 # ==== 2. model: heads + BarlowTwins(nn.Module), all method state as persistent buffers =====
@@ -383,8 +400,6 @@ def build_optimizer(model: BarlowTwins, args: Args) -> C.LARS:
 
 def main(args: Args):
     device = C.setup_ddp(args)
-    if not all(w.isdigit() and int(w) > 0 for w in args.projector.split("-")):
-        C.fail(f"--projector {args.projector}: pass widths joined by '-', e.g. 8192-8192-8192")
     # asymmetric pair: blur 1.0 / 0.1, solarize 0 / 0.2, mean/std-normalised [ref: main.py
     # Transform], bicubic crops as official
     views = lambda ms: C.byol_augment(args.img_size, ms, blur=args.blur, bicubic=True)

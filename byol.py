@@ -21,6 +21,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,13 @@ import common as C
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -42,9 +48,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -52,50 +58,52 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     arch: str = arg("resnet50", "backbone, ResNet-50 v1 [BYOL §3.2]", choices=C.ARCHS)
     zero_init_residual: bool = arg(
         False, "zero-init each block's last BN gamma; the paper ran without [ref: byol README]"
     )
-    stem_padding: int = arg(
+    stem_padding: int = ge0(
         1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
     )
-    epochs: int = arg(1000, "epochs [BYOL §3.2; ref: configs/byol.py presets 40/100/300/1000]")
-    batch_size: int = arg(4096, "GLOBAL batch [BYOL §3.2: 4096 over 512 TPU v3 cores]")
-    lr: float = arg(0.2, "LARS lr per 256, x B/256 [BYOL §3.2; ref: configs/byol.py _LR_PRESETS]")
-    wd: float = arg(1.5e-6, "weight decay, not on biases/BN [BYOL §3.2; ref: _WD_PRESETS]")
-    warmup_epochs: int = arg(10, "linear warm-up epochs, then cosine to 0 per step [BYOL §3.2]")
-    warmup_start: float = arg(0.0, "lr at step 0 (absolute) [ref: learning_schedule: lr*k/w]")
-    eta: float = arg(1e-3, "LARS trust coefficient [BYOL §3.2; ref: configs/byol.py eta]")
+    epochs: int = ge0(1000, "epochs [BYOL §3.2; ref: configs/byol.py presets 40/100/300/1000]")
+    batch_size: int = gt0(4096, "GLOBAL batch [BYOL §3.2: 4096 over 512 TPU v3 cores]")
+    lr: float = ge0(0.2, "LARS lr per 256, x B/256 [BYOL §3.2; ref: configs/byol.py _LR_PRESETS]")
+    wd: float = ge0(1.5e-6, "weight decay, not on biases/BN [BYOL §3.2; ref: _WD_PRESETS]")
+    warmup_epochs: int = ge0(10, "linear warm-up epochs, then cosine to 0 per step [BYOL §3.2]")
+    warmup_start: float = ge0(0.0, "lr at step 0 (absolute) [ref: learning_schedule: lr*k/w]")
+    eta: float = gt0(1e-3, "LARS trust coefficient [BYOL §3.2; ref: configs/byol.py eta]")
     solo: bool = arg(
         False,
         "solo-learn's LARS (trust eta|w|/(|g|+wd|w|+1e-8), capped at 1/lr) and warm-up (lr at "
         "step w-1) [ref: solo/utils/lars.py, lr_scheduler.py]; off: utils/optimizers.py lars",
     )
-    m: float = arg(0.996, "tau_base: target EMA, -> 1 by cosine [BYOL §3.2; ref: _EMA_PRESETS]")
-    dim: int = arg(256, "projector/predictor output dim [BYOL §3.2; ref: projector_output_size]")
-    hidden_dim: int = arg(4096, "projector hidden dim [BYOL §3.2; ref: projector_hidden_size]")
-    pred_hidden_dim: int = arg(4096, "predictor hidden dim [BYOL §3.2; ref: predictor_hidden_size]")
-    crop_min: float = arg(0.08, "min crop scale [BYOL Tab. 6; ref: dataset.py 0.08]")
+    m: float = unit(0.996, "tau_base: target EMA, -> 1 by cosine [BYOL §3.2; ref: _EMA_PRESETS]")
+    dim: int = gt0(256, "projector/predictor output dim [BYOL §3.2; ref: projector_output_size]")
+    hidden_dim: int = gt0(4096, "projector hidden dim [BYOL §3.2; ref: projector_hidden_size]")
+    pred_hidden_dim: int = gt0(4096, "predictor hidden dim [BYOL §3.2; ref: predictor_hidden_size]")
+    crop_min: float = frac(0.08, "min crop scale [BYOL Tab. 6; ref: dataset.py 0.08]")
     blur: bool = arg(True, "blur p=1.0 / 0.1 [BYOL Tab. 6; off at CIFAR size, ref: solo-learn]")
-    linear_epochs: int = arg(80, "linear-eval epochs [BYOL App. C.1; ref: configs/eval.py]")
-    linear_lr: float = arg(0.2, "linear lr per 256, cosine [ref: configs/eval.py; App. C.1 sweep]")
-    linear_wd: float = arg(0.0, "linear-eval weight decay: none [BYOL App. C.1]")
-    linear_batch_size: int = arg(1024, "linear-eval global batch [BYOL App. C.1]")
+    linear_epochs: int = ge0(80, "linear-eval epochs [BYOL App. C.1; ref: configs/eval.py]")
+    linear_lr: float = ge0(0.2, "linear lr per 256, cosine [ref: configs/eval.py; App. C.1 sweep]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay: none [BYOL App. C.1]")
+    linear_batch_size: int = gt0(1024, "linear-eval global batch [BYOL App. C.1]")
     linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: configs/eval.py nesterov]")
-    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: eval.py]")
-    linear_decay: float = arg(0.1, "unused: no milestones, cosine [ref: configs/eval.py]")
+    linear_milestones: tuple = ge0((), "linear lr x0.1 epochs (empty: cosine) [ref: eval.py]")
+    linear_decay: float = unit(0.1, "unused: no milestones, cosine [ref: configs/eval.py]")
     linear_epoch_lr: bool = arg(
         False, "off: lr per step [ref: eval_experiment._update_func learning_schedule(step)]"
     )
@@ -133,6 +141,11 @@ class Args:
             # 100 epochs / batch 512 of the other CIFAR presets
             r.update(linear_epochs=100, linear_batch_size=512)
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        if self.batch_size < 2:
+            C.fail(f"--batch-size {self.batch_size}: BatchNorm needs >= 2 samples; pass >= 2")
 
 
 # ==== 2. model: heads + BYOL(nn.Module), all method state as persistent buffers =========
@@ -356,8 +369,6 @@ def fit(model, optimizer, data, args):
 # ==== 7. main(args) ========================================================================
 def main(args: Args):
     device = C.setup_ddp(args)
-    if not 0.0 <= args.m <= 1.0:
-        C.fail(f"--m {args.m} is not an EMA coefficient; pass a value in [0, 1], e.g. 0.996")
     # view 1: blur 1.0, no solarize; view 2: blur 0.1, solarize 0.2 [BYOL Tab. 6]; img_size is
     # read when build_data calls this (it fills in the default size first)
     scale = (args.crop_min, 1.0)  # bicubic crops [ref: byol utils/augmentations.py]

@@ -22,6 +22,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,13 @@ import common as C
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -43,9 +49,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -53,48 +59,54 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     arch: str = arg(
         "resnet50", "each view's encoder [ref: train_CMC.py --model resnet50v1]", choices=C.ARCHS
     )
-    width: float = arg(
-        0.5, "ResNet stage width, stem kept: v1 0.5, v2 1, v3 2 [ref: models/resnet.py ResNetV1]"
+    width: float = arg(  # 1/32: one channel at least in every layer of smallcnn
+        0.5,
+        "ResNet stage width, stem kept: v1 0.5, v2 1, v3 2 [ref: models/resnet.py ResNetV1]",
+        range="[0.03125, inf)",
     )
-    epochs: int = arg(240, "epochs [ref: train_CMC.py --epochs 240]")
-    batch_size: int = arg(128, "GLOBAL batch [ref: train_CMC.py --batch_size; README resnet50v1]")
-    lr: float = arg(0.03, "SGD lr, not scaled with the batch [ref: train_CMC.py --learning_rate]")
-    wd: float = arg(1e-4, "weight decay, on all params [ref: train_CMC.py --weight_decay]")
-    warmup_epochs: int = arg(0, "linear warm-up epochs: none [ref: train_CMC.py]")
-    lr_milestones: tuple = arg((120, 160, 200), "lr x0.1 epochs [ref: --lr_decay_epochs]")
-    tau: float = arg(0.07, "temperature [ref: --nce_t 0.07; README: 0.1 on STL-10]")
+    epochs: int = ge0(240, "epochs [ref: train_CMC.py --epochs 240]")
+    batch_size: int = gt0(128, "GLOBAL batch [ref: train_CMC.py --batch_size; README resnet50v1]")
+    lr: float = ge0(0.03, "SGD lr, not scaled with the batch [ref: train_CMC.py --learning_rate]")
+    wd: float = ge0(1e-4, "weight decay, on all params [ref: train_CMC.py --weight_decay]")
+    warmup_epochs: int = ge0(0, "linear warm-up epochs: none [ref: train_CMC.py]")
+    lr_milestones: tuple = ge0((120, 160, 200), "lr x0.1 epochs [ref: --lr_decay_epochs]")
+    tau: float = gt0(0.07, "temperature [ref: --nce_t 0.07; README: 0.1 on STL-10]")
     softmax: bool = arg(
         False, "softmax-CE, not NCE [ref: --softmax, off in README commands; weights: NCE]"
     )
     # K: 4096 in the README and for the released weights, 16384 as train_CMC.py's default
-    nce_k: int = arg(
+    nce_k: int = ge0(
         4096, "noise rows per anchor, 0: softmax over the whole bank [README; code 16384]"
     )
-    bank_m: float = arg(0.5, "bank momentum: row <- normalise(m row + (1 - m) z) [ref: --nce_m]")
-    dim: int = arg(128, "embedding dim per view [ref: train_CMC.py --feat_dim]")
-    crop_min: float = arg(0.08, "min crop scale, ResNets on ImageNet [ref: train_CMC.py crop_low]")
-    linear_epochs: int = arg(60, "linear-eval epochs [ref: LinearProbing.py --epochs]")
-    linear_lr: float = arg(30.0, "linear lr per 256 [ref: README: 30 resnet50v1/v2, 50 v3]")
-    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: LinearProbing.py]")
-    linear_batch_size: int = arg(256, "linear-eval global batch [ref: LinearProbing.py]")
+    bank_m: float = arg(  # m = 1: the bank would never change
+        0.5, "bank momentum: row <- normalise(m row + (1 - m) z) [ref: --nce_m]", range="[0, 1)"
+    )
+    dim: int = gt0(128, "embedding dim per view [ref: train_CMC.py --feat_dim]")
+    crop_min: float = frac(0.08, "min crop scale, ResNets on ImageNet [ref: train_CMC.py crop_low]")
+    linear_epochs: int = ge0(60, "linear-eval epochs [ref: LinearProbing.py --epochs]")
+    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: README: 30 resnet50v1/v2, 50 v3]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: LinearProbing.py]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: LinearProbing.py]")
     linear_nesterov: bool = arg(False, "plain momentum 0.9 [ref: LinearProbing.py]")
-    linear_milestones: tuple = arg((30, 40, 50), "linear lr steps [ref: --lr_decay_epochs]")
-    linear_decay: float = arg(0.2, "linear lr factor [ref: LinearProbing.py --lr_decay_rate]")
+    linear_milestones: tuple = ge0((30, 40, 50), "linear lr steps [ref: --lr_decay_epochs]")
+    linear_decay: float = unit(0.2, "linear lr factor [ref: LinearProbing.py --lr_decay_rate]")
     linear_epoch_lr: bool = arg(True, "linear lr per epoch [ref: util.py adjust_learning_rate]")
     linear_best: bool = arg(True, "best epoch's top-1 [ref: LinearProbing.py main best_acc1]")
     linear_zero_init: bool = arg(False, "N(0, 0.01) head [ref: models/LinearModel.py initilize]")
@@ -120,6 +132,10 @@ class Args:
             r.update(crop_min=0.2)  # [ref: train_CMC.py crop_low 0.2 off full ImageNet; lemniscate]
             # linear probe: CMC's protocol above (lr 30 on frozen features, as the MoCo CIFAR demo)
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it); --nce-k
+        against the number of images waits for the data (main)."""
 
 
 # ==== 2. model: heads + CMC(nn.Module), all method state as persistent buffers =============
@@ -441,10 +457,6 @@ def fit(model, optimizer, data, args):
 # ==== 7. main(args) ========================================================================
 def main(args: Args):
     device = C.setup_ddp(args)
-    if args.tau <= 0:
-        C.fail(f"--tau {args.tau} is not a temperature; pass a positive value, e.g. 0.07")
-    if not 0.0 <= args.bank_m < 1.0:
-        C.fail(f"--bank-m {args.bank_m} is not a momentum; pass a value in [0, 1), e.g. 0.5")
     # one crop + flip, no colour augmentation [ref: train_CMC.py get_train_loader]; RGB in
     # [0, 1] for every split: Lab and its split into views happen on the device (section 2)
     scale = (args.crop_min, 1.0)  # args.img_size is resolved inside build_data, read it late

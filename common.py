@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -29,8 +30,13 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 
-def fail(msg: str):  # one line that names the fix; a non-zero exit, no traceback
-    raise SystemExit(f"error: {msg}")
+def fail(msg: str):
+    """One line on stderr that names the fix, no traceback; exit status 2, as argparse's errors
+    (str() of the SystemExit is the line, for callers that catch it)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    e = SystemExit(f"error: {msg}")
+    e.code = 2
+    raise e
 
 
 # ==== 1. distributed =======================================================================
@@ -287,10 +293,17 @@ class Indexed(torch.utils.data.Dataset):
         return out, y, i
 
 
+def image_size(args) -> int:  # --img-size, 0 resolved: the dataset's usual size
+    return args.img_size or {"imagenet": 224, "folder": 224, "stl10": 96}.get(args.dataset, 32)
+
+
+def local_size(args) -> int:  # --local-size, 0 resolved: img_size x 96/224 [SwAV, DINO: 96 px]
+    return args.local_size or max(8, round(image_size(args) * 96 / 224))
+
+
 def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
     """Pretraining set (train_tf(mean_std) -> views), kNN/linear sets, derived step counts."""
-    if not args.img_size:
-        args.img_size = {"imagenet": 224, "folder": 224, "stl10": 96}.get(args.dataset, 32)
+    args.img_size = image_size(args)
     train, test, nc = base_datasets(args)
     stats = CIFAR_MEAN_STD if "cifar" in args.dataset else IMAGENET_MEAN_STD
     mean_std = stats if normalize else None
@@ -795,7 +808,7 @@ def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer
         dim, net.fc = net.fc.in_features, nn.Identity()
         return net, dim
     if arch in VIT_SIZES:
-        (dim, heads), patch = VIT_SIZES[arch], kw.get("patch_size") or (16 if img_size > 64 else 4)
+        (dim, heads), patch = VIT_SIZES[arch], vit_patch(img_size, kw.get("patch_size"))
         heads = kw.get("num_heads") or heads
         net = ViT(img_size, patch, dim, 12, heads, kw.get("pos_embed"), in_chans)
         net.patch_embed.requires_grad_(not kw.get("freeze_patch_embed"))  # MoCo v3: frozen
@@ -803,6 +816,28 @@ def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer
     if arch == "smallcnn":
         return small_cnn(norm_layer or nn.BatchNorm2d, in_chans, int(32 * width)), int(256 * width)
     fail(f"unknown --arch {arch}; choose from {', '.join(ARCHS)}")
+
+
+def vit_patch(img_size: int, patch_size=0) -> int:  # the ViT's patch side: 16, 4 at <= 64 px
+    return patch_size or (16 if img_size > 64 else 4)
+
+
+def check_patch(args, patch: int, flag: str, px: int):
+    """A ViT embeds patch x patch tiles (a Conv2d of stride patch): a crop needs at least one."""
+    if args.arch in VIT_SIZES and px < patch:
+        given = getattr(args, flag[2:].replace("-", "_"))
+        why = f"{px} px crops are smaller than the ViT's {patch} px patch"
+        alt = " or a smaller --patch-size" * (hasattr(args, "patch_size") and "patch" not in flag)
+        # (a crop's flag, with the ViT's patch a flag too; CPC's --patch-size is its own crop)
+        fail(f"{flag} {given}: {why}; pass {flag} >= {patch}{alt}")
+
+
+def check_pair(args, name: str, ordered: bool = True):
+    """A tuple flag of exactly two numbers, lo <= hi if ordered (e.g. a crop scale range)."""
+    v, what = getattr(args, name), "two numbers" + " lo <= hi" * ordered
+    if len(v) != 2 or (ordered and v[0] > v[1]):
+        why = "lo > hi" if len(v) == 2 else "not two numbers"
+        fail(f"--{name.replace('_', '-')} {' '.join(map(str, v))}: {why}; pass {what}")
 
 
 def small_cnn(norm_layer, in_chans=3, c=32) -> nn.Sequential:
@@ -1083,23 +1118,95 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
 
 
 # ==== 8. config, CLI and logging ===========================================================
+RANGE = re.compile(r"([\[(])(\S+), (\S+)([\])])")  # "[lo, hi]", "(lo, hi)", "[0, inf)", ...
+
+
+def in_range(x, spec: str) -> bool:  # NaN is in no range, inf only in one closed at inf
+    a, lo, hi, b = RANGE.fullmatch(spec).groups()
+    lo, hi = float(lo), float(hi)
+    return (lo <= x if a == "[" else lo < x) and (x <= hi if b == "]" else x < hi)
+
+
+def describe(spec: str, integer: bool) -> str:
+    """The range in words: "[0, inf)" -> ">= 0", "[0, 1]" -> "in [0, 1]"; integers get closed
+    bounds: "(0, inf)" -> ">= 1"."""
+    a, lo, hi, b = RANGE.fullmatch(spec).groups()
+    lo, hi = float(lo), float(hi)
+    if integer:
+        lo, a = (math.floor(lo) + 1 if a == "(" else math.ceil(lo)), "["
+        hi, b = (hi, b) if math.isinf(hi) else (math.ceil(hi) - 1 if b == ")" else hi, "]")
+    num = lambda x: str(int(x)) if x == int(x) else str(x)
+    if math.isinf(hi):
+        return f"{'>=' if a == '[' else '>'} {num(lo)}"
+    return f"in {a}{num(lo)}, {num(hi)}{b}"
+
+
+def value_type(f: dataclasses.Field) -> type:  # what argparse makes of the flag (tuple: each)
+    d = f.default
+    return (type(d[0]) if d else float) if isinstance(d, tuple) else type(d)
+
+
+def check_ranges(args, defaults: dict):
+    """Every value (every element of a tuple) in its field's range, metadata "range"."""
+    for f in (f for f in dataclasses.fields(args) if f.metadata.get("range")):
+        v, spec, integer = getattr(args, f.name), f.metadata["range"], value_type(f) is int
+        bad = [x for x in (v if isinstance(v, tuple) else (v,)) if not in_range(x, spec)]
+        if not bad:
+            continue
+        x, desc, d = bad[0], describe(spec, integer), defaults[f.name]
+        why = "not a number" if x != x else "not finite" if math.isinf(x) else f"not {desc}"
+        noun = "an integer" if integer else "a number"
+        if isinstance(v, tuple):
+            show = lambda t: " ".join(map(str, t)) or "none"
+            v, d, why, noun = show(v), show(d), f"{x} is {why}", noun.split()[1] + "s"
+        fail(f"--{f.name.replace('_', '-')} {v}: {why}; pass {noun} {desc} (default {d})")
+
+
+def run_dir(args) -> str:  # --out-dir, default runs/<method>
+    method = os.path.basename(sys.modules[type(args).__module__].__file__).removesuffix(".py")
+    return args.out_dir or os.path.join("runs", method)
+
+
+def check_out_dir(args):
+    """--out-dir is a writable folder, or the nearest existing folder above it is."""
+    path = run_dir(args)
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        fail(f"--out-dir {path}: {p} is a file, not a folder; pass a folder path")
+    if not os.access(p, os.W_OK | os.X_OK):
+        fail(f"--out-dir {path}: cannot write in {p}; pass a folder you can write to")
+
+
 def parse_args(cls, argv=None):
     """argparse from the dataclass (help from field metadata). Values: field defaults (the paper's
-    ImageNet recipe) < cls.recipe(version, preset, arch) (e.g. the CIFAR preset) < given flags."""
+    ImageNet recipe) < cls.recipe(version, preset, arch) (e.g. the CIFAR preset) < given flags.
+    All values are checked here, before anything is built or loaded: each field against its
+    range, --out-dir, then args.check() (the method's limits over several fields); a bad value
+    ends the run with one line "error: --flag value: why; what to pass", exit status 2."""
     doc, raw = sys.modules[cls.__module__].__doc__, argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=doc, formatter_class=raw)
     for f in (f for f in dataclasses.fields(cls) if not f.metadata.get("derived")):
-        kw = {"help": f.metadata.get("help", "").replace("%", "%%"), "default": argparse.SUPPRESS}
+        spec, t, each = f.metadata.get("range"), value_type(f), isinstance(f.default, tuple)
+        rng = f" ({'each ' * each}{describe(spec, t is int)})" if spec else ""
+        text = (f.metadata.get("help", "") + rng).replace("%", "%%")  # argparse %-formats it
+        kw = {"help": text, "default": argparse.SUPPRESS}
         flag, default = "--" + f.name.replace("_", "-"), f.default
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):
-            p.add_argument(flag, nargs="*", type=type(default[0]) if default else float, **kw)
+            p.add_argument(flag, nargs="*", type=t, **kw)
         else:
-            p.add_argument(flag, type=type(default), choices=f.metadata.get("choices"), **kw)
+            p.add_argument(flag, type=t, choices=f.metadata.get("choices"), **kw)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()}
     sel = {k: given[k] for k in ("version", "preset", "arch") if k in given}
-    return cls(**{**cls.recipe(**sel), **given})
+    recipe = cls.recipe(**sel)
+    args = cls(**{**recipe, **given})
+    check_ranges(args, {**{f.name: f.default for f in dataclasses.fields(cls)}, **recipe})
+    check_out_dir(args)
+    args.check()
+    return args
 
 
 def config_dict(args) -> dict:
@@ -1109,13 +1216,16 @@ def config_dict(args) -> dict:
 
 def prepare_run(args):
     """Create out-dir, print and save the resolved config; seed model init the same on all ranks."""
-    method = os.path.basename(sys.modules[type(args).__module__].__file__).removesuffix(".py")
-    args.out_dir = args.out_dir or os.path.join("runs", method)
+    args.out_dir = run_dir(args)
     if args.is_main:
-        os.makedirs(args.out_dir, exist_ok=True)
-        print(cfg := json.dumps(config_dict(args), indent=1))
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            f.write(cfg)
+        cfg = json.dumps(config_dict(args), indent=1)
+        try:  # checked by parse_args already; this catches what changed since (or main(args))
+            os.makedirs(args.out_dir, exist_ok=True)
+            with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+                f.write(cfg)
+        except OSError as e:
+            fail(f"--out-dir {args.out_dir}: {e.strerror or e}; pass a folder you can write to")
+        print(cfg)
     torch.manual_seed(args.seed), random.seed(args.seed)
 
 

@@ -21,6 +21,7 @@ Run: torchrun --nproc_per_node=8 cpc.py --preset imagenet --dataset imagenet --d
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,13 @@ import common as C
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -44,9 +50,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -54,30 +60,34 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     arch: str = arg("resnet50", "patch encoder [CPC v2 §4: ResNet-50 variant]", choices=C.ARCHS)
-    epochs: int = arg(200, "epochs [DEVIATION: the paper's count not verified here]")
-    batch_size: int = arg(512, "GLOBAL batch [CPC v1 §3.2: 32 GPUs x 16; pl_bolts ImageNet: 3072]")
+    epochs: int = ge0(200, "epochs [DEVIATION: the paper's count not verified here]")
+    batch_size: int = gt0(512, "GLOBAL batch [CPC v1 §3.2: 32 GPUs x 16; pl_bolts ImageNet: 3072]")
     # lr: the pl_bolts docs results table (Adam 4e-5 at batch 3072 for its 54.82% ImageNet row, as
     # for its CIFAR-10 row), not the parser comment "imagenet: 4e-4", which also disagrees with
     # the table on CIFAR-10 (1e-5 vs 4e-5) and produced no reported number
-    lr: float = arg(4e-5, "Adam lr, NOT scaled by batch [ref: pl_bolts docs self_supervised.rst]")
-    wd: float = arg(1e-5, "Adam L2 on ALL params [ref: pl_bolts cpc_module configure_optimizers]")
-    betas: tuple = arg((0.8, 0.999), "Adam betas [ref: pl_bolts cpc_module configure_optimizers]")
-    adam_eps: float = arg(1e-7, "Adam eps [ref: pl_bolts cpc_module.py configure_optimizers]")
-    warmup_epochs: int = arg(0, "linear warm-up, then a constant lr [ref: pl_bolts: no scheduler]")
-    patch_size: int = arg(0, "patch side, stride = half (0: img/4) [CPC v1 §3.2: 64/32 of 256]")
+    lr: float = ge0(4e-5, "Adam lr, NOT scaled by batch [ref: pl_bolts docs self_supervised.rst]")
+    wd: float = ge0(1e-5, "Adam L2 on ALL params [ref: pl_bolts cpc_module configure_optimizers]")
+    betas: tuple = arg(
+        (0.8, 0.999), "Adam betas [ref: pl_bolts cpc_module configure_optimizers]", range="[0, 1)"
+    )
+    adam_eps: float = gt0(1e-7, "Adam eps [ref: pl_bolts cpc_module.py configure_optimizers]")
+    warmup_epochs: int = ge0(0, "linear warm-up, then a constant lr [ref: pl_bolts: no scheduler]")
+    patch_size: int = ge0(0, "patch side, stride = half (0: img/4) [CPC v1 §3.2: 64/32 of 256]")
     aug: str = arg(
         "crop",
         "image aug: crop = random crop of the image resized x300/256 + flip [CPC v1 §3.2]; "
@@ -87,22 +97,22 @@ class Args:
     color_drop: bool = arg(True, "per patch keep 1 of 3 colour channels [CPC v2 §4.1 'RC']")
     patch_flip: bool = arg(True, "per patch horizontal flip, p=0.5 [CPC v2 §4.1 'PA']")
     patch_crop: bool = arg(True, "per patch random 15/16 sub-crop, padded back [CPC v1 §3.2]")
-    context_dim: int = arg(256, "context network width [CPC v2 App. A pixelCNN: 256]")
-    context_blocks: int = arg(5, "context residual blocks [CPC v2 App. A pixelCNN: 5]")
-    target_dim: int = arg(64, "target/prediction dim [CPC v2 App. A: target_dim=64]")
-    emb_scale: float = arg(0.1, "predictions x this (= 1/temperature) [CPC v2 App. A emb_scale]")
-    min_step: int = arg(3, "first row offset predicted [CPC v2 App. A: steps_to_ignore=2]")
-    max_step: int = arg(3, "last offset [CPC v2 App. A: steps_to_predict=3; v1 §3.2: up to 5]")
+    context_dim: int = gt0(256, "context network width [CPC v2 App. A pixelCNN: 256]")
+    context_blocks: int = ge0(5, "context residual blocks [CPC v2 App. A pixelCNN: 5]")
+    target_dim: int = gt0(64, "target/prediction dim [CPC v2 App. A: target_dim=64]")
+    emb_scale: float = gt0(0.1, "predictions x this (= 1/temperature) [CPC v2 App. A emb_scale]")
+    min_step: int = gt0(3, "first row offset predicted [CPC v2 App. A: steps_to_ignore=2]")
+    max_step: int = gt0(3, "last offset [CPC v2 App. A: steps_to_predict=3; v1 §3.2: up to 5]")
     directions: int = arg(
         4, "1: top-down (v1); 2: + bottom-up; 4: + left/right [CPC v2 §4.1]", choices=(1, 2, 4)
     )
-    linear_epochs: int = arg(90, "linear-eval epochs [DEVIATION: CPC v2 protocol not verified]")
-    linear_lr: float = arg(0.1, "linear lr per 256, cosine [DEVIATION: SimCLR README protocol]")
-    linear_wd: float = arg(0.0, "linear-eval weight decay [DEVIATION: SimCLR CIFAR protocol]")
-    linear_batch_size: int = arg(1024, "linear-eval global batch [DEVIATION: SimCLR-style]")
+    linear_epochs: int = ge0(90, "linear-eval epochs [DEVIATION: CPC v2 protocol not verified]")
+    linear_lr: float = ge0(0.1, "linear lr per 256, cosine [DEVIATION: SimCLR README protocol]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [DEVIATION: SimCLR CIFAR protocol]")
+    linear_batch_size: int = gt0(1024, "linear-eval global batch [DEVIATION: SimCLR-style]")
     linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: simclr model.py]")
-    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: simclr]")
-    linear_decay: float = arg(0.1, "linear lr milestone factor, unused: cosine [ref: simclr]")
+    linear_milestones: tuple = ge0((), "linear lr x0.1 epochs (empty: cosine) [ref: simclr]")
+    linear_decay: float = unit(0.1, "linear lr milestone factor, unused: cosine [ref: simclr]")
     linear_epoch_lr: bool = arg(
         False, "linear lr per step, cosine [ref: simclr model_util.learning_rate_schedule]"
     )
@@ -131,6 +141,20 @@ class Args:
             # CPC v2's per-patch augmentation kept (pl_bolts has none)
             r.update(linear_epochs=100, linear_batch_size=512)
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        C.check_pair(self, "betas", ordered=False)
+        if self.min_step > self.max_step:
+            C.fail(f"--min-step {self.min_step}: above --max-step {self.max_step}; pass <= it")
+        S = self.img_size or (256 if self.dataset in ("imagenet", "folder") else C.image_size(self))
+        p = self.patch_size or S // 4
+        grid = (S - p) // (p // 2) + 1 if 2 <= p <= S else 0
+        if self.max_step >= grid:
+            why = f"{S} px images give a {grid}x{grid} patch grid, too small to predict rows"
+            what = f"--max-step < {grid}, a larger --img-size or a smaller --patch-size"
+            C.fail(f"--patch-size {p}: {why} {self.min_step}..{self.max_step} ahead; pass {what}")
+        C.check_patch(self, C.vit_patch(S), "--patch-size", p)
 
 
 # ==== 2. model: heads + CPC(nn.Module), all method state as persistent buffers =============
@@ -439,14 +463,6 @@ def main(args: Args):
     views = lambda ms: C.MultiView([cpc_augment(args.img_size, ms, args.aug)])
     data = C.build_data(args, views, normalize=True)  # sets the default img_size
     args.patch_size = args.patch_size or args.img_size // 4
-    S, p = args.img_size, args.patch_size
-    grid = (S - p) // (p // 2) + 1 if 2 <= p <= S else 0
-    if not 1 <= args.min_step <= args.max_step < grid:
-        C.fail(
-            f"{S} px images with --patch-size {p} give a {grid}x{grid} patch grid, too small to "
-            f"predict rows {args.min_step}..{args.max_step} ahead; raise --img-size, lower "
-            "--patch-size, or set 1 <= --min-step <= --max-step < grid"
-        )
     C.prepare_run(args)
     model = CPC(args).to(device)  # no BatchNorm anywhere: nothing to synchronise
     warmup = args.warmup_epochs * args.steps_per_epoch

@@ -37,8 +37,13 @@ PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 OPTS = ("adamw", "sgd", "lars")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -47,9 +52,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -57,16 +62,18 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     # defaults: the README's vanilla run ("Vanilla DINO training": ViT-S/16, 8 GPUs x 64, 100
@@ -77,42 +84,44 @@ class Args:
     arch: str = arg(
         "vit_small", "backbone [DINO §4.1; ref: README vanilla run --arch]", choices=C.ARCHS
     )
-    patch_size: int = arg(16, "ViT patch size [DINO §4.1 ViT-S/16; ref: --patch_size; CIFAR 4]")
-    epochs: int = arg(100, "epochs [ref: README vanilla run, main_dino.py --epochs 100]")
-    batch_size: int = arg(512, "GLOBAL batch [ref: README vanilla run: 8 GPUs x 64]")
+    patch_size: int = gt0(16, "ViT patch size [DINO §4.1 ViT-S/16; ref: --patch_size; CIFAR 4]")
+    epochs: int = ge0(100, "epochs [ref: README vanilla run, main_dino.py --epochs 100]")
+    batch_size: int = gt0(512, "GLOBAL batch [ref: README vanilla run: 8 GPUs x 64]")
     optimizer: str = arg("adamw", "adamw [DINO §4.1]; sgd: README RN50 recipe", choices=OPTS)
-    lr: float = arg(5e-4, "peak lr per 256, x B/256 [DINO §4.1; ref: --lr 0.0005]")
-    min_lr: float = arg(1e-6, "final lr of the per-step cosine [ref: main_dino.py --min_lr]")
-    warmup_epochs: int = arg(10, "lr warm-up epochs, np.linspace(0, lr) [ref: cosine_scheduler]")
-    wd: float = arg(0.04, "initial wd, not on biases/norms [DINO §4.1; ref: --weight_decay]")
-    wd_end: float = arg(0.4, "final wd of the per-step cosine [DINO §4.1; ref: --weight_decay_end]")
-    clip_grad: float = arg(3.0, "per-parameter grad-norm clip (0: off) [ref: --clip_grad 3.0]")
-    freeze_last_layer: int = arg(1, "epochs with the head's last layer frozen [ref: same flag]")
-    m: float = arg(0.996, "teacher EMA, -> 1 by cosine [DINO §3.1; ref: --momentum_teacher]")
-    tau_s: float = arg(0.1, "student temperature [DINO §4.1; ref: DINOLoss student_temp]")
-    tau_t: float = arg(0.04, "tau_t after warm-up [ref: --teacher_temp 0.04; paper/800 ep: .07]")
-    tau_t_warmup: float = arg(0.04, "tau_t at epoch 0 [DINO §4.1; ref: --warmup_teacher_temp]")
-    tau_t_warmup_epochs: int = arg(0, "tau_t linspace epochs [ref: code default 0; paper 30]")
-    center_m: float = arg(0.9, "centre EMA coefficient [DINO Eq. 4; ref: center_momentum 0.9]")
-    out_dim: int = arg(65536, "head output dim K [DINO §3.1; ref: --out_dim 65536]")
-    hidden_dim: int = arg(2048, "head MLP hidden dim [DINO App.; ref: DINOHead hidden_dim]")
-    bottleneck_dim: int = arg(256, "head bottleneck dim [DINO App.; ref: DINOHead bottleneck_dim]")
+    lr: float = ge0(5e-4, "peak lr per 256, x B/256 [DINO §4.1; ref: --lr 0.0005]")
+    min_lr: float = ge0(1e-6, "final lr of the per-step cosine [ref: main_dino.py --min_lr]")
+    warmup_epochs: int = ge0(10, "lr warm-up epochs, np.linspace(0, lr) [ref: cosine_scheduler]")
+    wd: float = ge0(0.04, "initial wd, not on biases/norms [DINO §4.1; ref: --weight_decay]")
+    wd_end: float = ge0(0.4, "final wd of the per-step cosine [DINO §4.1; ref: --weight_decay_end]")
+    clip_grad: float = ge0(3.0, "per-parameter grad-norm clip (0: off) [ref: --clip_grad 3.0]")
+    freeze_last_layer: int = ge0(1, "epochs with the head's last layer frozen [ref: same flag]")
+    m: float = unit(0.996, "teacher EMA, -> 1 by cosine [DINO §3.1; ref: --momentum_teacher]")
+    tau_s: float = gt0(0.1, "student temperature [DINO §4.1; ref: DINOLoss student_temp]")
+    tau_t: float = gt0(0.04, "tau_t after warm-up [ref: --teacher_temp 0.04; paper/800 ep: .07]")
+    tau_t_warmup: float = gt0(0.04, "tau_t at epoch 0 [DINO §4.1; ref: --warmup_teacher_temp]")
+    tau_t_warmup_epochs: int = ge0(0, "tau_t linspace epochs [ref: code default 0; paper 30]")
+    center_m: float = unit(0.9, "centre EMA coefficient [DINO Eq. 4; ref: center_momentum 0.9]")
+    out_dim: int = gt0(65536, "head output dim K [DINO §3.1; ref: --out_dim 65536]")
+    hidden_dim: int = gt0(2048, "head MLP hidden dim [DINO App.; ref: DINOHead hidden_dim]")
+    bottleneck_dim: int = gt0(256, "head bottleneck dim [DINO App.; ref: DINOHead bottleneck_dim]")
     head_bn: bool = arg(False, "BN in the head MLP [ref: --use_bn_in_head False, also for RN50]")
     norm_last_layer: bool = arg(
         True, "freeze weight-norm g at 1 [ref: --norm_last_layer True; 800-ep ViT-S: False]"
     )
-    n_local: int = arg(8, "local crops [ref: --local_crops_number 8; DINO Tab. 8 / 800 ep: 10]")
-    local_size: int = arg(0, "local crop px (0: img_size x 96/224, min 8) [DINO §3.1: 96 px]")
-    global_scale: tuple = arg((0.4, 1.0), "global crop scale [ref: --global_crops_scale; RN50 .14]")
-    local_scale: tuple = arg((0.05, 0.4), "local crop scale [ref: --local_crops_scale; RN50 .14]")
+    n_local: int = ge0(8, "local crops [ref: --local_crops_number 8; DINO Tab. 8 / 800 ep: 10]")
+    local_size: int = ge0(0, "local crop px (0: img_size x 96/224, min 8) [DINO §3.1: 96 px]")
+    global_scale: tuple = frac(
+        (0.4, 1.0), "global crop scale [ref: --global_crops_scale; RN50 .14]"
+    )
+    local_scale: tuple = frac((0.05, 0.4), "local crop scale [ref: --local_crops_scale; RN50 .14]")
     blur: bool = arg(True, "blur 1.0 / 0.1 / 0.5 [ref: DataAugmentationDINO; off at CIFAR size]")
-    linear_epochs: int = arg(100, "linear-eval epochs [ref: eval_linear.py --epochs 100]")
-    linear_lr: float = arg(1e-3, "linear lr per 256 [ref: eval_linear.py --lr 0.001; RN50 .075]")
-    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: eval_linear.py weight_decay=0]")
-    linear_batch_size: int = arg(256, "linear global batch [ref: README vanilla eval log: 256]")
+    linear_epochs: int = ge0(100, "linear-eval epochs [ref: eval_linear.py --epochs 100]")
+    linear_lr: float = ge0(1e-3, "linear lr per 256 [ref: eval_linear.py --lr 0.001; RN50 .075]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: eval_linear.py weight_decay=0]")
+    linear_batch_size: int = gt0(256, "linear global batch [ref: README vanilla eval log: 256]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py: plain SGD 0.9]")
-    linear_milestones: tuple = arg((), "linear lr x0.1 epochs (empty: cosine) [ref: eval_linear]")
-    linear_decay: float = arg(0.1, "milestone factor; unused: cosine [ref: eval_linear.py]")
+    linear_milestones: tuple = ge0((), "linear lr x0.1 epochs (empty: cosine) [ref: eval_linear]")
+    linear_decay: float = unit(0.1, "milestone factor; unused: cosine [ref: eval_linear.py]")
     linear_epoch_lr: bool = arg(True, "lr per epoch [ref: eval_linear.py CosineAnnealingLR]")
     linear_best: bool = arg(True, "report the best epoch [ref: eval_linear.py best_acc]")
     linear_zero_init: bool = arg(False, "classifier N(0, 0.01), bias 0 [ref: eval_linear.py]")
@@ -150,6 +159,13 @@ class Args:
             # README); the released RN50 eval log trains at 0.3 [dino issue #131]
             r.update(linear_lr=0.1, linear_batch_size=512)
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        C.check_pair(self, "global_scale"), C.check_pair(self, "local_scale")
+        C.check_patch(self, self.patch_size, "--img-size", C.image_size(self))
+        if self.n_local:
+            C.check_patch(self, self.patch_size, "--local-size", C.local_size(self))
 
 
 # ==== 2. model: heads + DINO(nn.Module), all method state as persistent buffers =========
@@ -471,21 +487,11 @@ def fit(model, optimizer, data, args):
 # ==== 7. main(args) ========================================================================
 def main(args: Args):
     device = C.setup_ddp(args)
-    for flag, v in (("--m", args.m), ("--center-m", args.center_m)):
-        if not 0.0 <= v <= 1.0:
-            C.fail(f"{flag} {v} is not an EMA coefficient; pass a value in [0, 1], e.g. 0.996")
-    if min(args.tau_s, args.tau_t, args.tau_t_warmup) <= 0:
-        C.fail("temperatures must be > 0; check --tau-s, --tau-t and --tau-t-warmup")
-    for flag, sc in (("--global-scale", args.global_scale), ("--local-scale", args.local_scale)):
-        if len(sc) != 2 or not 0 < sc[0] <= sc[1] <= 1:
-            C.fail(f"{flag} {' '.join(map(str, sc))}: pass two numbers lo hi, 0 < lo <= hi <= 1")
-    if args.n_local < 0:
-        C.fail(f"--n-local {args.n_local} is negative; pass 0 (two global crops only) or more")
 
     # global 1: blur 1.0; global 2: blur 0.1 + solarize 0.2; locals: blur 0.5; jitter (0.4, 0.4,
     # 0.2, 0.1) p=0.8, grayscale 0.2, bicubic crops [DINO §4.1; ref: DataAugmentationDINO]
     def views(ms):  # build_data calls this after filling in the default img_size
-        args.local_size = args.local_size or max(8, round(args.img_size * 96 / 224))
+        args.local_size = C.local_size(args)
         kw = {"jitter": (0.4, 0.4, 0.2, 0.1), "bicubic": True}
         g = partial(C.augmentation, args.img_size, ms, scale=tuple(args.global_scale), **kw)
         local = {"scale": tuple(args.local_scale), "blur_p": 0.5 * args.blur}

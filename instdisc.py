@@ -22,6 +22,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,13 @@ import common as C
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -43,9 +49,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -53,49 +59,53 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     arch: str = arg(
         "resnet50", "backbone [ref: README ResNet-50 model; main.py default R18]", choices=C.ARCHS
     )
-    epochs: int = arg(200, "epochs [ref: main.py --epochs 200]")
-    batch_size: int = arg(256, "GLOBAL batch [ref: main.py -b 256; cifar.py 128]")
-    lr: float = arg(0.03, "SGD lr, not scaled with the batch [ref: main.py --lr 0.03, README]")
-    wd: float = arg(1e-4, "weight decay, all params [ref: main.py --wd 1e-4; cifar.py 5e-4]")
-    lr_milestones: tuple = arg(
+    epochs: int = ge0(200, "epochs [ref: main.py --epochs 200]")
+    batch_size: int = gt0(256, "GLOBAL batch [ref: main.py -b 256; cifar.py 128]")
+    lr: float = ge0(0.03, "SGD lr, not scaled with the batch [ref: main.py --lr 0.03, README]")
+    wd: float = ge0(1e-4, "weight decay, all params [ref: main.py --wd 1e-4; cifar.py 5e-4]")
+    lr_milestones: tuple = ge0(
         (120, 160),
         "x0.1 lr at these epochs, set per epoch [ref: main.py, cifar.py adjust_learning_rate]",
     )
-    warmup_epochs: int = arg(0, "linear warm-up epochs [ref: none in main.py, cifar.py]")
-    tau: float = arg(0.07, "temperature [InstDisc §3.1; ref: --nce-t 0.07; cifar.py 0.1]")
-    nce_k: int = arg(4096, "noise rows K; 0: exact softmax over the bank [ref: main.py --nce-k]")
-    bank_m: float = arg(0.5, "bank momentum: v <- norm(m v + (1-m) f) [§3.3; ref: --nce-m 0.5]")
-    dim: int = arg(128, "embedding dim [InstDisc §3.1; ref: main.py --low-dim 128]")
-    crop_min: float = arg(0.2, "min crop scale [ref: main.py RandomResizedCrop scale=(0.2, 1)]")
+    warmup_epochs: int = ge0(0, "linear warm-up epochs [ref: none in main.py, cifar.py]")
+    tau: float = gt0(0.07, "temperature [InstDisc §3.1; ref: --nce-t 0.07; cifar.py 0.1]")
+    nce_k: int = ge0(4096, "noise rows K; 0: exact softmax over the bank [ref: main.py --nce-k]")
+    bank_m: float = arg(  # m = 1: the bank would never change
+        0.5, "bank momentum: v <- norm(m v + (1-m) f) [§3.3; ref: --nce-m 0.5]", range="[0, 1)"
+    )
+    dim: int = gt0(128, "embedding dim [InstDisc §3.1; ref: main.py --low-dim 128]")
+    crop_min: float = frac(0.2, "min crop scale [ref: main.py RandomResizedCrop scale=(0.2, 1)]")
     aug: str = arg(
         "imagenet",
         "imagenet: gray, jitter, flip [ref: main.py]; cifar: jitter, gray, no flip [ref: cifar.py]",
         choices=("imagenet", "cifar"),
     )
-    linear_epochs: int = arg(
+    linear_epochs: int = ge0(
         100, "linear-eval epochs (DEVIATION: lemniscate has no probe; moco main_lincls.py's)"
     )
-    linear_lr: float = arg(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
-    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
-    linear_batch_size: int = arg(256, "linear-eval global batch [ref: moco main_lincls.py]")
+    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: moco main_lincls.py]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: moco main_lincls.py: plain 0.9]")
-    linear_milestones: tuple = arg((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
-    linear_decay: float = arg(0.1, "linear lr factor per milestone [ref: moco main_lincls.py]")
+    linear_milestones: tuple = ge0((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
+    linear_decay: float = unit(0.1, "linear lr factor per milestone [ref: moco main_lincls.py]")
     linear_epoch_lr: bool = arg(
         True, "linear lr set once per epoch [ref: moco main_lincls.py adjust_learning_rate]"
     )
@@ -121,6 +131,10 @@ class Args:
             r.update(arch="resnet18", batch_size=128, wd=5e-4, tau=0.1, nce_k=0, aug="cifar")
             # lr 0.03, 200 epochs, x0.1 at 120 and 160 (lr * 0.1 ** ((epoch - 80) // 40)): as above
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it); --nce-k
+        against the number of images waits for the data (main)."""
 
 
 # ==== 2. model: heads + InstDisc(nn.Module), all method state as persistent buffers =========
@@ -393,10 +407,6 @@ def fit(model, optimizer, data, args):
 # ==== 7. main(args) ========================================================================
 def main(args: Args):
     device = C.setup_ddp(args)
-    if args.tau <= 0:
-        C.fail(f"--tau {args.tau} is not a temperature; pass a positive value, e.g. 0.07")
-    if not 0.0 <= args.bank_m <= 1.0:
-        C.fail(f"--bank-m {args.bank_m} is not a momentum; pass a value in [0, 1], e.g. 0.5")
     scale = (args.crop_min, 1.0)  # args.img_size is resolved inside build_data, read it late
     if args.aug == "imagenet":  # gray 0.2, then jitter 0.4 always, flip [ref: main.py] = MoCo v1
         aug = lambda ms: C.moco_augment(args.img_size, ms, "v1", scale)

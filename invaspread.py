@@ -20,6 +20,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,13 @@ import common as C
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -41,9 +47,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -51,39 +57,41 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     # The official code has only the CIFAR-10 / STL-10 setting: the defaults below are it.
     arch: str = arg("resnet18", "backbone [ref: demo_seen.py ResNet18]", choices=C.ARCHS)
-    epochs: int = arg(301, "epochs [ref: demo_seen.py range(start_epoch, start_epoch + 301)]")
-    batch_size: int = arg(128, "GLOBAL batch, images [ref: demo_seen.py --batch-size 128]")
-    lr: float = arg(0.03, "SGD lr, not scaled with the batch [ref: demo_seen.py --lr; README]")
-    wd: float = arg(5e-4, "weight decay, all params [ref: demo_seen.py optim.SGD]")
-    lr_milestones: tuple = arg((120, 160, 200), "lr steps [ref: adjust_learning_rate]")
-    lr_factors: tuple = arg((0.1, 0.05, 0.01), "lr x these from each step [ref: idem]")
-    warmup_epochs: int = arg(0, "linear warm-up epochs [ref: demo_seen.py has none]")
-    tau: float = arg(0.1, "temperature [ref: demo_seen.py --batch-t 0.1; README 0.05-0.1]")
-    dim: int = arg(128, "embedding dim [ref: demo_seen.py --low-dim 128]")
-    crop_min: float = arg(0.2, "min crop scale [ref: demo_seen.py RandomResizedCrop (0.2, 1)]")
-    linear_epochs: int = arg(
+    epochs: int = ge0(301, "epochs [ref: demo_seen.py range(start_epoch, start_epoch + 301)]")
+    batch_size: int = gt0(128, "GLOBAL batch, images [ref: demo_seen.py --batch-size 128]")
+    lr: float = ge0(0.03, "SGD lr, not scaled with the batch [ref: demo_seen.py --lr; README]")
+    wd: float = ge0(5e-4, "weight decay, all params [ref: demo_seen.py optim.SGD]")
+    lr_milestones: tuple = ge0((120, 160, 200), "lr steps [ref: adjust_learning_rate]")
+    lr_factors: tuple = unit((0.1, 0.05, 0.01), "lr x these from each step [ref: idem]")
+    warmup_epochs: int = ge0(0, "linear warm-up epochs [ref: demo_seen.py has none]")
+    tau: float = gt0(0.1, "temperature [ref: demo_seen.py --batch-t 0.1; README 0.05-0.1]")
+    dim: int = gt0(128, "embedding dim [ref: demo_seen.py --low-dim 128]")
+    crop_min: float = frac(0.2, "min crop scale [ref: demo_seen.py RandomResizedCrop (0.2, 1)]")
+    linear_epochs: int = ge0(
         100, "linear-eval epochs (DEVIATION: the official repo has no probe; moco main_lincls.py's)"
     )
-    linear_lr: float = arg(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
-    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
-    linear_batch_size: int = arg(256, "linear-eval global batch [ref: moco main_lincls.py]")
+    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: moco main_lincls.py]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: moco main_lincls.py: plain 0.9]")
-    linear_milestones: tuple = arg((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
-    linear_decay: float = arg(0.1, "linear lr factor per milestone [ref: moco main_lincls.py]")
+    linear_milestones: tuple = ge0((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
+    linear_decay: float = unit(0.1, "linear lr factor per milestone [ref: moco main_lincls.py]")
     linear_epoch_lr: bool = arg(
         True, "linear lr set once per epoch [ref: moco main_lincls.py adjust_learning_rate]"
     )
@@ -107,6 +115,14 @@ class Args:
         recipe [ref: demo_seen.py]; there is no ImageNet recipe, so --preset imagenet keeps these
         values (the same augmentation recipe at 224 px, ImageNet stem and mean/std)."""
         return {}
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        if self.batch_size < 2:  # the negatives are the other images of the global batch
+            C.fail(f"--batch-size {self.batch_size}: one image has no negatives; pass >= 2")
+        if len(self.lr_factors) != len(self.lr_milestones):
+            n, ms = len(self.lr_milestones), " ".join(map(str, self.lr_factors))
+            C.fail(f"--lr-factors {ms}: not one factor per --lr-milestones epoch ({n}); pass {n}")
 
 
 # ==== 2. model: heads + InvaSpread(nn.Module), all method state as persistent buffers =====
@@ -326,10 +342,6 @@ def fit(model, optimizer, data, args):
 # ==== 7. main(args) ========================================================================
 def main(args: Args):
     device = C.setup_ddp(args)
-    if args.tau <= 0:
-        C.fail(f"--tau {args.tau} is not a temperature; pass a positive value, e.g. 0.1")
-    if len(args.lr_factors) != len(args.lr_milestones):
-        C.fail("--lr-factors needs one factor per --lr-milestones epoch; pass as many of each")
     # the SAME random recipe for both views: crop (0.2, 1), jitter 0.4 always, then gray 0.2,
     # flip [ref: demo_seen.py transform_train, datasets/cifar.py img1/img2]; DEVIATION: CIFAR
     # std (0.2470, 0.2435, 0.2616) from common.py, the official uses (0.2023, 0.1994, 0.2010)

@@ -39,8 +39,13 @@ OPTS, SCHED = ("sgd", "lars", "adamw"), ("step", "cosine-epoch", "cosine")
 AUGS = ("v1", "v2", "asym")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -49,9 +54,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -59,59 +64,61 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     version: str = arg("v2", "v1 [MoCo]; v2 [MoCo v2]; v3 [MoCo v3]", choices=("v1", "v2", "v3"))
     arch: str = arg("resnet50", "backbone [MoCo §4; v3 also vit_small/base]", choices=C.ARCHS)
-    epochs: int = arg(200, "epochs [MoCo §4 Training; v3 R50 100, ref: moco-v3 CONFIG.md]")
-    batch_size: int = arg(256, "GLOBAL batch [MoCo §4 Training; v3 4096, ref: CONFIG.md]")
-    lr: float = arg(0.03, "lr per 256 [MoCo §4; v3 LARS 0.6 / ViT AdamW 1.5e-4, CONFIG.md]")
-    wd: float = arg(1e-4, "weight decay, all params with sgd [MoCo §4; v3 1e-6 / ViT 0.1]")
+    epochs: int = ge0(200, "epochs [MoCo §4 Training; v3 R50 100, ref: moco-v3 CONFIG.md]")
+    batch_size: int = gt0(256, "GLOBAL batch [MoCo §4 Training; v3 4096, ref: CONFIG.md]")
+    lr: float = ge0(0.03, "lr per 256 [MoCo §4; v3 LARS 0.6 / ViT AdamW 1.5e-4, CONFIG.md]")
+    wd: float = ge0(1e-4, "weight decay, all params with sgd [MoCo §4; v3 1e-6 / ViT 0.1]")
     optimizer: str = arg(
         "sgd", "sgd [MoCo §4]; v3 lars (R50) / adamw (ViT) [MoCo v3 §4]", choices=OPTS
     )
     schedule: str = arg(
         "step", "step [MoCo §4]; v2 cosine-epoch [ref: --cos]; v3 cosine", choices=SCHED
     )
-    lr_milestones: tuple = arg((120, 160), "epochs of the x0.1 lr steps [MoCo §4 Training]")
-    warmup_epochs: int = arg(0, "linear warm-up epochs [v3: 10 R50 / 40 ViT, ref: CONFIG.md]")
-    tau: float = arg(0.07, "temperature [MoCo §3.3: 0.07; v2 0.2; v3 1.0 R50 / 0.2 ViT]")
-    m: float = arg(0.999, "key-encoder momentum [MoCo §3.2, §4.1; v3 0.99 -> 1 by cosine]")
+    lr_milestones: tuple = ge0((120, 160), "epochs of the x0.1 lr steps [MoCo §4 Training]")
+    warmup_epochs: int = ge0(0, "linear warm-up epochs [v3: 10 R50 / 40 ViT, ref: CONFIG.md]")
+    tau: float = gt0(0.07, "temperature [MoCo §3.3: 0.07; v2 0.2; v3 1.0 R50 / 0.2 ViT]")
+    m: float = unit(0.999, "key-encoder momentum [MoCo §3.2, §4.1; v3 0.99 -> 1 by cosine]")
     m_cos: bool = arg(False, "m -> 1 by 1 - (1 - m)(1 + cos(pi t / T)) / 2 [MoCo v3 §4]")
-    queue_size: int = arg(
+    queue_size: int = ge0(
         65536, "queue K, a multiple of the global batch [MoCo §4.1; ref: --moco-k]"
     )
-    dim: int = arg(128, "embedding dim [MoCo §3.3; v3 256]")
-    hidden_dim: int = arg(4096, "v3 projector/predictor hidden dim [ref: moco-v3 --moco-mlp-dim]")
-    bn_splits: int = arg(0, "v1/v2: BN groups per process (0: 8 alone, 1 in DDP) [ref: colab]")
+    dim: int = gt0(128, "embedding dim [MoCo §3.3; v3 256]")
+    hidden_dim: int = gt0(4096, "v3 projector/predictor hidden dim [ref: moco-v3 --moco-mlp-dim]")
+    bn_splits: int = ge0(0, "v1/v2: BN groups per process (0: 8 alone, 1 in DDP) [ref: colab]")
     aug: str = arg("v1", "v1 [MoCo §3.3], v2 aug+ [MoCo v2], asym [MoCo v3]", choices=AUGS)
-    crop_min: float = arg(0.2, "min crop scale [ref: main_moco.py 0.2; moco-v3 CONFIG.md R50 0.2]")
+    crop_min: float = frac(0.2, "min crop scale [ref: main_moco.py 0.2; moco-v3 CONFIG.md R50 0.2]")
     blur: bool = arg(True, "blur in v2/asym aug [MoCo v2 §2; off at CIFAR size, ref: colab]")
-    patch_size: int = arg(16, "ViT patch size [MoCo v3 §4; CIFAR 4]")
+    patch_size: int = gt0(16, "ViT patch size [MoCo v3 §4; CIFAR 4]")
     stop_grad_conv1: bool = arg(True, "v3 ViT: frozen random patch projection [MoCo v3 §5.3]")
-    stem_padding: int = arg(
+    stem_padding: int = ge0(
         1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
     )
     zero_init_residual: bool = arg(
         True, "v3: zero last BN gamma per block [ref: moco-v3 main_moco.py; solo-learn: off]"
     )
-    linear_epochs: int = arg(100, "linear-eval epochs [ref: main_lincls.py; v3 90]")
-    linear_lr: float = arg(30.0, "linear lr per 256 [ref: main_lincls.py; v3 0.1 R50 / 3 ViT]")
-    linear_wd: float = arg(0.0, "linear-eval weight decay [ref: main_lincls.py]")
-    linear_batch_size: int = arg(256, "linear-eval global batch [ref: main_lincls.py; v3 1024]")
+    linear_epochs: int = ge0(100, "linear-eval epochs [ref: main_lincls.py; v3 90]")
+    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: main_lincls.py; v3 0.1 R50 / 3 ViT]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: main_lincls.py]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: main_lincls.py; v3 1024]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: main_lincls.py: plain 0.9]")
-    linear_milestones: tuple = arg((60, 80), "linear lr x0.1 epochs [ref: main_lincls.py]")
-    linear_decay: float = arg(0.1, "linear lr factor per milestone [ref: main_lincls.py: x0.1]")
+    linear_milestones: tuple = ge0((60, 80), "linear lr x0.1 epochs [ref: main_lincls.py]")
+    linear_decay: float = unit(0.1, "linear lr factor per milestone [ref: main_lincls.py: x0.1]")
     linear_epoch_lr: bool = arg(
         True, "linear lr set once per epoch [ref: main_lincls.py adjust_learning_rate(epoch)]"
     )
@@ -162,6 +169,16 @@ class Args:
             r.update(lars_solo=True, crop_min=0.08, blur=False)  # asymmetric.yaml: no blur
             r.update(stem_padding=2, zero_init_residual=False)  # solo-learn base.py, resnet.py
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it); the
+        batch per process against --bn-splits waits for the world size (main)."""
+        if self.queue_size % (B := self.batch_size):
+            k, why = B * max(1, self.queue_size // B), f"not a multiple of the global batch {B}"
+            C.fail(f"--queue-size {self.queue_size}: {why}; pass a multiple of it, e.g. {k}")
+        if self.version == "v3" and self.batch_size < 2:
+            C.fail(f"--batch-size {self.batch_size}: the v3 heads' BatchNorm needs >= 2; pass >= 2")
+        C.check_patch(self, self.patch_size, "--img-size", C.image_size(self))
 
 
 # ==== 2. model: heads + MoCo(nn.Module), all method state as persistent buffers =========
@@ -481,12 +498,6 @@ def fit(model, optimizer, data, args):
 # ==== 7. main(args) ========================================================================
 def main(args: Args):
     device = C.setup_ddp(args)
-    if args.queue_size and args.queue_size % args.batch_size:
-        k = args.batch_size * max(1, args.queue_size // args.batch_size)
-        C.fail(
-            f"--queue-size {args.queue_size} is not divisible by the global batch "
-            f"{args.batch_size}; pass a multiple of it, e.g. --queue-size {k}"
-        )
     # v1/v2 per-GPU BN: each rank's running statistics follow its own batches (training reads
     # batch statistics only). The official DDP broadcasts rank 0's before every forward, which
     # never changes rank 0's; C.save_state does it before every checkpoint, evaluation and export.

@@ -20,6 +20,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,13 @@ PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 VERS = ("v1", "v2")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -42,9 +48,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -52,23 +58,25 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     version: str = arg("v1", "v1 [SimCLR]; v2: 3-layer head, wd 1e-4 [SimCLRv2 §2]", choices=VERS)
     arch: str = arg("resnet50", "backbone [SimCLR §3]", choices=C.ARCHS)
-    epochs: int = arg(100, "epochs [SimCLR §2.3 default setting: 100; 1000 in Tab. 6]")
-    batch_size: int = arg(4096, "GLOBAL batch [SimCLR §2.3 default setting]")
-    lr: float = arg(
+    epochs: int = ge0(100, "epochs [SimCLR §2.3 default setting: 100; 1000 in Tab. 6]")
+    batch_size: int = gt0(4096, "GLOBAL batch [SimCLR §2.3 default setting]")
+    lr: float = ge0(
         0.3,
         "LARS lr, x batch/256 [SimCLR §2.3: 4.8 at 4096; ref: run.py --learning_rate]; v2: 0.1 x "
         "sqrt(batch) [SimCLRv2 §3.1; ref: simclr issue #77]",
@@ -79,37 +87,39 @@ class Args:
         "ref: run.py --learning_rate_scaling]",
         choices=("linear", "sqrt"),
     )
-    wd: float = arg(
+    wd: float = ge0(
         1e-6,
         "LARS weight decay, not on BN/biases [SimCLR §2.3; ref: model_util.get_optimizer "
         "exclude_from_weight_decay]; v2 1e-4 [SimCLRv2 §3.1; ref: README v2 command]",
     )
-    momentum: float = arg(0.9, "LARS classic momentum [ref: run.py --momentum, lars_optimizer.py]")
-    warmup_epochs: int = arg(
+    momentum: float = unit(0.9, "LARS classic momentum [ref: run.py --momentum, lars_optimizer.py]")
+    warmup_epochs: int = ge0(
         10,
         "linear warm-up from lr 0, then cosine [SimCLR §2.3; ref: model_util.learning_rate_"
         "schedule]; v2 40 = 5% of 800 [SimCLRv2 §3.1; ref: simclr issue #77]",
     )
-    tau: float = arg(0.1, "NT-Xent temperature [SimCLR Tab. 5; ref: README --temperature]")
-    proj_layers: int = arg(2, "projector layers (v1 2, v2 3) [ref: model_util.projection_head]")
-    proj_dim: int = arg(128, "projector output dim [SimCLR §2.3; ref: --proj_out_dim]")
-    color_s: float = arg(1.0, "colour jitter strength s [SimCLR App. A; CIFAR 0.5]")
+    tau: float = gt0(0.1, "NT-Xent temperature [SimCLR Tab. 5; ref: README --temperature]")
+    proj_layers: int = gt0(2, "projector layers (v1 2, v2 3) [ref: model_util.projection_head]")
+    proj_dim: int = gt0(128, "projector output dim [SimCLR §2.3; ref: --proj_out_dim]")
+    color_s: float = arg(  # 2.5: ColorJitter's hue 0.2 s <= 0.5
+        1.0, "colour jitter strength s [SimCLR App. A; CIFAR 0.5]", range="[0, 2.5]"
+    )
     blur: bool = arg(True, "Gaussian blur p=0.5 [SimCLR App. A; off at CIFAR size]")
-    linear_epochs: int = arg(90, "linear-eval epochs [ref: README ImageNet linear-eval command]")
-    linear_lr: float = arg(
+    linear_epochs: int = ge0(90, "linear-eval epochs [ref: README ImageNet linear-eval command]")
+    linear_lr: float = ge0(
         0.1, "linear-eval lr x B/256, cosine per step [ref: README; learning_rate_schedule]"
     )
-    linear_wd: float = arg(
+    linear_wd: float = ge0(
         1e-6, "linear-eval wd, weight and bias [ref: README; model_util.add_weight_decay]"
     )
-    linear_batch_size: int = arg(4096, "linear-eval global batch [ref: README --train_batch_size]")
+    linear_batch_size: int = gt0(4096, "linear-eval global batch [ref: README --train_batch_size]")
     linear_nesterov: bool = arg(
         True, "Nesterov momentum 0.9 [ref: README --optimizer=momentum; model_util.get_optimizer]"
     )
-    linear_milestones: tuple = arg(
+    linear_milestones: tuple = ge0(
         (), "linear lr x0.1 epochs (empty: cosine) [ref: README --warmup_epochs=0: cosine]"
     )
-    linear_decay: float = arg(0.1, "linear lr factor per milestone [unused: README is cosine]")
+    linear_decay: float = unit(0.1, "linear lr factor per milestone [unused: README is cosine]")
     linear_epoch_lr: bool = arg(
         False, "linear lr once per epoch, not per step [ref: model_util.learning_rate_schedule]"
     )
@@ -144,6 +154,11 @@ class Args:
             r.update(blur=False, lr_scaling="linear", linear_epochs=100, linear_wd=0.0)
             r["linear_batch_size"] = 512
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        if self.batch_size < 2:  # the negatives are the other images of the global batch
+            C.fail(f"--batch-size {self.batch_size}: one image has no negatives; pass >= 2")
 
 
 # ==== 2. model: heads + SimCLR(nn.Module), all method state as persistent buffers =========

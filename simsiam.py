@@ -20,6 +20,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,13 @@ LINEAR = (  # the linear-eval optimizer: the paper's SGD variant, as section 6 i
 )
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -46,9 +52,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -56,42 +62,44 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     arch: str = arg("resnet50", "backbone [SimSiam §3 Baseline settings]", choices=C.ARCHS)
-    epochs: int = arg(100, "epochs [SimSiam §3 Baseline settings; ref: main_simsiam.py]")
-    batch_size: int = arg(512, "GLOBAL batch [SimSiam §3; ref: main_simsiam.py --batch-size]")
-    lr: float = arg(0.05, "SGD lr per 256, x batch/256 [SimSiam §3; ref: main_simsiam.py --lr]")
-    wd: float = arg(1e-4, "weight decay on ALL params incl. BN/bias [SimSiam App. A; ref: --wd]")
-    warmup_epochs: int = arg(
+    epochs: int = ge0(100, "epochs [SimSiam §3 Baseline settings; ref: main_simsiam.py]")
+    batch_size: int = gt0(512, "GLOBAL batch [SimSiam §3; ref: main_simsiam.py --batch-size]")
+    lr: float = ge0(0.05, "SGD lr per 256, x batch/256 [SimSiam §3; ref: main_simsiam.py --lr]")
+    wd: float = ge0(1e-4, "weight decay on ALL params incl. BN/bias [SimSiam App. A; ref: --wd]")
+    warmup_epochs: int = ge0(
         0, "linear warm-up x cosine, not on a fixed predictor lr [SimSiam §3: none]"
     )
     fix_pred_lr: bool = arg(
         True, "predictor lr fixed at the base lr [SimSiam Tab. 1; ref: README --fix-pred-lr]"
     )
-    proj_layers: int = arg(3, "projector layers [SimSiam §3: 3; App. D CIFAR: 2]")
-    proj_hidden: int = arg(2048, "projector hidden width [SimSiam §3: 2048-d; ref: builder.py]")
-    dim: int = arg(2048, "z and p dim d [SimSiam §3, App. B; ref: main_simsiam.py --dim]")
-    pred_dim: int = arg(512, "predictor hidden (bottleneck) dim [SimSiam §3; ref: --pred-dim]")
-    crop_min: float = arg(0.2, "min crop scale [SimSiam App. A; ref: main_simsiam.py]")
+    proj_layers: int = gt0(3, "projector layers [SimSiam §3: 3; App. D CIFAR: 2]")
+    proj_hidden: int = gt0(2048, "projector hidden width [SimSiam §3: 2048-d; ref: builder.py]")
+    dim: int = gt0(2048, "z and p dim d [SimSiam §3, App. B; ref: main_simsiam.py --dim]")
+    pred_dim: int = gt0(512, "predictor hidden (bottleneck) dim [SimSiam §3; ref: --pred-dim]")
+    crop_min: float = frac(0.2, "min crop scale [SimSiam App. A; ref: main_simsiam.py]")
     blur: bool = arg(True, "Gaussian blur p=0.5 [SimSiam App. A; App. D: off on CIFAR]")
-    linear_epochs: int = arg(90, "linear-eval epochs [SimSiam App. A; ref: main_lincls.py]")
-    linear_lr: float = arg(30.0, f"linear-eval SGD lr per 256, cosine. {LINEAR}")
-    linear_wd: float = arg(0.0, "linear-eval weight decay [SimSiam App. A; ref: main_lincls.py]")
-    linear_batch_size: int = arg(256, f"linear-eval global batch. {LINEAR}")
+    linear_epochs: int = ge0(90, "linear-eval epochs [SimSiam App. A; ref: main_lincls.py]")
+    linear_lr: float = ge0(30.0, f"linear-eval SGD lr per 256, cosine. {LINEAR}")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [SimSiam App. A; ref: main_lincls.py]")
+    linear_batch_size: int = gt0(256, f"linear-eval global batch. {LINEAR}")
     linear_nesterov: bool = arg(False, "Nesterov momentum [SimSiam App. A: plain momentum 0.9]")
-    linear_milestones: tuple = arg((), "linear lr decay epochs (empty: cosine) [SimSiam App. A]")
-    linear_decay: float = arg(0.1, "lr factor per milestone (unused: cosine) [ref: main_lincls]")
+    linear_milestones: tuple = ge0((), "linear lr decay epochs (empty: cosine) [SimSiam App. A]")
+    linear_decay: float = unit(0.1, "lr factor per milestone (unused: cosine) [ref: main_lincls]")
     linear_epoch_lr: bool = arg(
         True, "lr set once per epoch [ref: main_lincls.py adjust_learning_rate, per epoch]"
     )
@@ -117,6 +125,11 @@ class Args:
             r.update(arch="resnet18", epochs=800, batch_size=512, lr=0.03, wd=5e-4)
             r.update(proj_layers=2, blur=False)
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        if self.batch_size < 2:
+            C.fail(f"--batch-size {self.batch_size}: BatchNorm needs >= 2 samples; pass >= 2")
 
 
 # ==== 2. model: heads + SimSiam(nn.Module), all method state as persistent buffers =========
@@ -341,10 +354,6 @@ def build_optimizer(model: SimSiam, lr: float, args: Args) -> torch.optim.SGD:
 
 def main(args: Args):
     device = C.setup_ddp(args)
-    if args.batch_size < 2:
-        C.fail(f"--batch-size {args.batch_size}: BatchNorm needs >= 2 samples a view; pass >= 2")
-    if args.proj_layers < 1:
-        C.fail(f"--proj-layers {args.proj_layers}: the projector needs >= 1 layer (paper: 3)")
     # the same MoCo v2 recipe for both views [SimSiam App. A; ref: main_simsiam.py]
     aug = lambda ms: C.moco_augment(args.img_size, ms, "v2", (args.crop_min, 1.0), args.blur)
     data = C.build_data(args, lambda ms: C.MultiView([aug(ms)] * 2), normalize=True)

@@ -19,6 +19,7 @@ Run: torchrun --nproc_per_node=8 swav.py --preset imagenet --dataset imagenet --
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import groupby
 
 import torch
@@ -32,8 +33,13 @@ import common as C
 PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
 
 
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    return field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass
@@ -42,9 +48,9 @@ class Args:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = arg(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = arg(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = arg(8, "DataLoader worker processes per process")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
         "auto",
         "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
@@ -52,54 +58,56 @@ class Args:
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(0, "model init (same on all ranks); augmentation from (seed, epoch, index)")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = arg(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = arg(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = arg(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = arg(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = arg(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = arg(0, "kNN bank and test set: first N images only (0: all)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     # -- method block --
     arch: str = arg("resnet50", "backbone [SwAV §4; ref: src/resnet50.py]", choices=C.ARCHS)
     zero_init_residual: bool = arg(False, "zero-init last BN gamma per block [ref: resnet50.py]")
-    epochs: int = arg(800, "epochs [SwAV Tab. 1, 75.3%; ref: scripts/swav_800ep_pretrain.sh]")
-    batch_size: int = arg(4096, "GLOBAL batch [SwAV §4.1; ref: 64 GPUs x --batch_size 64]")
-    lr: float = arg(4.8, "ABSOLUTE lr, not scaled by B [ref: --base_lr 4.8; bs256 scripts 0.6]")
-    final_lr: float = arg(0.0048, "cosine ends here [ref: --final_lr, 800ep script]")
-    warmup_epochs: int = arg(
+    epochs: int = ge0(800, "epochs [SwAV Tab. 1, 75.3%; ref: scripts/swav_800ep_pretrain.sh]")
+    batch_size: int = gt0(4096, "GLOBAL batch [SwAV §4.1; ref: 64 GPUs x --batch_size 64]")
+    lr: float = ge0(4.8, "ABSOLUTE lr, not scaled by B [ref: --base_lr 4.8; bs256 scripts 0.6]")
+    final_lr: float = ge0(0.0048, "cosine ends here [ref: --final_lr, 800ep script]")
+    warmup_epochs: int = ge0(
         10, "warm-up epochs, np.linspace(start_warmup, lr), then cosine per step [ref: scripts]"
     )
-    start_warmup: float = arg(0.3, "warm-up starts at this lr [ref: --start_warmup 0.3]")
-    wd: float = arg(1e-6, "weight decay on ALL params incl. biases/BN [ref: --wd, SGD + LARC]")
-    tau: float = arg(0.1, "softmax temperature [SwAV Eq. 2; ref: --temperature]")
-    eps: float = arg(0.05, "Sinkhorn entropy weight [SwAV §3.1; ref: --epsilon]")
-    sinkhorn_iters: int = arg(
+    start_warmup: float = ge0(0.3, "warm-up starts at this lr [ref: --start_warmup 0.3]")
+    wd: float = ge0(1e-6, "weight decay on ALL params incl. biases/BN [ref: --wd, SGD + LARC]")
+    tau: float = gt0(0.1, "softmax temperature [SwAV Eq. 2; ref: --temperature]")
+    eps: float = gt0(0.05, "Sinkhorn entropy weight [SwAV §3.1; ref: --epsilon]")
+    sinkhorn_iters: int = gt0(
         3, "Sinkhorn-Knopp iterations [SwAV §3.1; ref: --sinkhorn_iterations]"
     )
-    dim: int = arg(128, "z dim [SwAV §4.1; ref: --feat_dim]")
-    hidden_dim: int = arg(2048, "projector hidden dim [ref: hidden_mlp 2048]")
-    n_prototypes: int = arg(3000, "number of prototypes K [SwAV §4.1; ref: --nmb_prototypes]")
-    queue_length: int = arg(0, "queue of z, global, a multiple of B (0: none) [ref: 4096 runs: 0]")
-    epoch_queue_starts: int = arg(15, "the queue fills from this epoch [ref: --epoch_queue_starts]")
-    freeze_prototypes_niters: int = arg(313, "no prototype update for N steps [ref: main_swav.py]")
-    n_local: int = arg(6, "local crops (+ 2 global, both assigned) [SwAV §3.2; ref: --nmb_crops]")
-    local_size: int = arg(0, "local crop px (0: img_size x 96/224, min 8) [ref: --size_crops 96]")
-    global_scale: tuple = arg((0.14, 1.0), "global crop scale [ref: --min/max_scale_crops]")
-    local_scale: tuple = arg((0.05, 0.14), "local crop scale [ref: --min/max_scale_crops]")
+    dim: int = gt0(128, "z dim [SwAV §4.1; ref: --feat_dim]")
+    hidden_dim: int = gt0(2048, "projector hidden dim [ref: hidden_mlp 2048]")
+    n_prototypes: int = gt0(3000, "number of prototypes K [SwAV §4.1; ref: --nmb_prototypes]")
+    queue_length: int = ge0(0, "queue of z, global, a multiple of B (0: none) [ref: 4096 runs: 0]")
+    epoch_queue_starts: int = ge0(15, "the queue fills from this epoch [ref: --epoch_queue_starts]")
+    freeze_prototypes_niters: int = ge0(313, "no prototype update for N steps [ref: main_swav.py]")
+    n_local: int = ge0(6, "local crops (+ 2 global, both assigned) [SwAV §3.2; ref: --nmb_crops]")
+    local_size: int = ge0(0, "local crop px (0: img_size x 96/224, min 8) [ref: --size_crops 96]")
+    global_scale: tuple = frac((0.14, 1.0), "global crop scale [ref: --min/max_scale_crops]")
+    local_scale: tuple = frac((0.05, 0.14), "local crop scale [ref: --min/max_scale_crops]")
     blur: bool = arg(True, "blur p=0.5 on every crop [ref: multicropdataset.py; off at CIFAR]")
-    linear_epochs: int = arg(100, "linear-eval epochs [ref: eval_linear.py --epochs]")
-    linear_lr: float = arg(0.3, "linear lr at batch 256 (8 x 32) [ref: eval_linear.py --lr]")
-    linear_wd: float = arg(1e-6, "linear-eval weight decay [ref: eval_linear.py --wd]")
-    linear_batch_size: int = arg(256, "linear-eval global batch [ref: eval_linear.py 32 x 8]")
+    linear_epochs: int = ge0(100, "linear-eval epochs [ref: eval_linear.py --epochs]")
+    linear_lr: float = ge0(0.3, "linear lr at batch 256 (8 x 32) [ref: eval_linear.py --lr]")
+    linear_wd: float = ge0(1e-6, "linear-eval weight decay [ref: eval_linear.py --wd]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: eval_linear.py 32 x 8]")
     linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py --nesterov]")
-    linear_milestones: tuple = arg(
+    linear_milestones: tuple = ge0(
         (), "linear lr decay epochs (empty: cosine) [ref: eval_linear.py --scheduler_type cosine]"
     )
-    linear_decay: float = arg(0.1, "lr factor per milestone [ref: eval_linear.py --gamma]")
+    linear_decay: float = unit(0.1, "lr factor per milestone [ref: eval_linear.py --gamma]")
     linear_epoch_lr: bool = arg(
         True, "lr set once per epoch [ref: eval_linear.py CosineAnnealingLR, step per epoch]"
     )
@@ -137,6 +145,17 @@ class Args:
             # no official CIFAR linear protocol: eval_linear.py's at batch 512 as the others
             r.update(linear_batch_size=512)
         return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        if self.queue_length % (B := self.batch_size):  # the official code cuts it to k
+            k, why = self.queue_length // B * B or B, f"not a multiple of the global batch {B}"
+            C.fail(f"--queue-length {self.queue_length}: {why}; pass a multiple, e.g. {k}")
+        C.check_pair(self, "global_scale"), C.check_pair(self, "local_scale")
+        patch = C.vit_patch(size := C.image_size(self))
+        C.check_patch(self, patch, "--img-size", size)
+        if self.n_local:
+            C.check_patch(self, patch, "--local-size", C.local_size(self))
 
 
 # ==== 2. model: heads + SwAV(nn.Module), all method state as persistent buffers =========
@@ -440,17 +459,9 @@ def fit(model, optimizer, data, args):
 # ==== 7. main(args) ========================================================================
 def main(args: Args):
     device = C.setup_ddp(args)
-    if args.queue_length % args.batch_size:
-        k = args.queue_length - args.queue_length % args.batch_size
-        C.fail(
-            f"--queue-length {args.queue_length} is not a multiple of the global batch "
-            f"{args.batch_size} (the official code silently cuts it to {k}); pass a multiple"
-        )
-    if args.n_local < 0 or args.n_prototypes < 1:
-        C.fail(f"--n-local {args.n_local} / --n-prototypes {args.n_prototypes}: pass >= 0 / >= 1")
 
     def views(ms):  # build_data calls this after filling in the default img_size
-        args.local_size = args.local_size or max(8, round(args.img_size * 96 / 224))
+        args.local_size = C.local_size(args)
         kw = {"jitter": (0.8, 0.8, 0.8, 0.2), "blur_p": 0.5 * args.blur}  # [ref: multicrop]
         g = C.augmentation(args.img_size, ms, scale=tuple(args.global_scale), **kw)
         loc = C.augmentation(args.local_size, ms, scale=tuple(args.local_scale), **kw)

@@ -312,7 +312,7 @@ def test_presets():
     assert (cifar.arch, cifar.batch_size, cifar.out_dim, cifar.m) == ("resnet18", 256, 4096, 0.9995)
     assert (cifar.optimizer, cifar.blur, cifar.n_local) == ("adamw", False, 8)
     assert cifar.global_scale == (0.14, 1.0) and cifar.local_scale == (0.05, 0.14)
-    im = C.parse_args(dino.Args, ["--preset", "imagenet"])
+    im = C.parse_args(dino.Args, ["--preset", "imagenet", "--dataset", "imagenet"])
     # the README's vanilla run: its command on 8 GPUs x 64 with main_dino.py's defaults
     assert (im.arch, im.patch_size, im.batch_size, im.epochs) == ("vit_small", 16, 512, 100)
     assert (im.optimizer, im.lr, im.min_lr, im.warmup_epochs) == ("adamw", 5e-4, 1e-6, 10)
@@ -415,5 +415,5 @@ def test_bad_input_one_line_error(tmp_path):
     errors = error_lines(r.stderr)
     assert r.returncode != 0 and len(errors) == 1 and "--center-m 1.5" in errors[0], r.stderr
     assert "Traceback" not in r.stderr
-    with pytest.raises(SystemExit, match="error: --global-scale 0.4: pass two numbers"):
+    with pytest.raises(SystemExit, match="error: --global-scale 0.4: not two numbers; pass two"):
         dino.main(tiny_args(dino, tmp_path, "--global-scale", "0.4"))

@@ -47,7 +47,7 @@ def test_info_nce_finite_under_half_precision_autocast():
 
 
 def tiny_model(tmp_path, version, *extra, bn_splits=1):
-    queue = ["--queue-size", "32"] if version != "v3" else []
+    queue = ["--queue-size", "32", "--batch-size", "8"] if version != "v3" else []  # 8 images
     args = tiny_args(moco, tmp_path, "--version", version, *queue, *extra)
     C.setup_ddp(args)
     args.img_size = 16

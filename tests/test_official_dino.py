@@ -359,7 +359,7 @@ def test_schedules_are_the_official_ones_at_the_presets(monkeypatch, tmp_path, a
     per epoch (1281167 // 512) against main_dino.py's numpy ones; the teacher-temperature
     warm-up of the paper (0.04 -> 0.07 in 30 epochs) too."""
     flags = ["--preset", "imagenet", "--arch", arch, "--subset", 512, "--hidden-dim", 32]
-    flags += ["--out-dim", 64, "--bottleneck-dim", 16, "--img-size", 16]
+    flags += ["--out-dim", 64, "--bottleneck-dim", 16, "--img-size", 16, "--local-size", 16]
     for extra in ([], ["--tau-t", 0.07, "--tau-t-warmup-epochs", 30]):
         spe = 1281167 // 512
         model, opt, a = built_by_main(
