@@ -5,6 +5,7 @@ LARS, schedules, checkpoints, kNN, CLI)."""
 # ==== 0. imports ===========================================================================
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import io
 import json
@@ -967,6 +968,24 @@ def extract(fn, ds, args, batch_size: int = 256) -> tuple[torch.Tensor, torch.Te
     f, y = gather_no_grad(torch.cat(feats)), gather_no_grad(torch.cat(labels))
     idx = torch.tensor(order, device=device)
     return f.new_empty(n, f.shape[1]).index_copy_(0, idx, f), y.new_empty(n).index_copy_(0, idx, y)
+
+
+@contextlib.contextmanager
+def eval_rng(args):
+    """Evaluation in its own random streams: torch's (CPU and this process's CUDA device) and
+    Python's, seeded by --seed alone (the same on every rank and at every evaluation), then
+    restored: training draws what it would without the monitor, and resumes exactly."""
+    dev, state = torch.device(args.device), random.getstate()
+    cuda = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(cuda, device_type="cuda"):
+        torch.random.default_generator.manual_seed(args.seed), random.seed(args.seed)
+        for i in cuda:
+            with torch.cuda.device(i):
+                torch.cuda.manual_seed(args.seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 @torch.no_grad()

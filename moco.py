@@ -403,20 +403,22 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
 
 def evaluate(model, data, args, logger, step: int, final: bool):
     """kNN top-1 on the test split; at the end also the linear probe, after which the model
-    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    must be bit-identical (the sanity check of MoCo's main_lincls.py). In its own random
+    streams (C.eval_rng): training draws what it would without evaluation."""
     model = C.unwrap(model)
     if data.test is None:
         return
     model.eval()
     fn = lambda x: features(model, x)
     res = {"step": step, "epoch": step / args.steps_per_epoch}
-    if args.knn_every:
-        res["knn_top1"] = C.knn_eval(fn, data, args)
-    if final and args.linear_epochs:
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        res.update(linear_probe(fn, model.feat_dim, data, args))
-        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
-            raise RuntimeError("linear eval changed the frozen model")
+    with C.eval_rng(args):
+        if args.knn_every:
+            res["knn_top1"] = C.knn_eval(fn, data, args)
+        if final and args.linear_epochs:
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            res.update(linear_probe(fn, model.feat_dim, data, args))
+            if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+                raise RuntimeError("linear eval changed the frozen model")
     logger.write(res)
     model.train()
 
