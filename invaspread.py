@@ -274,14 +274,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    path = ckpt if args.resume == "auto" else args.resume
-    step = 0
-    if args.resume != "none" and os.path.isfile(path):
-        step = C.load_state(path, model, optimizer, scaler, args)
-    elif args.resume not in ("auto", "none"):
-        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
-    else:
-        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -325,6 +318,7 @@ def fit(model, optimizer, data, args):
 
 
 # ==== 7. main(args) ========================================================================
+@C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
     if args.tau <= 0:
