@@ -5,7 +5,9 @@ LARS, schedules, checkpoints, kNN, CLI)."""
 # ==== 0. imports ===========================================================================
 import argparse
 import atexit
+import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import math
@@ -15,7 +17,7 @@ import re
 import sys
 import time
 import warnings
-from functools import partial
+from functools import partial, wraps
 from types import SimpleNamespace
 
 import numpy as np
@@ -1068,6 +1070,84 @@ def load_state(path: str, model, optimizer, scaler, args) -> int:
     return ckpt["step"]
 
 
+def resume(ckpt: str, model, optimizer, scaler, args) -> int:
+    """--resume auto (ckpt if present), a path or none -> the step to start from. A resumed run
+    keeps metrics.jsonl up to its step (what comes after is trained again); a fresh one starts
+    the file anew and seeds per-rank streams (e.g. MoCo's key permutation)."""
+    path, step = ckpt if args.resume == "auto" else args.resume, 0
+    if args.resume != "none" and os.path.isfile(path):
+        step = load_state(path, model, optimizer, scaler, args)
+    elif args.resume not in ("auto", "none"):
+        fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
+    else:
+        torch.manual_seed(args.seed + args.rank)
+    if args.is_main:
+        trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), step)
+    return step
+
+
+def trim_metrics(path: str, step: int):
+    """Keep the records of steps <= step (step 0, a fresh start: none), rewritten atomically.
+    Lines cut short by a killed run and end-of-run records without a step (InstDisc's paper
+    kNN) go too: the resumed run writes its own."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:  # cut short
+                continue
+            if step and isinstance(r, dict) and r.get("step", math.inf) <= step:
+                keep.append(line.rstrip("\n") + "\n")
+    with open(tmp := f"{path}.tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+_OUT_DIR_LOCK = []  # the lock file this process holds open while main() runs
+
+
+def claim_out_dir(out_dir: str):
+    """One run per folder: rank 0 holds an exclusive flock on out_dir/run.lock until main()
+    returns or fails (one_run_per_out_dir) or its process dies (the OS drops it: a killed run
+    leaves no stale lock). Then removes the temp files of saves cut short (save_checkpoint)."""
+    f = open(os.path.join(out_dir, "run.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.truncate(0), f.write(str(os.getpid())), f.flush()  # for the message below
+        _OUT_DIR_LOCK.append(f)
+    except OSError as e:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        if isinstance(e, BlockingIOError):
+            who = f"another run (pid {pid})" if pid else "another run"
+            fail(
+                f"{who} is using --out-dir {out_dir}; pass another --out-dir or wait for it to end"
+            )
+        print(f"note: cannot lock {out_dir} ({e.strerror}); run one at a time", file=sys.stderr)
+    for name in os.listdir(out_dir):
+        if name.endswith(".tmp") and os.path.isfile(tmp := os.path.join(out_dir, name)):
+            os.remove(tmp)
+
+
+def one_run_per_out_dir(main):
+    """Decorator of every main(): the out-dir lock (claim_out_dir) is dropped when main returns
+    or fails, so one process may run main() on a folder again (tests, notebooks)."""
+
+    @wraps(main)
+    def run(args):
+        try:
+            return main(args)
+        finally:
+            while _OUT_DIR_LOCK:
+                _OUT_DIR_LOCK.pop().close()  # closing the file drops its flock
+
+    return run
+
+
 # ==== 7. evaluation ========================================================================
 @torch.no_grad()
 def extract(fn, ds, args, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1091,6 +1171,24 @@ def extract(fn, ds, args, batch_size: int = 256) -> tuple[torch.Tensor, torch.Te
     f, y = gather_no_grad(torch.cat(feats)), gather_no_grad(torch.cat(labels))
     idx = torch.tensor(order, device=device)
     return f.new_empty(n, f.shape[1]).index_copy_(0, idx, f), y.new_empty(n).index_copy_(0, idx, y)
+
+
+@contextlib.contextmanager
+def eval_rng(args):
+    """Evaluation in its own random streams: torch's (CPU and this process's CUDA device) and
+    Python's, seeded by --seed alone (the same on every rank and at every evaluation), then
+    restored: training draws what it would without the monitor, and resumes exactly."""
+    dev, state = torch.device(args.device), random.getstate()
+    cuda = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(cuda, device_type="cuda"):
+        torch.random.default_generator.manual_seed(args.seed), random.seed(args.seed)
+        for i in cuda:
+            with torch.cuda.device(i):
+                torch.cuda.manual_seed(args.seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 @torch.no_grad()
@@ -1221,6 +1319,7 @@ def prepare_run(args):
         cfg = json.dumps(config_dict(args), indent=1)
         try:  # checked by parse_args already; this catches what changed since (or main(args))
             os.makedirs(args.out_dir, exist_ok=True)
+            claim_out_dir(args.out_dir)  # first: a refused run changes nothing there
             with open(os.path.join(args.out_dir, "config.json"), "w") as f:
                 f.write(cfg)
         except OSError as e:

@@ -409,20 +409,22 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
 
 def evaluate(model, data, args, logger, step: int, final: bool):
     """kNN top-1 on the test split; at the end also the linear probe, after which the model
-    must be bit-identical (the sanity check of MoCo's main_lincls.py)."""
+    must be bit-identical (the sanity check of MoCo's main_lincls.py). In its own random
+    streams (C.eval_rng): training draws what it would without evaluation."""
     model = C.unwrap(model)
     if data.test is None:
         return
     model.eval()
     fn = lambda x: features(model, x)
     res = {"step": step, "epoch": step / args.steps_per_epoch}
-    if args.knn_every:
-        res["knn_top1"] = C.knn_eval(fn, data, args)
-    if final and args.linear_epochs:
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        res.update(linear_probe(fn, model.feat_dim, data, args))
-        if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
-            raise RuntimeError("linear eval changed the frozen model")
+    with C.eval_rng(args):
+        if args.knn_every:
+            res["knn_top1"] = C.knn_eval(fn, data, args)
+        if final and args.linear_epochs:
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            res.update(linear_probe(fn, model.feat_dim, data, args))
+            if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
+                raise RuntimeError("linear eval changed the frozen model")
     logger.write(res)
     logger.report_skipped(step)
     model.train()
@@ -434,14 +436,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    path = ckpt if args.resume == "auto" else args.resume
-    step = 0
-    if args.resume != "none" and os.path.isfile(path):
-        step = C.load_state(path, model, optimizer, scaler, args)
-    elif args.resume not in ("auto", "none"):
-        C.fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
-    else:
-        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's permutation)
+    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -485,6 +480,7 @@ def fit(model, optimizer, data, args):
 
 
 # ==== 7. main(args) ========================================================================
+@C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
 
