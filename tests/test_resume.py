@@ -106,7 +106,7 @@ def test_a_second_run_on_the_out_dir_refuses_and_a_killed_one_leaves_no_lock(tmp
         config = (tmp_path / "config.json").read_text()
         with pytest.raises(SystemExit) as e:
             simclr.main(tiny_args(simclr, tmp_path, "--subset", 32, "--batch-size", 16))
-        msg = str(e.value.code)
+        msg = str(e.value)
         assert msg.startswith("error: ") and "\n" not in msg, msg
         assert f"another run (pid {first.pid})" in msg and "pass another --out-dir" in msg, msg
         assert (tmp_path / "config.json").read_text() == config  # untouched by the refused run
