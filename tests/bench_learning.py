@@ -101,6 +101,9 @@ SMOKE = {
     # lr 30, tuned for ResNet-50 features) ranked the features at the random init's (38.9 vs 39.0)
     "simsiam": (2, ""),
 }
+# cifar10-200/800 only (batch 512): the official code cuts SwAV's queue to a multiple of the
+# global batch [ref: swav main_swav.py queue_length -= queue_length % (batch * world)]: 3840 -> 3584
+FULL = {"swav": "--queue-length 3584"}
 SHARED = "--preset cifar --dataset cifar10-npz --knn-k 200 --knn-t 0.1 --linear-cached"
 PROFILES = {
     "cpu-smoke": "--arch smallcnn --img-size 16 --batch-size 256 --warmup-epochs 1 "
@@ -122,7 +125,7 @@ def base_flags(row: str, a) -> list[str]:
     data = ["--data-dir", rel(a.data_dir)]
     flags = [*ROWS[row][0].split(), *SHARED.split(), *data, *PROFILES[a.profile].split()]
     if a.profile != "cpu-smoke":
-        return flags
+        return flags + FULL.get(row, "").split()
     return flags + SMOKE.get(row, (1, ""))[1].split() + linear_milestones(row, flags)
 
 

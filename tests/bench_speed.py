@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -76,7 +77,10 @@ def method_run(row: str, pipeline: str, a) -> dict:
         cmd += shlex.split(a.extra)
         with open(f"{out}/stderr.log", "w") as e:
             p = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stderr=e, stdout=e)
+            timer = threading.Timer(getattr(a, "timeout", None) or 1e9, p.kill)  # a time limit
+            timer.start()
             status, usage = os.wait4(p.pid, 0)[1:]  # rusage: this run's peak RSS
+            timer.cancel()
         recs, cfg = [], {}
         if os.path.isfile(f"{out}/metrics.jsonl"):
             with open(f"{out}/metrics.jsonl") as f:
