@@ -40,6 +40,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -173,24 +174,24 @@ def launch(cmd: list[str], out_dir: str, timeout: float, sync: bool) -> dict:
     env = {**os.environ, "GPU_CHECK_SYNC": "1" if sync else "0", "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     argv = [sys.executable, os.path.abspath(__file__), "--run", *cmd, "--out-dir", out_dir]
-    try:
-        p = subprocess.run(
+    with tempfile.TemporaryFile("w+") as log:  # a file: no pipe to fill up
+        p = subprocess.Popen(
             argv,
             cwd=REPO,
             env=env,
-            capture_output=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=max(timeout, 1),
             start_new_session=True,
         )
-        code, err = p.returncode, p.stderr
-    except subprocess.TimeoutExpired as e:
-        code, err = (
-            "timeout",
-            (e.stderr or b"").decode(errors="replace")
-            if isinstance(e.stderr, bytes)
-            else (e.stderr or ""),
-        )
+        try:
+            code = p.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:  # the run and its loader workers
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            code = "timeout"
+        log.seek(0)
+        err = log.read()
     recs = read_metrics(out_dir)
     logs = [r for r in recs if "img_s" in r]
     res = {"cmd": shlex.join(["python", *cmd]), "wall_s": round(time.time() - t0, 1)}
