@@ -574,7 +574,7 @@ def markdown(rep: dict) -> str:
         )
     f = rep["folder"]
     if f:
-        lines += ["", f"## Image folder ({f['images']} files, SimCLR ResNet-50 at 224 px)", ""]
+        lines += ["", f"## Image folder ({f['images']} files written on the spot, SimCLR)", ""]
         lines += [
             "Device decode vs PIL, mean abs difference in uint8 steps: "
             + ", ".join(f"{k} {v}" for k, v in f["decode_vs_pil_mean_abs_u8"].items()),
@@ -589,6 +589,8 @@ def markdown(rep: dict) -> str:
                 f"| {r['pipeline']} | {fmt(r.get('img_s'))} | {fmt(r.get('mem_gb'), '.2f')} GB | "
                 f"{fmt(r.get('skipped_files'))} | {(r.get('error') or '').replace('|', '/')} |"
             )
+    if f and f["runs"] and f["runs"][0].get("cmd"):
+        lines += ["", "    " + f["runs"][0]["cmd"]]
     r = rep["learn"]
     if r:
         lines += [
