@@ -319,6 +319,8 @@ def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
     if args.steps_per_epoch == 0:
         fail(f"{len(data.train)} images < one global batch; lower --batch-size {args.batch_size}")
     args.total_steps = args.steps_per_epoch * args.epochs
+    if data.test is not None and args.linear_epochs:  # the linear probe's limits, checked now
+        linear_batch_size(data, args, warn=False)
     return data
 
 
@@ -1163,14 +1165,39 @@ def extract(fn, ds, args, batch_size: int = 256) -> tuple[torch.Tensor, torch.Te
         batches = ((ds.transform.batched(to(arrays[0][i])), arrays[1][i]) for i in idx)
     else:
         batches = torch.utils.data.DataLoader(mine, batch_size, num_workers=args.workers)
-    feats, labels = [], []
-    for x, y, *_ in batches:
+    feats, labels, desc = [], [], f"features of {n} images"
+    for x, y, *_ in progress(batches, desc, args, total=math.ceil(len(mine) / batch_size)):
         with autocast(args):
             feats.append(fn(x.to(device, non_blocking=True)).float())
         labels.append(y.to(device))
     f, y = gather_no_grad(torch.cat(feats)), gather_no_grad(torch.cat(labels))
     idx = torch.tensor(order, device=device)
     return f.new_empty(n, f.shape[1]).index_copy_(0, idx, f), y.new_empty(n).index_copy_(0, idx, y)
+
+
+def progress(it, desc: str, args, total=None) -> tqdm:
+    """A transient bar (main process) over an evaluation's batches or epochs: host-side only."""
+    return tqdm(it, desc, total, leave=False, disable=not args.is_main, dynamic_ncols=True)
+
+
+def linear_batch_size(data, args, warn: bool = True) -> int:
+    """--linear-batch-size, or all the probe's training images (a multiple of the world size)
+    when fewer, with a warning; its lr x B/256 follows. build_data checks it first (warn=False)."""
+    B, w, cached = args.linear_batch_size, args.world_size, args.linear_cached
+    if B % w:
+        fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    n = len(data.train_eval if cached else data.train_linear)
+    if n >= B:
+        return B
+    if n < w:  # not one image per process
+        k = cached and args.knn_subset  # the flag that set n
+        flag = f"--knn-subset {k}" if k else f"--subset {args.subset}"
+        fail(f"{flag}: {n} linear-probe training images for {w} processes; pass at least {w}")
+    b, lr = n // w * w, args.linear_lr
+    if warn and args.is_main:
+        why = f"{n} linear-probe training images < --linear-batch-size {B}"
+        tqdm.write(f"warning: {why}: batch {b}, lr {lr * b / 256:.4g} = {lr} x {b}/256", sys.stderr)
+    return b
 
 
 @contextlib.contextmanager
@@ -1244,6 +1271,10 @@ def value_type(f: dataclasses.Field) -> type:  # what argparse makes of the flag
     return (type(d[0]) if d else float) if isinstance(d, tuple) else type(d)
 
 
+def shown(v) -> str:  # a value as typed on the command line: tuple "60 80" ("none": empty)
+    return (" ".join(map(str, v)) or "none") if isinstance(v, tuple) else str(v)
+
+
 def check_ranges(args, defaults: dict):
     """Every value (every element of a tuple) in its field's range, metadata "range"."""
     for f in (f for f in dataclasses.fields(args) if f.metadata.get("range")):
@@ -1255,8 +1286,7 @@ def check_ranges(args, defaults: dict):
         why = "not a number" if x != x else "not finite" if math.isinf(x) else f"not {desc}"
         noun = "an integer" if integer else "a number"
         if isinstance(v, tuple):
-            show = lambda t: " ".join(map(str, t)) or "none"
-            v, d, why, noun = show(v), show(d), f"{x} is {why}", noun.split()[1] + "s"
+            v, d, why, noun = shown(v), shown(d), f"{x} is {why}", noun.split()[1] + "s"
         fail(f"--{f.name.replace('_', '-')} {v}: {why}; pass {noun} {desc} (default {d})")
 
 
@@ -1284,10 +1314,25 @@ def parse_args(cls, argv=None):
     range, --out-dir, then args.check() (the method's limits over several fields); a bad value
     ends the run with one line "error: --flag value: why; what to pass", exit status 2."""
     doc, raw = sys.modules[cls.__module__].__doc__, argparse.RawDescriptionHelpFormatter
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+    # --help shows the values of the recipe selected: --preset/--version/--arch read first
+    names = ("version", "preset", "arch")
+    pick = {f.name: f.metadata["choices"] for f in fields if f.name in names}
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    for name in pick:
+        pre.add_argument("--" + name)
+    try:
+        known = vars(pre.parse_known_args(argv)[0])
+    except argparse.ArgumentError:  # e.g. --preset without a value: the parse below says so
+        known = {}
+    sel = {k: v for k, v in known.items() if v in pick[k]}  # a bad choice: reported below
+    resolved = {**{f.name: f.default for f in fields}, **cls.recipe(**sel)}
     p = argparse.ArgumentParser(description=doc, formatter_class=raw)
-    for f in (f for f in dataclasses.fields(cls) if not f.metadata.get("derived")):
+    for f in fields:
         spec, t, each = f.metadata.get("range"), value_type(f), isinstance(f.default, tuple)
         rng = f" ({'each ' * each}{describe(spec, t is int)})" if spec else ""
+        d = shown(resolved[f.name])  # "" (--out-dir, --device): the help says what it means
+        rng += f" (default: {d})" if d else ""
         text = (f.metadata.get("help", "") + rng).replace("%", "%%")  # argparse %-formats it
         kw = {"help": text, "default": argparse.SUPPRESS}
         flag, default = "--" + f.name.replace("_", "-"), f.default
@@ -1298,7 +1343,7 @@ def parse_args(cls, argv=None):
         else:
             p.add_argument(flag, type=t, choices=f.metadata.get("choices"), **kw)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()}
-    sel = {k: given[k] for k in ("version", "preset", "arch") if k in given}
+    sel = {k: given[k] for k in pick if k in given}
     recipe = cls.recipe(**sel)
     args = cls(**{**recipe, **given})
     check_ranges(args, {**{f.name: f.default for f in dataclasses.fields(cls)}, **recipe})
@@ -1333,7 +1378,8 @@ class Logger:
     its image folders' undecodable files are reported (count, first paths) as they are met."""
 
     def __init__(self, args, total: int, initial: int, data=None):
-        self.batch, self.t0, self.last = args.batch_size, time.time(), initial
+        self.batch, self.last, self.start = args.batch_size, initial, time.time()
+        self.t0 = self.start
         self.path = os.path.join(args.out_dir, "metrics.jsonl") if args.is_main else None
         self.bar = tqdm(total=total, initial=initial, disable=not args.is_main, dynamic_ncols=True)
         self.data, self.skipped = data, 0
@@ -1367,3 +1413,37 @@ class Logger:
                 tqdm.write(json.dumps(record))
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def close(self, final: dict | None):
+        """Close the bar; on the main process print where the results are and the final figures
+        (final: the last evaluation's record, None when there was none)."""
+        self.bar.close()
+        if not self.path:
+            return
+        out, t, files = os.path.dirname(self.path), round(time.time() - self.start), RESULTS
+        lines = [f"done in {t // 3600}:{t // 60 % 60:02d}:{t % 60:02d}; results in {out}"]
+        lines += [f"  {k:<15}{v}" for k, v in files.items() if os.path.isfile(f"{out}/{k}")]
+        names = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "linear_top5": "top-5"}
+        figs = [f"{v} {final[k]:.2f}%" for k, v in names.items() if k in (final or {})]
+        step = f" (step {final['step']})" if final else ""
+        print("\n".join(lines + [f"  final{step}: {', '.join(figs) or 'not evaluated'}"]))
+
+
+RESULTS = {"metrics.jsonl": "every log step and evaluation, a JSON record a line"}
+RESULTS["backbone.pth"] = "the encoder's weights (torchvision names)"
+RESULTS["ckpt.pth"] = "the training state, to resume or extend the run (--resume)"
+
+
+class Tracked:
+    """A loader (sampler, batch_size, ... read through) whose batches move a bar as they go."""
+
+    def __init__(self, loader, bar: tqdm):
+        self.loader, self.bar = loader, bar
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.bar.update(1)
+            yield batch

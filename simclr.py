@@ -240,9 +240,7 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
-    device, w, B = torch.device(args.device), args.world_size, args.linear_batch_size
-    if B % w:
-        C.fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
+    device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
     nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
     if args.linear_zero_init:
@@ -261,7 +259,7 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
     test, test_y, acc = *C.extract(fn, data.test, args), []
-    for epoch in range(E):
+    for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
             cols = perm[: n_batches * B].view(n_batches, w, B // w)[:, args.rank].to(device)
@@ -289,10 +287,10 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
     return {**res, "linear_top1_best": acc[best][0], "linear_best_epoch": best + 1}
 
 
-def evaluate(model, data, args, logger, step: int, final: bool):
+def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
     """kNN top-1 on the test split; at the end also the linear probe, after which the model
     must be bit-identical (the sanity check of MoCo's main_lincls.py). In its own random
-    streams (C.eval_rng): training draws what it would without evaluation."""
+    streams (C.eval_rng): training draws what it would without evaluation. -> the record."""
     model = C.unwrap(model)
     if data.test is None:
         return
@@ -310,10 +308,11 @@ def evaluate(model, data, args, logger, step: int, final: bool):
     logger.write(res)
     logger.report_skipped(step)
     model.train()
+    return res
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then evaluate and export."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -330,6 +329,7 @@ def fit(model, optimizer, data, args):
         ddp = nn.parallel.DistributedDataParallel(model, ids, broadcast_buffers=False)
     loader = C.train_loader(data, args)
     logger = C.Logger(args, args.total_steps, step, data)
+    loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
     if step == 0 < end and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
@@ -353,12 +353,13 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    evaluate(model, data, args, logger, step, final=True)  # also for --epochs 0: random init
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates
+    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
+        # before the final evaluation: an evaluation that fails keeps them
         C.save_checkpoint(
             os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
         )
-    logger.bar.close()
+    final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
 # ==== 7. main(args) ========================================================================
