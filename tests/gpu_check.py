@@ -449,6 +449,13 @@ class Check:
         )
         a.out = os.path.join(self.work, "learn")
         train, init = bench_learning.commands(row, a)
+        full = self.resolved(
+            bench_learning.commands(row, SimpleNamespace(**{**vars(a), "extra": ""}))[0]
+        )
+        if getattr(full, "warmup_epochs", 0):  # the warm-up keeps its share of the schedule
+            w = round(full.warmup_epochs * epochs / full.epochs)
+            a.extra += f" --warmup-epochs {w}"
+            train, init = bench_learning.commands(row, a)
         out = os.path.join(a.out, row)
         res = self.launch_plain(train, out, until)
         recs = read_metrics(out)
@@ -482,6 +489,15 @@ class Check:
             flush=True,
         )
         self.write()
+
+    @staticmethod
+    def resolved(cmd: list[str]):
+        """The Args a method command line resolves to (its --out-dir left out)."""
+        import common as C
+
+        i = cmd.index("--out-dir")
+        module = importlib.import_module(cmd[0].removesuffix(".py"))
+        return C.parse_args(module.Args, [*cmd[1:i], *cmd[i + 2 :]])
 
     def launch_plain(self, cmd: list[str], out: str, until: float) -> dict:
         """A bench_learning command (it names its own --out-dir) through --run, with a timeout."""
