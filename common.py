@@ -127,7 +127,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BN over the global batch on gloo/CPU too (torch's SyncBatchNorm, for NCCL, needs CUDA);
-    sync=False: over this process's batch, on any backend (convert_sync_bn(m, sync=False))."""
+    sync=False: over this process's batch, on any backend (global_bn(m, sync=False))."""
 
     _check_input_dim = nn.SyncBatchNorm._check_input_dim  # any input with >= 2 dims
     sync = True
@@ -149,11 +149,16 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return (y * w + b).to(x.dtype)
 
 
-def convert_sync_bn(module: nn.Module, sync: bool = True) -> nn.Module:
-    """Every BatchNorm -> BatchNorm over the global batch (a no-op in one process); sync=False:
-    over each process's batch (e.g. a SyncBN model fine-tuned with per-GPU BN)."""
-    if get_world_size() == 1 or (sync and dist.get_backend() == "nccl"):
+def convert_sync_bn(module: nn.Module) -> nn.Module:
+    """Every BatchNorm -> BatchNorm over the global batch (a no-op in one process)."""
+    if get_world_size() == 1 or dist.get_backend() == "nccl":
         return module if get_world_size() == 1 else nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return global_bn(module)
+
+
+def global_bn(module: nn.Module, sync: bool = True) -> nn.Module:
+    """Every BatchNorm (subclasses too, e.g. split BN) -> GlobalBatchNorm: over the global batch
+    (on gloo), or over each process's batch (sync=False), the same state."""
     for name, c in module.named_children():
         if isinstance(c, nn.modules.batchnorm._BatchNorm):
             f = c.num_features, c.eps, c.momentum, c.affine, c.track_running_stats
@@ -164,7 +169,7 @@ def convert_sync_bn(module: nn.Module, sync: bool = True) -> nn.Module:
                 p.requires_grad_(getattr(c, n).requires_grad)
             setattr(module, name, new)
         else:
-            convert_sync_bn(c, sync)
+            global_bn(c, sync)
     return module
 
 
@@ -1444,7 +1449,15 @@ class FineTuneNet(nn.Module):
             if not any(inside(n, p) for p in top)
             for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
         }
-        net = convert_sync_bn(copy.deepcopy(model, keep), sync_bn)
+        net = copy.deepcopy(model, keep)
+        for n in top:  # the recipe's BN in every part, whatever the model's (a part may be a BN)
+            m = global_bn(nn.Sequential(net.get_submodule(n)), sync_bn)[0]
+            m = convert_sync_bn(m) if sync_bn else m  # NCCL: torch's SyncBatchNorm
+            parent, _, child = n.rpartition(".")
+            if n:
+                setattr(net.get_submodule(parent), child, m)
+            else:  # the model itself
+                net = m
         self.__dict__["copy"] = net  # not a submodule: its unused tensors are the model's
         self.parts = nn.ModuleList([net.get_submodule(n) for n in top]).requires_grad_(True)
         self.head = nn.Linear(dim, num_classes).to(x.device)  # "torch": nn.Linear's init

@@ -88,12 +88,13 @@ def test_stream_batches_split_one_process_batches_over_ranks_and_resume():
 
 
 # ==== the fine-tuned network ================================================================
-@pytest.mark.parametrize("name", ["simclr_v2", "instdisc", "dino", "cpc"])
+@pytest.mark.parametrize("name", ["simclr_v2", "instdisc", "dino", "cpc", "moco_v2"])
 def test_finetune_net_trains_exactly_what_features_reads(tmp_path, monkeypatch, name):
     """The copy's trainable parameters are those the features (SimCLR v2: and the first projector
     layer) get gradients through, found independently by autograd on a copy; every other tensor
-    (momentum/teacher nets, banks, heads) is the model's own object, shared, not copied. The
-    probe leaves the model in its mode with its BN statistics."""
+    (momentum/teacher nets, banks, heads) is the model's own object, shared, not copied. Its BNs
+    are the recipe's (global), whatever the model's (MoCo's split BN in one process); the probe
+    leaves the model in its mode with its BN statistics."""
     module = importlib.import_module(VARIANTS[name][0])
     model, _, args, data = built_by_main(module, monkeypatch, tmp_path, *VARIANTS[name][1], *RUN)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -116,6 +117,8 @@ def test_finetune_net_trains_exactly_what_features_reads(tmp_path, monkeypatch, 
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         assert (copy_tensors[n] is t) == (n not in mine), n
     assert all(p.requires_grad for p in net.parameters())
+    bns = [m for m in net.parts.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert (bns or name == "cpc") and all(type(m) is C.GlobalBatchNorm and m.sync for m in bns)
 
 
 def test_finetune_leaves_model_and_checkpoint_untouched_and_learns(tmp_path, monkeypatch):
