@@ -58,6 +58,8 @@ def setup_ddp(args) -> torch.device:
     if args.batch_size % (w := args.world_size):
         fail(f"--batch-size {args.batch_size} is not divisible by world size {w}; pass a multiple")
     args.batch_size_per_gpu = args.batch_size // w
+    if getattr(args, "finetune_fraction", 0) and (b := args.ft_batch_size) % w:
+        fail(f"--ft-batch-size {b} is not divisible by world size {w}; pass a multiple")
     args.amp = {"auto": "bf16" if args.device.startswith("cuda") else "off"}.get(args.amp, args.amp)
     return torch.device(args.device)
 
@@ -1362,8 +1364,6 @@ def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, arg
     0 writes `path` (net, optimizer, step, history, key): a rerun with the same key continues
     from it (--resume none: starts anew). -> {"loss": the last step's, "history": [...]}."""
     n, total, device = len(ds), len(sched), torch.device(args.device)
-    if batch % args.world_size:
-        fail(f"fine-tuning batch {batch} is not divisible by world size {args.world_size}")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     state = {"step": 0, "history": [], "loss": math.nan}
     if args.resume != "none" and os.path.isfile(path):
@@ -1372,13 +1372,17 @@ def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, arg
             net.load_state_dict(saved["net"]), opt.load_state_dict(saved["optimizer"])
             scaler.load_state_dict(saved["scaler"])
             state = {k: saved[k] for k in state}
+        elif args.is_main:
+            print(f"note: {path} is of other weights or flags: starting anew", file=sys.stderr)
     step, history, loss = state["step"], state["history"], torch.tensor(state["loss"])
     params = [p for g in opt.param_groups for p in g["params"]]
     sampler, pin = StreamBatches(n, batch, step, total, args), device.type == "cuda"
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin
     )
-    bar = tqdm(total=total, initial=step, disable=not args.is_main, desc=os.path.basename(path))
+    bar = tqdm(
+        total=total, initial=step, disable=not args.is_main, desc=os.path.basename(path)[:-4]
+    )
     net.train()
     for x, y, _ in loader:
         for g in opt.param_groups:

@@ -452,7 +452,7 @@ def main(args: Args):
     kw = {"weight_decay": args.wd, "momentum": args.momentum, "classic": True}
     optimizer = C.LARS(C.param_groups([model], args.wd), lr=lr, **kw)
     fit(model, optimizer, data, args)
-    if args.distill_epochs:  # after fine-tuning (in fit's last evaluation) [SimCLRv2 §2]
+    if args.distill_epochs and data.test is not None:  # after fit's fine-tuning [SimCLRv2 §2]
         with C.eval_rng(args):  # the student's init: the same on every rank
             res = {"step": min(args.max_steps or args.total_steps, args.total_steps)}
             res.update(distill(model, data, args))

@@ -192,7 +192,12 @@ def _finetune_on_ranks(out, flags):
         C.finetune = real
     if dist.is_initialized():
         dist.barrier()
-    return {"res": got["res"], "net": C.load_checkpoint(os.path.join(out, "finetune.pth"))["net"]}
+    res = {"res": got["res"], "net": C.load_checkpoint(os.path.join(out, "finetune.pth"))["net"]}
+    try:  # an odd fine-tuning batch on 2 processes stops the run at its start
+        C.setup_ddp(tiny_args(simclr, out, *flags, "--ft-batch-size", 9))
+    except SystemExit as e:
+        res["odd"] = str(e)
+    return res
 
 
 def test_finetune_two_processes_equal_one(tmp_path):
@@ -205,6 +210,8 @@ def test_finetune_two_processes_equal_one(tmp_path):
     loss = ref["res"]["finetune_loss"]
     for r in ranks:  # the last step's loss: each rank's is over its half of the batch
         assert r["net"].keys() == ref["net"].keys()
+        assert "--ft-batch-size 9 is not divisible by world size 2" in r["odd"]
+    assert "odd" not in ref
     assert sum(r["res"]["finetune_loss"] for r in ranks) / 2 == pytest.approx(loss, rel=1e-5)
     scale = max(v.abs().max().item() for v in ref["net"].values() if v.is_floating_point())
     for k, v in ref["net"].items():
