@@ -928,7 +928,7 @@ class LARS(torch.optim.Optimizer):
     at 1/lr (a step never exceeds plain SGD's); exclude_bias_n_norm as here. classic=True is
     the "classic" momentum of SimCLR's LARS [ref: simclr lars_optimizer.py classic_momentum]:
     m <- mu*m + lr*d; w -= m (past steps keep the lr they were taken with). A parameter group
-    with "adapt": False has no adaptation (SimCLR's fine-tuning head [ref: simclr model.py])."""
+    with "adapt": False is not adapted (the fine-tuning head [ref: simclr model_util.py])."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw):
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
@@ -1511,7 +1511,7 @@ def finetune(fn, model, data, args) -> dict:
     scale = math.sqrt(B) if rec["scaling"] == "sqrt" else B / 256
     groups = [{"params": list(net.parts.parameters()), "lr0": args.ft_lr[col] * scale}]
     groups += [{"params": list(net.head.parameters()), "lr0": args.ft_head_lr[col] * scale}]
-    groups[1]["adapt"] = False  # lars: the head is not adapted [ref: simclr model.py]
+    groups[1]["adapt"] = False  # lars: the head is not adapted [ref: simclr model_util.py]
     if rec["opt"] == "lars":
         opt = LARS(groups, 0.0, momentum=0.9, classic=True)
     else:
