@@ -1250,7 +1250,8 @@ FT_RECIPES = {
     # [ref: swav eval_semisup.py: SGD, MultiStepLR([12, 16], 0.2), SyncBN, nn.Linear, best_acc]
     "barlow_twins": recipe(per_epoch=True, sync_bn=False, head="normal", best=True),
     # [ref: barlowtwins evaluate.py --weights finetune: SGD, CosineAnnealingLR per epoch, DDP of
-    # plain BN, fc N(0, 0.01), best_acc]
+    # plain BN, fc N(0, 0.01), best_acc; DEVIATION: its top-5 is the best top-1 epoch's here,
+    # evaluate.py keeps the maximum of each]
     "byol": recipe(opt="nesterov", sync_bn=False, head="haiku"),  # [ref: byol eval_experiment.py
     # freeze_backbone=False: Nesterov SGD, cosine per step, BN per device, hk.Linear init]
 }
@@ -1313,7 +1314,8 @@ class StreamBatches:
     each a permutation of the n images seeded by (seed, epoch), as the official TF input
     pipelines (repeat, then batch); this rank takes its batch / W of each step, as (index,
     epoch) keys (Indexed seeds the augmentation by them). The global batches are those of one
-    process for any world size, and a resumed run continues them."""
+    process for any world size, and a resumed run continues them. (DEVIATION: the PyTorch loops
+    of SwAV and Barlow Twins end each epoch with a smaller batch instead.)"""
 
     def __init__(self, n: int, batch: int, start: int, total: int, args):
         self.n, self.batch, self.start, self.total, self.seed = n, batch, start, total, args.seed
@@ -1505,7 +1507,8 @@ def finetune(fn, model, data, args) -> dict:
     rec, tl = FT_RECIPES[args.ft_recipe], data.train_linear
     col = int(args.finetune_fraction >= 0.03)  # the 1% or the 10% values
     net = finetune_net(fn, model, data, args)
-    ds = Indexed(tl.dataset, tl.transform, seed=args.seed)  # crop + flip views
+    ds = Indexed(tl.dataset, tl.transform, seed=args.seed)  # crop + flip (DEVIATION: bilinear;
+    # SimCLR's and BYOL's crops are bicubic)
     ds.indices = [tl.indices[i] for i in labelled_subset(tl, args)]
     n, E, B = len(ds), args.ft_epochs[col], args.ft_batch_size
     scale = math.sqrt(B) if rec["scaling"] == "sqrt" else B / 256
