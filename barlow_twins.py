@@ -29,7 +29,8 @@ from torch import nn
 import common as C
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
+FT = "[ref: README semi-supervised command (1%); the same at 10%]"
 
 
 def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
@@ -70,6 +71,8 @@ class Args:
     knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
     knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
+    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
     # -- method block --
     arch: str = arg("resnet50", "backbone [BT §2 Implementation details]", choices=C.ARCHS)
     epochs: int = ge0(1000, "epochs [BT §2 Implementation details; ref: main.py --epochs]")
@@ -121,6 +124,11 @@ class Args:
     linear_zero_init: bool = arg(
         False, "zero-init classifier: no, normal(0, 0.01), bias 0 [ref: evaluate.py fc init]"
     )
+    ft_recipe: str = arg("barlow_twins", "fine-tuning recipe [ref: evaluate.py]", choices=FTR)
+    ft_epochs: tuple = gt0((20, 20), f"fine-tuning epochs at 1% / 10% {FT}")
+    ft_batch_size: int = gt0(256, "fine-tuning global batch [ref: evaluate.py --batch-size]")
+    ft_lr: tuple = ge0((0.005, 0.005), f"backbone lr x batch/256 at 1% / 10% {FT}")
+    ft_head_lr: tuple = ge0((0.5, 0.5), f"classifier lr x batch/256 at 1% / 10% {FT}")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -315,6 +323,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
             res.update(linear_probe(fn, model.feat_dim, data, args))
             if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
                 raise RuntimeError("linear eval changed the frozen model")
+        if final:  # off unless --finetune-fraction; the model and its checkpoint stay untouched
+            res.update(C.finetune(features, model, data, args))
     logger.write(res)
     logger.report_skipped(step)
     model.train()

@@ -30,7 +30,8 @@ from torch import nn
 import common as C
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
+FT = "SimCLR's [SimCLR App. B.5]: BYOL's code has no semi-supervised values"
 
 
 def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
@@ -71,6 +72,8 @@ class Args:
     knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
     knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
+    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
     # -- method block --
     arch: str = arg("resnet50", "backbone, ResNet-50 v1 [BYOL §3.2]", choices=C.ARCHS)
     zero_init_residual: bool = arg(
@@ -113,6 +116,11 @@ class Args:
     linear_zero_init: bool = arg(
         False, "off: hk.Linear init [ref: eval_experiment._classif_fn] (DEVIATION: N(0, 0.01))"
     )
+    ft_recipe: str = arg("byol", "fine-tuning recipe [ref: eval_experiment.py]", choices=FTR)
+    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
+    ft_batch_size: int = gt0(1024, "fine-tuning global batch, as linear eval's [BYOL App. C.1]")
+    ft_lr: tuple = ge0((0.05, 0.05), f"fine-tuning lr x batch/256 at 1% / 10% {FT}")
+    ft_head_lr: tuple = ge0((0.05, 0.05), f"head lr x batch/256 at 1% / 10% {FT}")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -305,6 +313,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
             res.update(linear_probe(fn, model.feat_dim, data, args))
             if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
                 raise RuntimeError("linear eval changed the frozen model")
+        if final:  # off unless --finetune-fraction; the model and its checkpoint stay untouched
+            res.update(C.finetune(features, model, data, args))
     logger.write(res)
     logger.report_skipped(step)
     model.train()

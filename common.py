@@ -6,8 +6,10 @@ LARS, schedules, checkpoints, kNN, CLI)."""
 import argparse
 import atexit
 import contextlib
+import copy
 import dataclasses
 import fcntl
+import hashlib
 import io
 import json
 import math
@@ -56,6 +58,8 @@ def setup_ddp(args) -> torch.device:
     if args.batch_size % (w := args.world_size):
         fail(f"--batch-size {args.batch_size} is not divisible by world size {w}; pass a multiple")
     args.batch_size_per_gpu = args.batch_size // w
+    if getattr(args, "finetune_fraction", 0) and (b := args.ft_batch_size) % w:
+        fail(f"--ft-batch-size {b} is not divisible by world size {w}; pass a multiple")
     args.amp = {"auto": "bf16" if args.device.startswith("cuda") else "off"}.get(args.amp, args.amp)
     return torch.device(args.device)
 
@@ -124,12 +128,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BN over the global batch on gloo/CPU too (torch's SyncBatchNorm, for NCCL, needs CUDA)."""
+    """BN over the global batch on gloo/CPU too (torch's SyncBatchNorm, for NCCL, needs CUDA);
+    sync=False: over this process's batch, on any backend (global_bn(m, sync=False))."""
 
     _check_input_dim = nn.SyncBatchNorm._check_input_dim  # any input with >= 2 dims
+    sync = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or get_world_size() == 1:
+        if not self.training or get_world_size() == 1 or not self.sync:
             return super().forward(x)
         dims, shape, xf = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2), x.float()
         n = xf.numel() // xf.shape[1] * get_world_size()
@@ -149,16 +155,23 @@ def convert_sync_bn(module: nn.Module) -> nn.Module:
     """Every BatchNorm -> BatchNorm over the global batch (a no-op in one process)."""
     if get_world_size() == 1 or dist.get_backend() == "nccl":
         return module if get_world_size() == 1 else nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return global_bn(module)
+
+
+def global_bn(module: nn.Module, sync: bool = True) -> nn.Module:
+    """Every BatchNorm (subclasses too, e.g. split BN) -> GlobalBatchNorm: over the global batch
+    (on gloo), or over each process's batch (sync=False), the same state."""
     for name, c in module.named_children():
         if isinstance(c, nn.modules.batchnorm._BatchNorm):
             f = c.num_features, c.eps, c.momentum, c.affine, c.track_running_stats
             new = GlobalBatchNorm(*f)
             new.load_state_dict(c.state_dict())
+            new.sync = sync
             for n, p in new.named_parameters():  # e.g. a frozen BN beta stays frozen
                 p.requires_grad_(getattr(c, n).requires_grad)
             setattr(module, name, new)
         else:
-            convert_sync_bn(c)
+            global_bn(c, sync)
     return module
 
 
@@ -916,11 +929,12 @@ class LARS(torch.optim.Optimizer):
     were tuned with: trust eta*|w|/(|g| + wd*|w| + 1e-8), and with clip_lr the trust is capped
     at 1/lr (a step never exceeds plain SGD's); exclude_bias_n_norm as here. classic=True is
     the "classic" momentum of SimCLR's LARS [ref: simclr lars_optimizer.py classic_momentum]:
-    m <- mu*m + lr*d; w -= m (past steps keep the lr they were taken with)."""
+    m <- mu*m + lr*d; w -= m (past steps keep the lr they were taken with). A parameter group
+    with "adapt": False is not adapted (the fine-tuning head [ref: simclr model_util.py])."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw):
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
-        kw = {"clip_lr": False, "solo": False, "classic": False, **kw}
+        kw = {"clip_lr": False, "solo": False, "classic": False, "adapt": True, **kw}
         kw["trust_coefficient"] = trust_coefficient
         super().__init__(params, {**defaults, **kw})
 
@@ -929,7 +943,7 @@ class LARS(torch.optim.Optimizer):
         for g in self.param_groups:
             ps = [p for p in g["params"] if p.grad is not None]
             ds = [p.grad for p in ps]
-            big = [i for i, p in enumerate(ps) if p.ndim > 1]
+            big = [i for i, p in enumerate(ps) if p.ndim > 1 and g["adapt"]]
             if big:  # no host sync: the trust ratios stay tensors
                 pb, wd, eta = [ps[i] for i in big], g["weight_decay"], g["trust_coefficient"]
                 db = torch._foreach_add([ds[i] for i in big], pb, alpha=wd)
@@ -1242,6 +1256,322 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.detach().float(), dim=1).std(0).mean()
 
 
+# ==== 7b. semi-supervised fine-tuning ======================================================
+def recipe(**kw) -> dict:  # the keys of a fine-tuning recipe, with the most common values
+    ft = {"opt": "sgd", "scaling": "linear", "milestones": (), "decay": 0.1, "per_epoch": False}
+    return {**ft, "sync_bn": True, "head": "zero", "best": False, **kw}
+
+
+# How the official code fine-tunes (--ft-recipe; the numbers are each file's Args ft_*): the
+# optimizer (sgd / nesterov: momentum 0.9; lars: SimCLR's, classic momentum 0.9, the head not
+# adapted), the lr's scaling with the batch (linear: x B/256; sqrt: x sqrt(B)), the schedule
+# (x decay at the epoch milestones, else cosine to 0, per step or per epoch), BN over the global
+# batch or each process's, the head's init, the epoch reported (best top-1 or the last). None
+# has weight decay or warm-up; all train on crop + flip views with BN in train mode.
+FT_RECIPES = {
+    "simclr_v1": recipe(opt="nesterov"),  # [SimCLR App. B.5; ref: simclr model_util.py
+    # get_optimizer: MomentumOptimizer(use_nesterov=True), --global_bn, --zero_init_logits_layer]
+    "simclr_v2": recipe(opt="lars", scaling="sqrt"),  # [SimCLRv2 §4; ref: simclr README fine-tune
+    # command: --optimizer=lars --learning_rate_scaling=sqrt --global_bn=True --warmup_epochs=0]
+    "swav": recipe(milestones=(12, 16), decay=0.2, per_epoch=True, head="torch", best=True),
+    # [ref: swav eval_semisup.py: SGD, MultiStepLR([12, 16], 0.2), SyncBN, nn.Linear, best_acc]
+    "barlow_twins": recipe(per_epoch=True, sync_bn=False, head="normal", best=True),
+    # [ref: barlowtwins evaluate.py --weights finetune: SGD, CosineAnnealingLR per epoch, DDP of
+    # plain BN, fc N(0, 0.01), best_acc; DEVIATION: its top-5 is the best top-1 epoch's here,
+    # evaluate.py keeps the maximum of each]
+    "byol": recipe(opt="nesterov", sync_bn=False, head="haiku"),  # [ref: byol eval_experiment.py
+    # freeze_backbone=False: Nesterov SGD, cosine per step, BN per device, hk.Linear init]
+}
+
+
+def check_finetune(args):
+    """The fine-tuning flags together (parse_args): a 1% and a 10% value per tuple, the image
+    list, distillation only after fine-tuning."""
+    for name in ("ft_epochs", "ft_lr", "ft_head_lr"):
+        if len(v := getattr(args, name)) != 2:
+            fail(
+                f"--{name.replace('_', '-')} {' '.join(map(str, v))}: not two numbers; pass the 1% "
+                "and the 10% value"
+            )
+    path, ds = args.finetune_list, args.dataset
+    if path and not os.path.isfile(path):
+        fail(f"--finetune-list {path}: no such file; pass a file of image file names, one a line")
+    if path and ds not in ("imagenet", "folder"):
+        fail(f"--finetune-list {path}: --dataset {ds} has no image files; pass imagenet or folder")
+    if args.finetune_fraction and ds == "imagenet" and not path:
+        fail(
+            f"--finetune-fraction {args.finetune_fraction} on imagenet: the standard subsets are "
+            "lists; pass --finetune-list (google-research/simclr imagenet_subsets/1percent.txt)"
+        )
+    if getattr(args, "distill_epochs", 0) and not args.finetune_fraction:
+        fail(
+            f"--distill-epochs {args.distill_epochs}: it distils the fine-tuned network; pass "
+            "--finetune-fraction too"
+        )
+
+
+def labelled_subset(ds, args) -> list[int]:
+    """Positions in ds (the labelled training images) that keep their label: the files named in
+    --finetune-list (the 1% / 10% ImageNet lists of google-research/simclr imagenet_subsets, a
+    file name a line), else per class the first round(fraction x class size) of a permutation
+    drawn from --seed: the same on every rank and for every method."""
+    if args.finetune_list:
+        base = ds.dataset
+        with open(args.finetune_list) as f:
+            names = [line.strip() for line in f if line.strip()]
+        where = {os.path.basename(base.samples[j][0]): i for i, j in enumerate(ds.indices)}
+        if missing := [n for n in names if n not in where]:
+            fail(
+                f"--finetune-list {args.finetune_list}: {len(missing)} of its {len(names)} files "
+                f"are not in the training set (e.g. {missing[0]}); pass a list of its images"
+            )
+        return sorted(where[n] for n in names)
+    arrays = image_arrays(ds.dataset)
+    y = (arrays[1] if arrays is not None else torch.tensor(ds.dataset.targets))[ds.indices]
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))
+    take = lambda c: perm[y[perm] == c][: round(args.finetune_fraction * int((y == c).sum()))]
+    chosen = sorted(torch.cat([take(c) for c in y.unique()]).tolist())
+    if not chosen:
+        fail(f"--finetune-fraction {args.finetune_fraction}: no image of any class; pass more")
+    return chosen
+
+
+class StreamBatches:
+    """Batch sampler: steps start..total-1 of `batch` images from an endless stream of epochs,
+    each a permutation of the n images seeded by (seed, epoch), as the official TF input
+    pipelines (repeat, then batch); this rank takes its batch / W of each step, as (index,
+    epoch) keys (Indexed seeds the augmentation by them). The global batches are those of one
+    process for any world size, and a resumed run continues them. (DEVIATION: the PyTorch loops
+    of SwAV and Barlow Twins end each epoch with a smaller batch instead.)"""
+
+    def __init__(self, n: int, batch: int, start: int, total: int, args):
+        self.n, self.batch, self.start, self.total, self.seed = n, batch, start, total, args.seed
+        self.part = batch // args.world_size
+        self.offset = args.rank * self.part
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        perms = {}
+        for s in range(self.start, self.total):
+            first = s * self.batch + self.offset
+            keys = []
+            for p in range(first, first + self.part):
+                e = p // self.n
+                if e not in perms:  # the epochs before e are done
+                    g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+                    perms = {e: torch.randperm(self.n, generator=g).tolist()}
+                keys.append((perms[e][p % self.n], e))
+            yield keys
+
+
+def average_gradients(params: list):
+    """Every process's gradients -> their mean, in one all-reduce (what DDP does in buckets)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if get_world_size() == 1 or not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads]).div_(get_world_size())
+    dist.all_reduce(flat)
+    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(v.view_as(g))
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha1 of a module's state: a resumed fine-tuning must start from the same weights."""
+    h = hashlib.sha1()
+    for k, v in module.state_dict().items():
+        h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, args, track=None):
+    """Train net (opt holds its trainable parameters, each group's base lr in "lr0") for
+    len(sched) steps of `batch` images of ds (StreamBatches), lr = lr0 x sched[step]; loss_fn(x,
+    y) -> scalar; gradients averaged over processes. At each epoch's end: rank 0's buffers on
+    every rank (per-process BN), track() appended to the history (e.g. test accuracy), and rank
+    0 writes `path` (net, optimizer, step, history, key): a rerun with the same key continues
+    from it (--resume none: starts anew). -> {"loss": the last step's, "history": [...]}."""
+    n, total, device = len(ds), len(sched), torch.device(args.device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    state = {"step": 0, "history": [], "loss": math.nan}
+    if args.resume != "none" and os.path.isfile(path):
+        saved = load_checkpoint(path)
+        if saved.get("key") == key:
+            net.load_state_dict(saved["net"]), opt.load_state_dict(saved["optimizer"])
+            scaler.load_state_dict(saved["scaler"])
+            state = {k: saved[k] for k in state}
+        elif args.is_main:
+            print(f"note: {path} is of other weights or flags: starting anew", file=sys.stderr)
+    step, history, loss = state["step"], state["history"], torch.tensor(state["loss"])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sampler, pin = StreamBatches(n, batch, step, total, args), device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin
+    )
+    bar = tqdm(
+        total=total, initial=step, disable=not args.is_main, desc=os.path.basename(path)[:-4]
+    )
+    net.train()
+    for x, y, _ in loader:
+        for g in opt.param_groups:
+            g["lr"] = g["lr0"] * sched[step]
+        with autocast(args):
+            loss = loss_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        average_gradients(params)  # before unscaling: an overflow on any rank is on every rank
+        scaler.step(opt)
+        scaler.update()
+        step, _ = step + 1, bar.update()
+        if step == total or step * batch // n > (step - 1) * batch // n:  # an epoch ended
+            sync_buffers(net)
+            if track is not None:
+                history.append(track(net.eval()))
+                net.train()
+            if args.is_main:
+                state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "step": step}
+                state.update(scaler=scaler.state_dict(), history=history, loss=loss.item())
+                save_checkpoint(path, {**state, "key": key})
+    bar.close()
+    net.eval()
+    return {"loss": float(loss.detach()), "history": history}
+
+
+def classifier_accuracy(net, data, args) -> list[float]:
+    """[top-1, top-5] (%) of net's logits on the test split (net in eval mode)."""
+    logits, y = extract(net, data.test, args)
+    hit = logits.topk(min(5, data.num_classes), dim=1).indices == y[:, None]
+    return [hit[:, 0].float().mean().item() * 100, hit.any(1).float().mean().item() * 100]
+
+
+def projector_layers(model, k: int) -> nn.Module:
+    """The first k layers of the projector (Linear [-> BN] -> ReLU each) [SimCLRv2 §2: fine-tune
+    from the head's middle layer; ref: simclr tf2/model.py ProjectionHead ft_proj_selector]."""
+    mods = list(unwrap(model).projector) if k else []
+    ends = [i for i, m in enumerate(mods) if isinstance(m, nn.ReLU)]
+    return nn.Sequential(*mods[: ends[k - 1] + 1]) if k else nn.Identity()
+
+
+class FineTuneNet(nn.Module):
+    """x -> linear head of fn(copy, x) [-> the first proj_layers projector layers]. copy: model,
+    deep-copied but for the tensors of the modules this never runs (shared with model, unused:
+    unchanged). The modules it runs (found once, with forward pre-hooks, on the model in eval
+    mode) are new, trainable and registered as `parts`: net.state_dict() is what fine-tuning
+    trains. BatchNorm over the global batch or each process's (sync_bn)."""
+
+    def __init__(self, fn, model, x, num_classes: int, proj_layers=0, sync_bn=True, head="zero"):
+        super().__init__()
+        self.fn, self.k, called, mode = fn, proj_layers, [], model.training
+        hooks = [
+            m.register_forward_pre_hook(lambda m, _: called.append(m)) for m in model.modules()
+        ]
+        try:  # eval mode: BN statistics untouched
+            with torch.no_grad():
+                dim = self.features(model.eval(), x).shape[1]
+        finally:
+            model.train(mode)
+            for h in hooks:
+                h.remove()
+        names = [n for n, m in model.named_modules() if id(m) in {id(c) for c in called}]
+        inside = lambda n, p: p == "" or n == p or n.startswith(p + ".")  # n in p's subtree
+        top = [n for n in names if not any(p != n and inside(n, p) for p in names)]
+        keep = {
+            id(t): t
+            for n, m in model.named_modules()
+            if not any(inside(n, p) for p in top)
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        }
+        net = copy.deepcopy(model, keep)
+        for n in top:  # the recipe's BN in every part, whatever the model's (a part may be a BN)
+            m = global_bn(nn.Sequential(net.get_submodule(n)), sync_bn)[0]
+            m = convert_sync_bn(m) if sync_bn else m  # NCCL: torch's SyncBatchNorm
+            parent, _, child = n.rpartition(".")
+            if n:
+                setattr(net.get_submodule(parent), child, m)
+            else:  # the model itself
+                net = m
+        self.__dict__["copy"] = net  # not a submodule: its unused tensors are the model's
+        self.parts = nn.ModuleList([net.get_submodule(n) for n in top]).requires_grad_(True)
+        self.head = nn.Linear(dim, num_classes).to(x.device)  # "torch": nn.Linear's init
+        w, s = self.head.weight, dim**-0.5
+        if head != "torch":  # "zero"
+            nn.init.zeros_(self.head.bias), nn.init.zeros_(w)
+        if head == "normal":
+            nn.init.normal_(w, std=0.01)
+        elif head == "haiku":  # hk.Linear: N(0, 1 / dim) truncated at 2 std
+            nn.init.trunc_normal_(w, 0.0, s, -2 * s, 2 * s)
+
+    def features(self, model, x):
+        return projector_layers(model, self.k)(self.fn(model, x))
+
+    def forward(self, x):
+        return self.head(self.features(self.copy, x))
+
+    def train(self, mode: bool = True):
+        self.copy.train(mode)
+        return super().train(mode)
+
+
+def finetune_net(fn, model, data, args) -> FineTuneNet:
+    """The network fine-tuning trains, before training (the head initialised from --seed)."""
+    rec, device = FT_RECIPES[args.ft_recipe], torch.device(args.device)
+    x = torch.stack([data.test[i][0] for i in range(2)]).to(device)
+    k = getattr(args, "ft_proj_layers", 0)
+    return FineTuneNet(fn, model, x, data.num_classes, k, rec["sync_bn"], rec["head"])
+
+
+def finetune(fn, model, data, args) -> dict:
+    """Semi-supervised fine-tuning [SimCLR §6, Tab. 7; SimCLRv2 §2], off unless
+    --finetune-fraction: a copy of the encoder fn reads (SimCLR v2: and the first --ft-proj-layers
+    projector layers) and a new linear head, trained on the labelled fraction of the training
+    images (crop + flip views) with the method's protocol (Args ft_*, FT_RECIPES): the 1% values
+    below a 3% fraction, the 10% values above. Then top-1/top-5 on the test split. The model and
+    its checkpoint stay untouched; out-dir/finetune.pth, written every epoch, holds the fine-tuned
+    network: a rerun continues from it. Run in eval_rng: the same on every rank."""
+    if not args.finetune_fraction or data.test is None:
+        return {}
+    rec, tl = FT_RECIPES[args.ft_recipe], data.train_linear
+    col = int(args.finetune_fraction >= 0.03)  # the 1% or the 10% values
+    net = finetune_net(fn, model, data, args)
+    ds = Indexed(tl.dataset, tl.transform, seed=args.seed)  # crop + flip (DEVIATION: bilinear;
+    # SimCLR's and BYOL's crops are bicubic)
+    ds.indices = [tl.indices[i] for i in labelled_subset(tl, args)]
+    n, E, B = len(ds), args.ft_epochs[col], args.ft_batch_size
+    scale = math.sqrt(B) if rec["scaling"] == "sqrt" else B / 256
+    groups = [{"params": list(net.parts.parameters()), "lr0": args.ft_lr[col] * scale}]
+    groups += [{"params": list(net.head.parameters()), "lr0": args.ft_head_lr[col] * scale}]
+    groups[1]["adapt"] = False  # lars: the head is not adapted [ref: simclr model_util.py]
+    if rec["opt"] == "lars":
+        opt = LARS(groups, 0.0, momentum=0.9, classic=True)
+    else:
+        opt = torch.optim.SGD(groups, 0.0, momentum=0.9, nesterov=rec["opt"] == "nesterov")
+    total, epoch = math.ceil(n * E / B), lambda s: s * B // n
+    if rec["milestones"]:  # x decay from each milestone epoch on
+        sched = [
+            rec["decay"] ** sum(epoch(s) >= m for m in rec["milestones"]) for s in range(total)
+        ]
+    elif rec["per_epoch"]:  # cosine, set once per epoch
+        sched = [0.5 * (1 + math.cos(math.pi * epoch(s) / E)) for s in range(total)]
+    else:  # cosine per step
+        sched = cosine_schedule(1.0, 0.0, total)
+    names = ("finetune_fraction", "finetune_list", "seed", "dataset", "subset", "img_size")
+    key = {
+        "init": fingerprint(net),
+        **{k: v for k, v in config_dict(args).items() if k.startswith("ft_") or k in names},
+    }
+    loss_fn = lambda x, y: F.cross_entropy(net(x).float(), y)
+    track = (lambda net: classifier_accuracy(net, data, args)) if rec["best"] else None
+    path = os.path.join(args.out_dir, "finetune.pth")
+    out = fit_classifier(net, opt, loss_fn, ds, sched, B, path, key, args, track)
+    acc = out["history"] or [classifier_accuracy(net, data, args)]
+    best = max(range(len(acc)), key=lambda e: acc[e][0])  # the first best
+    top1, top5 = acc[best] if rec["best"] else acc[-1]
+    res = {"finetune_fraction": args.finetune_fraction, "finetune_images": n}
+    res.update(finetune_top1=top1, finetune_top5=top5, finetune_top1_last=acc[-1][0])
+    return {**res, "finetune_loss": out["loss"]}
+
+
 # ==== 8. config, CLI and logging ===========================================================
 RANGE = re.compile(r"([\[(])(\S+), (\S+)([\])])")  # "[lo, hi]", "(lo, hi)", "[0, inf)", ...
 
@@ -1348,6 +1678,7 @@ def parse_args(cls, argv=None):
     args = cls(**{**recipe, **given})
     check_ranges(args, {**{f.name: f.default for f in dataclasses.fields(cls)}, **recipe})
     check_out_dir(args)
+    check_finetune(args)
     args.check()
     return args
 

@@ -33,7 +33,8 @@ from torch import nn
 import common as C
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
+FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the DINO code"
 OPTS = ("adamw", "sgd", "lars")
 
 
@@ -75,6 +76,8 @@ class Args:
     knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
     knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
+    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
     # -- method block --
     # defaults: the README's vanilla run ("Vanilla DINO training": ViT-S/16, 8 GPUs x 64, 100
     # epochs, main_dino.py's defaults; 69.3% k-NN, 74.0% linear). The released 800-epoch ViT-S/16
@@ -125,6 +128,11 @@ class Args:
     linear_epoch_lr: bool = arg(True, "lr per epoch [ref: eval_linear.py CosineAnnealingLR]")
     linear_best: bool = arg(True, "report the best epoch [ref: eval_linear.py best_acc]")
     linear_zero_init: bool = arg(False, "classifier N(0, 0.01), bias 0 [ref: eval_linear.py]")
+    ft_recipe: str = arg("simclr_v2", f"fine-tuning recipe (C.FT_RECIPES) {FT}", choices=FTR)
+    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
+    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
+    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr x sqrt(batch) at 1% / 10% {FT}")
+    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr x sqrt(batch) at 1% / 10% {FT}")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -423,6 +431,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
             res.update(linear_probe(fn, model.feat_dim, data, args))
             if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
                 raise RuntimeError("linear eval changed the frozen model")
+        if final:  # off unless --finetune-fraction; the model and its checkpoint stay untouched
+            res.update(C.finetune(features, model, data, args))
     logger.write(res)
     logger.report_skipped(step)
     model.train()

@@ -34,7 +34,8 @@ from torch import nn
 import common as C
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
+FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the MoCo code"
 OPTS, SCHED = ("sgd", "lars", "adamw"), ("step", "cosine-epoch", "cosine")
 AUGS = ("v1", "v2", "asym")
 
@@ -77,6 +78,8 @@ class Args:
     knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
     knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
+    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
     # -- method block --
     version: str = arg("v2", "v1 [MoCo]; v2 [MoCo v2]; v3 [MoCo v3]", choices=("v1", "v2", "v3"))
     arch: str = arg("resnet50", "backbone [MoCo §4; v3 also vit_small/base]", choices=C.ARCHS)
@@ -131,6 +134,11 @@ class Args:
         "solo-learn's LARS (eta 0.02, trust capped at 1/lr) and warm-up from 3e-5, which its lrs "
         "were tuned with [ref: solo-learn solo/utils/lars.py, lr_scheduler.py, mocov3.yaml]",
     )
+    ft_recipe: str = arg("simclr_v2", f"fine-tuning recipe (C.FT_RECIPES) {FT}", choices=FTR)
+    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
+    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
+    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr x sqrt(batch) at 1% / 10% {FT}")
+    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr x sqrt(batch) at 1% / 10% {FT}")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -195,19 +203,13 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         chunks = x.chunk(self.num_splits)
-        with torch.no_grad():
-            self.running_mean.lerp_(
-                torch.stack([c.float().mean((0, 2, 3)) for c in chunks]).mean(0), self.momentum
-            )
-            self.running_var.lerp_(
-                torch.stack([c.float().var((0, 2, 3)) for c in chunks]).mean(0), self.momentum
-            )
-        return torch.cat(
-            [
-                F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
-                for c in chunks
-            ]
-        )
+        with torch.no_grad():  # each running stat <- the mean of the chunks' (var: unbiased)
+            for stat, f in ((self.running_mean, torch.mean), (self.running_var, torch.var)):
+                stat.lerp_(
+                    torch.stack([f(c.float(), (0, 2, 3)) for c in chunks]).mean(0), self.momentum
+                )
+        bn = lambda c: F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return torch.cat([bn(c) for c in chunks])
 
 
 def v3_mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequential:
@@ -434,6 +436,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
             res.update(linear_probe(fn, model.feat_dim, data, args))
             if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
                 raise RuntimeError("linear eval changed the frozen model")
+        if final:  # off unless --finetune-fraction; the model and its checkpoint stay untouched
+            res.update(C.finetune(features, model, data, args))
     logger.write(res)
     logger.report_skipped(step)
     model.train()

@@ -16,6 +16,7 @@ Run: torchrun --nproc_per_node=8 simclr.py --preset imagenet --dataset imagenet 
 """
 
 # ==== 0. imports ===========================================================================
+import json
 import math
 import os
 import warnings
@@ -29,7 +30,8 @@ from torch import nn
 import common as C
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
+FT = "[ref: README fine-tune command]"
 VERS = ("v1", "v2")
 
 
@@ -71,6 +73,8 @@ class Args:
     knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
     knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
+    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
     # -- method block --
     version: str = arg("v1", "v1 [SimCLR]; v2: 3-layer head, wd 1e-4 [SimCLRv2 §2]", choices=VERS)
     arch: str = arg("resnet50", "backbone [SimCLR §3]", choices=C.ARCHS)
@@ -129,6 +133,18 @@ class Args:
     linear_zero_init: bool = arg(
         True, "zero-initialised linear classifier [ref: README --zero_init_logits_layer=True]"
     )
+    ft_recipe: str = arg(
+        "simclr_v1", "fine-tuning recipe [SimCLR App. B.5]; v2 simclr_v2 [SimCLRv2 §4]", choices=FTR
+    )
+    ft_epochs: tuple = gt0((60, 30), "fine-tuning epochs at 1% / 10% [SimCLR App. B.5; v2 §4]")
+    ft_batch_size: int = gt0(4096, f"fine-tuning global batch [SimCLR App. B.5]; v2 1024 {FT}")
+    ft_lr: tuple = ge0(
+        (0.05, 0.05), f"fine-tuning lr x batch/256 [SimCLR App. B.5]; v2 0.005 x sqrt(batch) {FT}"
+    )
+    ft_head_lr: tuple = ge0((0.05, 0.05), f"head lr, the same [SimCLR App. B.5]; v2 0.005 {FT}")
+    ft_proj_layers: int = ge0(0, f"projector layers fine-tuned too [SimCLRv2 §2: v2 1] {FT}")
+    distill_epochs: int = ge0(0, "self-distillation epochs (0: off) [SimCLRv2 §4: 400]")
+    distill_tau: float = gt0(1.0, "distillation temperature [SimCLRv2 §4; ref: distillation colab]")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -147,6 +163,10 @@ class Args:
             # epochs, lr 0.1 x sqrt(B), warm-up 5% [SimCLRv2 §3.1; ref: simclr issue #77]
             r.update(proj_layers=3, wd=1e-4, epochs=800, lr=0.1, lr_scaling="sqrt")
             r.update(warmup_epochs=40)
+            # fine-tuning from the head's middle layer [SimCLRv2 §2, §4; ref: README fine-tune
+            # command: lars, 0.005 x sqrt(1024), --num_proj_layers=3 --ft_proj_selector=1]
+            r.update(ft_recipe="simclr_v2", ft_lr=(0.005,) * 2, ft_head_lr=(0.005,) * 2)
+            r.update(ft_batch_size=1024, ft_proj_layers=1)
         if preset == "cifar":  # [SimCLR App. B.9; ref: README CIFAR-10 commands (v1: wd 1e-6, v2:
             # 1e-4), default --warmup_epochs=10; linear eval: wd 0, 100 epochs, batch 512]
             r.update(arch="resnet18", batch_size=512, lr=1.0, epochs=1000, tau=0.5, color_s=0.5)
@@ -159,6 +179,9 @@ class Args:
         """The limits over several fields, after each field's range (C.parse_args calls it)."""
         if self.batch_size < 2:  # the negatives are the other images of the global batch
             C.fail(f"--batch-size {self.batch_size}: one image has no negatives; pass >= 2")
+        if self.ft_proj_layers >= self.proj_layers:  # a hidden layer: Linear, BN, ReLU
+            k, why = self.ft_proj_layers, f"the projector has {self.proj_layers - 1} hidden layers"
+            C.fail(f"--ft-proj-layers {k}: {why}; pass < --proj-layers {self.proj_layers}")
 
 
 # ==== 2. model: heads + SimCLR(nn.Module), all method state as persistent buffers =========
@@ -215,6 +238,16 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor
         return 2 * F.cross_entropy(logits, pos_idx)  # mean over 2B anchors = (a + b) / 2
 
 
+def distill_loss(student_logits, teacher_logits, tau: float) -> torch.Tensor:
+    """Self-distillation [SimCLRv2 Eq. 2]: cross-entropy of the student's softmax(logits / tau)
+    against the teacher's, mean over the batch, x tau^2 [ref: tf2/colabs distillation colab
+    add_kd_loss] (the paper's tau = 1: Eq. 2 as printed)."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        p = F.softmax(teacher_logits.float() / tau, dim=1)  # [B, classes], no gradient needed
+        log_q = F.log_softmax(student_logits.float() / tau, dim=1)
+        return -(p * log_q).sum(1).mean() * tau**2
+
+
 # ==== 4. method state: none (SimCLR keeps no state beyond its parameters) ================
 
 
@@ -233,6 +266,39 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
 def features(model, x: torch.Tensor) -> torch.Tensor:
     """What kNN and linear eval read: the backbone output h (before the projector)."""
     return C.unwrap(model).backbone(x)
+
+
+def distill(model, data, args) -> dict:
+    """SimCLR v2's third stage [SimCLRv2 §2, Eq. 2; §4]: the fine-tuned network (out-dir/
+    finetune.pth, BN in eval mode) labels the training images (no labels used; crop + flip
+    views) with its tempered softmax; a student of the same architecture without projection head
+    (backbone + linear, random init) learns them with the pretraining's LARS, lr, weight decay,
+    warm-up and batch. out-dir/distill.pth, written every epoch, lets a rerun continue."""
+    B, device = args.batch_size, torch.device(args.device)
+    teacher = C.finetune_net(features, model, data, args).eval()
+    teacher.load_state_dict(C.load_checkpoint(os.path.join(args.out_dir, "finetune.pth"))["net"])
+    backbone, d = C.build_backbone(args.arch, args.img_size, zero_init_residual=True)
+    student = nn.Sequential(backbone, nn.Linear(d, data.num_classes))
+    nn.init.normal_(student[1].weight, std=0.01)  # [ref: model.py LinearLayer]
+    student = C.convert_sync_bn(student).to(device)  # global BN, as pretraining
+    ds = C.Indexed(data.train.dataset, data.train_linear.transform, args.subset, seed=args.seed)
+    lr = args.lr * (math.sqrt(B) if args.lr_scaling == "sqrt" else B / 256)
+    groups = [{**g, "lr0": lr} for g in C.param_groups([student], args.wd)]
+    optimizer = C.LARS(groups, lr, momentum=args.momentum, classic=True)
+    total, warmup = math.ceil(len(ds) * args.distill_epochs / B), len(ds) * args.warmup_epochs // B
+    sched = C.cosine_schedule(1.0, 0.0, total, warmup)  # [ref: model_util.learning_rate_schedule]
+
+    def loss_fn(x, _):
+        with torch.no_grad():
+            t = teacher(x)
+        return distill_loss(student(x), t, args.distill_tau)
+
+    key = {"teacher": C.fingerprint(teacher), "student": C.fingerprint(student)}
+    key.update(epochs=args.distill_epochs, tau=args.distill_tau, batch=B, lr=lr, wd=args.wd)
+    path = os.path.join(args.out_dir, "distill.pth")
+    out = C.fit_classifier(student, optimizer, loss_fn, ds, sched, B, path, key, args)
+    top1, top5 = C.classifier_accuracy(student, data, args)
+    return {"distill_top1": top1, "distill_top5": top5, "distill_loss": out["loss"]}
 
 
 # ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
@@ -305,6 +371,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
             res.update(linear_probe(fn, model.feat_dim, data, args))
             if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
                 raise RuntimeError("linear eval changed the frozen model")
+        if final:  # off unless --finetune-fraction; the model and its checkpoint stay untouched
+            res.update(C.finetune(features, model, data, args))
     logger.write(res)
     logger.report_skipped(step)
     model.train()
@@ -385,6 +453,14 @@ def main(args: Args):
     kw = {"weight_decay": args.wd, "momentum": args.momentum, "classic": True}
     optimizer = C.LARS(C.param_groups([model], args.wd), lr=lr, **kw)
     fit(model, optimizer, data, args)
+    if args.distill_epochs and data.test is not None:  # after fit's fine-tuning [SimCLRv2 §2]
+        with C.eval_rng(args):  # the student's init: the same on every rank
+            res = {"step": min(args.max_steps or args.total_steps, args.total_steps)}
+            res.update(distill(model, data, args))
+        if args.is_main:
+            print(json.dumps(res))
+            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(res) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch import nn
 import common as C
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off")
+PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
 
 
 def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
@@ -71,6 +71,8 @@ class Args:
     knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
     knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
+    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
     # -- method block --
     arch: str = arg("resnet50", "backbone [SwAV §4; ref: src/resnet50.py]", choices=C.ARCHS)
     zero_init_residual: bool = arg(False, "zero-init last BN gamma per block [ref: resnet50.py]")
@@ -115,6 +117,11 @@ class Args:
     linear_zero_init: bool = arg(
         False, "classifier N(0, 0.01), bias 0, no BN [ref: eval_linear.py RegLog, use_bn False]"
     )
+    ft_recipe: str = arg("swav", "fine-tuning recipe [ref: eval_semisup.py]", choices=FTR)
+    ft_epochs: tuple = gt0((20, 20), "fine-tuning epochs at 1% / 10% [ref: eval_semisup.py]")
+    ft_batch_size: int = gt0(256, "fine-tuning global batch [ref: eval_semisup.py 32 x 8]")
+    ft_lr: tuple = ge0((0.02, 0.01), "backbone lr x batch/256 at 1% / 10% [ref: README --lr]")
+    ft_head_lr: tuple = ge0((5.0, 0.2), "head lr x batch/256 [ref: README --lr_last_layer]")
     # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -395,6 +402,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
             res.update(linear_probe(fn, model.feat_dim, data, args))
             if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
                 raise RuntimeError("linear eval changed the frozen model")
+        if final:  # off unless --finetune-fraction; the model and its checkpoint stay untouched
+            res.update(C.finetune(features, model, data, args))
     logger.write(res)
     logger.report_skipped(step)
     model.train()

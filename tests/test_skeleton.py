@@ -31,8 +31,10 @@ METHODS = [
 FILES = [m for m in METHODS if (ROOT / f"{m}.py").is_file()]
 # common.py: ~750 lines of shared plumbing (DDP, checkpoints, CLI and its checks, logging) +
 # ~400 of the data pipeline (image decoding, batched augmentation, device-resident data and
-# evaluation): one copy for every method
-MAX_LINES, MAX_COMMON_LINES = 550, 1450
+# evaluation) + ~330 of semi-supervised fine-tuning (labelled subset, batch stream, the loop with
+# gradient averaging and resume, the fine-tuned copy, the official recipes; the cap rose by as
+# much), which every method file runs: one copy for every method
+MAX_LINES, MAX_COMMON_LINES = 550, 1780
 
 
 def text(name: str) -> str:
