@@ -80,16 +80,14 @@ def test_non_finite_state_is_not_saved_though_the_loss_is_finite(tmp_path, monke
     assert all(r["loss"] == r["loss"] for r in records(tmp_path) if "loss" in r)  # finite
 
 
-def test_sigterm_stops_at_the_next_log_step_with_a_checkpoint_and_resumes_exactly(
-    tmp_path, monkeypatch
-):
+def test_sigterm_stops_at_the_next_log_step_with_a_checkpoint_and_resumes_exactly(tmp_path):
     """SIGTERM arrives while step 1 trains; with --log-every 3 the ranks agree at step 3: the run
     saves a checkpoint there (mid-epoch) and exits with status 143. Resumed, it ends as a
-    straight run: every tensor, every rank's RNG and metrics.jsonl. While training the handler
-    is the run's own; once main() ends, the one before it is back."""
+    straight run: every tensor, every rank's RNG and metrics.jsonl. While training, the handler
+    is the run's own; once main() ends, the one before it (here the test's) is back."""
     flags = ["--subset", 64, "--batch-size", 16, "--epochs", 2, "--log-every", 3]
     run = lambda out, *extra: simclr.main(tiny_args(simclr, tmp_path / out, *flags, *extra))
-    step_fn, handlers, before = simclr.train_step, [], signal.getsignal(signal.SIGTERM)
+    step_fn, handlers, reached = simclr.train_step, [], []
 
     def step_and_signal(model, batch, optimizer, scaler, step, args):
         handlers.append(signal.getsignal(signal.SIGTERM))
@@ -97,16 +95,22 @@ def test_sigterm_stops_at_the_next_log_step_with_a_checkpoint_and_resumes_exactl
             os.kill(os.getpid(), signal.SIGTERM)
         return step_fn(model, batch, optimizer, scaler, step, args)
 
-    monkeypatch.setattr(simclr, "train_step", step_and_signal)
-    run("a", "--max-steps", 5)
-    with pytest.raises(SystemExit) as e:
-        run("b")
+    ours = lambda signum, frame: reached.append(signum)
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        simclr.train_step = step_and_signal
+        run("a", "--max-steps", 5)
+        with pytest.raises(SystemExit) as e:
+            run("b")
+        assert signal.getsignal(signal.SIGTERM) is ours and not reached
+        assert load(tmp_path / "b" / "ckpt.pth")["step"] == 3
+        run("b", "--max-steps", 5)
+    finally:
+        simclr.train_step = step_fn
+        signal.signal(signal.SIGTERM, before)
     line = "stopped by SIGTERM at step 3; checkpoint saved, run the same command to resume"
     assert e.value.code == 143 and str(e.value) == line
-    assert load(tmp_path / "b" / "ckpt.pth")["step"] == 3
-    assert signal.getsignal(signal.SIGTERM) is before
-    assert handlers and all(h is not before for h in handlers)
-    run("b", "--max-steps", 5)
+    assert handlers and all(h is not ours for h in handlers)
     a, b = load(tmp_path / "a" / "ckpt.pth"), load(tmp_path / "b" / "ckpt.pth")
     assert a["step"] == b["step"] == 5
     for key in ("model", "optimizer", "scaler", "ranks"):
