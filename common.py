@@ -336,13 +336,22 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(keys)
 
 
+def worker_sigterm(training: torch.Tensor, worker_id: int):
+    """A DataLoader worker's SIGTERM: ignored while its run trains (`training`, in shared memory:
+    catch_sigterm), for a scheduler signals every process and the run saves first; else the
+    worker ends at once and quietly (e.g. multiprocessing's clean-up as the run exits)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: None if training else os._exit(0))
+
+
 def make_loader(ds, args, batch_size: int, train: bool = True, collate=None):
-    """Disjoint shard per rank, reshuffled by set_epoch, drop_last; own generator (exact resume)."""
+    """Disjoint shard per rank, reshuffled by set_epoch, drop_last; own generator (exact resume).
+    Workers outlive a SIGTERM while the run trains (worker_sigterm)."""
     sampler = ResumableSampler(ds, args.world_size, args.rank, train, args.seed, drop_last=train)
     kw = {
         "num_workers": args.workers,
         "persistent_workers": args.workers > 0,
         "collate_fn": collate,
+        "worker_init_fn": partial(worker_sigterm, training_flag()),
     }
     kw.update(pin_memory=args.device.startswith("cuda"), generator=torch.Generator())
     return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, drop_last=train, **kw)
@@ -1032,7 +1041,7 @@ def load_checkpoint(path: str) -> dict:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}); delete it or pass --resume none")
 
 
-_RUN = SimpleNamespace(saved=None, sigterm=False, previous=None)  # this process's main(): fit
+_RUN = SimpleNamespace(saved=None, sigterm=False, previous=None, training=None)  # fit's guards
 ANEW = "pass --resume none or another --out-dir"
 
 
@@ -1061,7 +1070,7 @@ def save_state(path: str, model, optimizer, scaler, step: int, args, finite=None
         state.update(scaler=scaler.state_dict(), step=step, args=config_dict(args), ranks=ranks)
         save_checkpoint(path, state)
     _RUN.saved = step
-    if finite is not None and step >= min(args.max_steps or args.total_steps, args.total_steps):
+    if finite is not None and step >= last_step(args):
         catch_sigterm(False)  # trained: a SIGTERM during the final evaluation ends it at once
     if stop:
         stopped(step, args)
@@ -1112,11 +1121,18 @@ def catch_sigterm(catch: bool = True):
     def handler(signum, frame):
         _RUN.sigterm = True
 
+    training_flag().fill_(catch)  # read by the DataLoader workers (worker_sigterm)
     with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its handler
         if catch and not _RUN.previous:
             _RUN.previous = [signal.signal(signal.SIGTERM, handler) or signal.SIG_DFL]
         elif not catch and _RUN.previous:
             signal.signal(signal.SIGTERM, _RUN.previous.pop())
+
+
+def training_flag() -> torch.Tensor:  # whether fit trains, in memory shared with the workers
+    if _RUN.training is None:
+        _RUN.training = torch.zeros((), dtype=torch.bool).share_memory_()
+    return _RUN.training
 
 
 def stopped(step: int, args):
@@ -1228,8 +1244,12 @@ def resume(ckpt: str, model, optimizer, scaler, args) -> int:
             fail(f"--out-dir {args.out_dir}: {e.strerror or e}; pass a folder you can write to")
         trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), step)
     _RUN.saved, _RUN.sigterm = step if loaded else None, False
-    catch_sigterm()
+    catch_sigterm(step < last_step(args))  # none when only the final evaluation is left
     return step
+
+
+def last_step(args) -> int:  # where fit's training ends: --max-steps, else all --epochs
+    return min(args.max_steps or args.total_steps, args.total_steps)
 
 
 def trim_metrics(path: str, step: int):
