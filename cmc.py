@@ -431,7 +431,7 @@ def fit(model, optimizer, data, args):
     end = min(args.max_steps or args.total_steps, args.total_steps)
     if step == 0 < end and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
-    finite = torch.ones((), dtype=torch.bool, device=device)
+    finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
         epoch, skip = divmod(step, args.steps_per_epoch)
         loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
@@ -441,13 +441,12 @@ def fit(model, optimizer, data, args):
             stats = train_step(ddp, batch, optimizer, scaler, step, args)
             step += 1
             finite &= torch.isfinite(stats["loss"])
-            if step % args.log_every == 0 or step == end:
-                if not C.gather_no_grad(finite[None]).all():  # every rank stops together
-                    C.fail(f"non-finite loss by step {step}; lower --lr or pass --amp off")
+            if step % args.log_every == 0 or step == end:  # every rank stops at the same step:
+                stop = C.check_step(finite, step)  # non-finite loss (fails) or SIGTERM (True)
                 logger.log(step, {"epoch": epoch, **stats})
-            if step == end:
+            if step == end or stop:
                 break
-        C.save_state(ckpt, model, optimizer, scaler, step, args)
+        C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 import warnings
@@ -350,13 +351,22 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(keys)
 
 
+def worker_sigterm(training: torch.Tensor, worker_id: int):
+    """A DataLoader worker's SIGTERM: ignored while its run trains (`training`, in shared memory:
+    catch_sigterm), for a scheduler signals every process and the run saves first; else the
+    worker ends at once and quietly (e.g. multiprocessing's clean-up as the run exits)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: None if training else os._exit(0))
+
+
 def make_loader(ds, args, batch_size: int, train: bool = True, collate=None):
-    """Disjoint shard per rank, reshuffled by set_epoch, drop_last; own generator (exact resume)."""
+    """Disjoint shard per rank, reshuffled by set_epoch, drop_last; own generator (exact resume).
+    Workers outlive a SIGTERM while the run trains (worker_sigterm)."""
     sampler = ResumableSampler(ds, args.world_size, args.rank, train, args.seed, drop_last=train)
     kw = {
         "num_workers": args.workers,
         "persistent_workers": args.workers > 0,
         "collate_fn": collate,
+        "worker_init_fn": partial(worker_sigterm, training_flag()),
     }
     kw.update(pin_memory=args.device.startswith("cuda"), generator=torch.Generator())
     return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, drop_last=train, **kw)
@@ -1047,11 +1057,25 @@ def load_checkpoint(path: str) -> dict:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}); delete it or pass --resume none")
 
 
-def save_state(path: str, model, optimizer, scaler, step: int, args):
+_RUN = SimpleNamespace(saved=None, sigterm=False, previous=None, training=None)  # fit's guards
+ANEW = "pass --resume none or another --out-dir"
+
+
+def save_state(path: str, model, optimizer, scaler, step: int, args, finite=None):
     """Rank 0 saves model, optimizer, scaler, step, config; all ranks RNG + `per_rank` buffers.
-    First every rank takes rank 0's buffers: all ranks then evaluate and export the saved model."""
+    First every rank takes rank 0's buffers: all ranks then evaluate and export the saved model.
+    finite (fit's loss flag) guards the run's checkpoint: one collective agrees on the loss, the
+    state (parameters, buffers, optimizer state) and SIGTERM; a non-finite one never replaces a
+    good checkpoint (the run stops: `diverged`), and after SIGTERM the run ends once it is saved."""
     sync_buffers(model)
-    net, rng = unwrap(model), {"torch": torch.get_rng_state(), "python": random.getstate()}
+    net, stop = unwrap(model), False
+    if finite is not None:
+        opt = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        state_ok = all_finite([*net.parameters(), *net.buffers(), *opt])
+        bad_loss, bad_state, stop = agreed(~finite, ~state_ok, _RUN.sigterm)
+        if bad_loss or bad_state:
+            fail(diverged(step, "loss" if bad_loss else "weights or state"))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     rng.update({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
     rng["buffers"] = {k: net.get_buffer(k).cpu() for k in getattr(net, "per_rank", ())}
     ranks = [rng] * get_world_size()
@@ -1061,21 +1085,147 @@ def save_state(path: str, model, optimizer, scaler, step: int, args):
         state = {"model": net.state_dict(), "optimizer": optimizer.state_dict()}
         state.update(scaler=scaler.state_dict(), step=step, args=config_dict(args), ranks=ranks)
         save_checkpoint(path, state)
+    _RUN.saved = step
+    if finite is not None and step >= last_step(args):
+        catch_sigterm(False)  # trained: a SIGTERM during the final evaluation ends it at once
+    if stop:
+        stopped(step, args)
+
+
+@torch.no_grad()
+def all_finite(tensors) -> torch.Tensor:
+    """0-dim bool, not read here: no NaN or inf in the floating tensors. One fused reduction,
+    the max-abs norm of each (NaN propagates; finite values cannot overflow it)."""
+    ts = [t for t in tensors if t.is_floating_point() and t.numel()]
+    dev = ts[0].device  # optimizer step counters may live on the CPU
+    return torch.stack([n.to(dev) for n in torch._foreach_norm(ts, math.inf)]).isfinite().all()
+
+
+def agreed(*flags) -> list[bool]:
+    """This rank's flags (0-dim tensors or bools) -> True where any rank's is: one all-reduce and
+    one host read, so that every rank takes the same branch after it."""
+    dev = next(f.device for f in flags if torch.is_tensor(f))
+    v = torch.stack([torch.as_tensor(f, device=dev).reshape(()).int() for f in flags])
+    if get_world_size() > 1:
+        dist.all_reduce(v, dist.ReduceOp.MAX)
+    return [bool(x) for x in v.tolist()]
+
+
+def check_step(finite: torch.Tensor, step: int) -> bool:
+    """At a log step, one collective: a non-finite loss so far (fit's accumulated flag) stops
+    every rank (`diverged`); returns whether any rank has received SIGTERM (catch_sigterm), so
+    that every rank stops after this same step."""
+    bad, stop = agreed(~finite, _RUN.sigterm)
+    if bad:
+        fail(diverged(step, "loss"))
+    return stop
+
+
+def diverged(step: int, what: str) -> str:
+    """The line that ends a diverged run: what, by which step, the checkpoint kept, the way out."""
+    kept, way = f"the last good checkpoint (step {_RUN.saved}) is kept", "resume"
+    kept, way = ("no checkpoint was saved", "start again") if _RUN.saved is None else (kept, way)
+    return f"non-finite {what} by step {step}; {kept}: lower --lr (or pass --amp off) and {way}"
+
+
+def catch_sigterm(catch: bool = True):
+    """From resume until training ends, SIGTERM (a cluster's preemption, sent to every rank) only
+    sets a flag: the ranks agree on it at the next log step or checkpoint (check_step,
+    save_state), save a checkpoint at that step and exit (stopped). No host read per step.
+    catch=False: the handler from before is back (training over, or main() ended)."""
+
+    def handler(signum, frame):
+        _RUN.sigterm = True
+
+    training_flag().fill_(catch)  # read by the DataLoader workers (worker_sigterm)
+    with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its handler
+        if catch and not _RUN.previous:
+            _RUN.previous = [signal.signal(signal.SIGTERM, handler) or signal.SIG_DFL]
+        elif not catch and _RUN.previous:
+            signal.signal(signal.SIGTERM, _RUN.previous.pop())
+
+
+def training_flag() -> torch.Tensor:  # whether fit trains, in memory shared with the workers
+    if _RUN.training is None:
+        _RUN.training = torch.zeros((), dtype=torch.bool).share_memory_()
+    return _RUN.training
+
+
+def stopped(step: int, args):
+    """After SIGTERM, with the checkpoint at `step` written: one line, exit status 143 (128 +
+    SIGTERM, as if the signal had ended the process: the run is not finished)."""
+    if get_world_size() > 1:
+        dist.barrier()  # rank 0 has written the checkpoint before any rank exits
+    line = f"stopped by SIGTERM at step {step}; checkpoint saved, run the same command to resume"
+    if args.is_main:
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, under the progress bar
+    e = SystemExit(line)
+    e.code = 143
+    raise e
+
+
+# resuming continues the same run: these must not change (a step's samples and its place in the
+# schedules); others may (e.g. --lr, --amp after a divergence) and are listed in a note, but for
+# these, which change no result of training, and the linear_* evaluation settings
+RESUME_FIXED = ("dataset", "subset", "seed", "batch_size", "epochs", "warmup_epochs")
+RESUME_QUIET = ("data_dir", "workers", "out_dir", "resume", "device", "compile", "log_every")
+RESUME_QUIET += ("max_steps", "knn_every", "knn_k", "knn_t", "knn_subset", "batch_size_per_gpu")
+
+
+def check_config(saved: dict, args, step: int) -> str:
+    """The checkpoint's config (config_dict) against this run's: one line for a change that
+    breaks the schedule or the order of the samples; else a note listing the other changes (to
+    print once loaded). Another world size keeps both: its global batches are the same images
+    (ResumableSampler), and mid-epoch each rank skips its share of the batches done."""
+    now, show = config_dict(args), lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else v
+    diff, anew = [k for k in now if k in saved and now[k] != saved[k]], "to start anew"
+    for k in (k for k in (*RESUME_FIXED, "steps_per_epoch") if k in diff):
+        a, b, flag = show(now[k]), show(saved[k]), "--" + k.replace("_", "-")
+        why = f"{flag} {a} differs from the checkpoint's {b}; pass {flag} {b} to resume"
+        if k == "steps_per_epoch":  # the same flags, other data (e.g. files added to a folder)
+            why = f"the training data gives {a} steps per epoch, the checkpoint's {b} (images "
+            why += "added or removed?); restore them to resume"
+        fail(f"{why}, or --resume none / another --out-dir {anew}")
+    diff = [k for k in diff if k not in RESUME_QUIET and not k.startswith("linear_")]
+    name = lambda k: "world size" if k == "world_size" else "--" + k.replace("_", "-")
+    what = ", ".join(f"{name(k)} {show(now[k])} (was {show(saved[k])})" for k in diff)
+    why = "; random streams and per-rank state restart" if "world_size" in diff else ""
+    return f"note: resuming step {step} with {what}{why}" if diff else ""
+
+
+def check_fit(path: str, net: nn.Module, state: dict, own: dict):
+    """One line naming the first missing, unexpected and mis-shaped tensors of a checkpoint's
+    model state plus this rank's `per_rank` buffers (own: none under another world size)."""
+    want, have, skip = net.state_dict(), {**state, **own}, getattr(net, "per_rank", ())
+    first = lambda what, xs, sep=", ": [what + sep.join(xs[:3]) + " ..." * (len(xs) > 3)] * any(xs)
+    bad = first("missing ", [k for k in want if k not in have and k not in skip])
+    bad += first("unexpected ", [k for k in have if k not in want])
+    shapes = [(k, list(v.shape), list(want[k].shape)) for k, v in have.items() if k in want]
+    shapes = [f"{k}: checkpoint {a}, model {b}" for k, a, b in shapes if a != b]
+    if bad := bad + first("shape of ", shapes, "; shape of "):
+        fail(f"checkpoint {path} does not fit this model: {'; '.join(bad)}; {ANEW}")
 
 
 def load_state(path: str, model, optimizer, scaler, args) -> int:
-    """strict load of everything save_state wrote; returns the global step."""
+    """Everything save_state wrote, once the settings (check_config) and every tensor's name and
+    shape (check_fit) allow it; returns the global step. `per_rank` buffers: this rank's own
+    under the same world size; another restarts them from zeros in its own shape (e.g. SwAV's
+    queue of queue_length / world size rows), as it restarts the random streams."""
     ckpt = load_checkpoint(path)
+    note = check_config(ckpt.get("args", {}), args, ckpt["step"])
+    net, same_world = unwrap(model), len(ckpt["ranks"]) == args.world_size
+    own = getattr(net, "per_rank", ())
+    mine = ckpt["ranks"][args.rank] if same_world else {"buffers": {}}
+    state = {k: v for k, v in ckpt["model"].items() if k not in own}
+    check_fit(path, net, state, mine["buffers"])
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        net.load_state_dict(state, strict=False)  # strict but for `own`: checked above
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        why = str(e).splitlines()[0][:120]
-        fail(f"checkpoint {path} does not fit this model ({why}); pass --resume none or --out-dir")
-    scaler.load_state_dict(ckpt["scaler"])
-    net, same_world = unwrap(model), len(ckpt["ranks"]) == args.world_size
-    mine = ckpt["ranks"][args.rank] if same_world else {"buffers": {}}
-    for k in getattr(net, "per_rank", ()):  # another world size: they restart from zeros
+        fail(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:120]}); {ANEW}")
+    if ckpt["scaler"]:  # empty: saved without fp16 loss scaling (--amp other than fp16)
+        scaler.load_state_dict(ckpt["scaler"])
+    for k in own:  # another world size: zeros
         net.get_buffer(k).copy_(mine["buffers"].get(k, torch.zeros(())))
     if same_world:
         torch.set_rng_state(mine["torch"]), random.setstate(mine["python"])
@@ -1083,23 +1233,39 @@ def load_state(path: str, model, optimizer, scaler, args) -> int:
             torch.cuda.set_rng_state(mine["cuda"])
     else:  # another world size cannot continue the same random streams
         torch.manual_seed(args.seed + args.rank + ckpt["step"])
+    if note and args.is_main:
+        print(note, file=sys.stderr, flush=True)
     return ckpt["step"]
 
 
 def resume(ckpt: str, model, optimizer, scaler, args) -> int:
     """--resume auto (ckpt if present), a path or none -> the step to start from. A resumed run
     keeps metrics.jsonl up to its step (what comes after is trained again); a fresh one starts
-    the file anew and seeds per-rank streams (e.g. MoCo's key permutation)."""
+    the file anew and seeds per-rank streams (e.g. MoCo's key permutation). config.json is
+    written here, once the checkpoint is loaded or the run starts fresh: a refused resume leaves
+    the folder as it was. From here on SIGTERM stops the run with a checkpoint (catch_sigterm)."""
     path, step = ckpt if args.resume == "auto" else args.resume, 0
-    if args.resume != "none" and os.path.isfile(path):
+    loaded = args.resume != "none" and os.path.isfile(path)
+    if loaded:
         step = load_state(path, model, optimizer, scaler, args)
     elif args.resume not in ("auto", "none"):
         fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
     else:
         torch.manual_seed(args.seed + args.rank)
     if args.is_main:
+        try:
+            with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+                f.write(json.dumps(config_dict(args), indent=1))
+        except OSError as e:
+            fail(f"--out-dir {args.out_dir}: {e.strerror or e}; pass a folder you can write to")
         trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), step)
+    _RUN.saved, _RUN.sigterm = step if loaded else None, False
+    catch_sigterm(step < last_step(args))  # none when only the final evaluation is left
     return step
+
+
+def last_step(args) -> int:  # where fit's training ends: --max-steps, else all --epochs
+    return min(args.max_steps or args.total_steps, args.total_steps)
 
 
 def trim_metrics(path: str, step: int):
@@ -1150,14 +1316,16 @@ def claim_out_dir(out_dir: str):
 
 
 def one_run_per_out_dir(main):
-    """Decorator of every main(): the out-dir lock (claim_out_dir) is dropped when main returns
-    or fails, so one process may run main() on a folder again (tests, notebooks)."""
+    """Decorator of every main(): the out-dir lock (claim_out_dir) is dropped and SIGTERM's
+    handler restored (catch_sigterm) when main returns or fails, so one process may run main()
+    on a folder again (tests, notebooks)."""
 
     @wraps(main)
     def run(args):
         try:
             return main(args)
         finally:
+            catch_sigterm(False)
             while _OUT_DIR_LOCK:
                 _OUT_DIR_LOCK.pop().close()  # closing the file drops its flock
 
@@ -1685,22 +1853,22 @@ def parse_args(cls, argv=None):
 
 def config_dict(args) -> dict:
     names = [f.name for f in dataclasses.fields(args) if not f.metadata.get("derived")]
-    return {k: getattr(args, k) for k in names + ["world_size", "batch_size_per_gpu"]}
+    return {
+        k: getattr(args, k) for k in names + ["world_size", "batch_size_per_gpu", "steps_per_epoch"]
+    }
 
 
 def prepare_run(args):
-    """Create out-dir, print and save the resolved config; seed model init the same on all ranks."""
+    """Create out-dir, print the resolved config (resume saves it, once the checkpoint is
+    loaded); seed model init the same on all ranks."""
     args.out_dir = run_dir(args)
     if args.is_main:
-        cfg = json.dumps(config_dict(args), indent=1)
         try:  # checked by parse_args already; this catches what changed since (or main(args))
             os.makedirs(args.out_dir, exist_ok=True)
             claim_out_dir(args.out_dir)  # first: a refused run changes nothing there
-            with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-                f.write(cfg)
         except OSError as e:
             fail(f"--out-dir {args.out_dir}: {e.strerror or e}; pass a folder you can write to")
-        print(cfg)
+        print(json.dumps(config_dict(args), indent=1))
     torch.manual_seed(args.seed), random.seed(args.seed)
 
 

@@ -351,19 +351,22 @@ def test_save_checkpoint_atomic(tmp_path, monkeypatch):
 class _PerRank(nn.Module):
     per_rank = ("queue",)
 
-    def __init__(self):
+    def __init__(self, world: int = 1):  # the queue's rows are split over the processes
         super().__init__()
         self.lin = nn.Linear(2, 2)
-        self.register_buffer("queue", torch.zeros(3, 2))
+        self.register_buffer("queue", torch.zeros(6 // world, 2))
         self.register_buffer("shared", torch.zeros(2))
 
 
 def test_per_rank_buffers_round_trip_and_reset_on_another_world_size(tmp_path):
+    """Each rank gets its own per-rank buffer back; another world size, whose buffer has another
+    shape (SwAV's queue: queue_length / world size rows), restarts it from zeros in its own
+    shape, both ways, and loads everything else."""
     path, args = str(tmp_path / "ckpt.pth"), simclr.Args()
     model = _PerRank()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    model.queue.copy_(torch.arange(6.0).view(3, 2)), model.shared.fill_(5.0)
+    model.queue.copy_(torch.arange(12.0).view(6, 2)), model.shared.fill_(5.0)
     C.save_state(path, model, opt, scaler, 3, args)
     ckpt = C.load_checkpoint(path)
     assert torch.equal(ckpt["ranks"][0]["buffers"]["queue"], model.queue)
@@ -371,15 +374,18 @@ def test_per_rank_buffers_round_trip_and_reset_on_another_world_size(tmp_path):
     fresh = _PerRank()
     assert C.load_state(path, fresh, opt, scaler, args) == 3
     assert torch.equal(fresh.queue, model.queue) and torch.equal(fresh.shared, model.shared)
-    # a checkpoint written by 2 ranks: rank 1 gets its own queue, another world size zeros
-    other = torch.full((3, 2), 7.0)
-    ckpt["ranks"] = [ckpt["ranks"][0], {**ckpt["ranks"][0], "buffers": {"queue": other}}]
-    C.save_checkpoint(path, ckpt)
-    fresh, two = _PerRank(), simclr.Args(world_size=2, rank=1, is_main=False)
-    C.load_state(path, fresh, opt, scaler, two)
-    assert torch.equal(fresh.queue, other) and torch.equal(fresh.shared, model.shared)
-    C.load_state(path, fresh, opt, scaler, args)  # world size 1 != 2: per-rank state restarts
+    two = simclr.Args(world_size=2, rank=1, is_main=False)
+    C.load_state(path, fresh := _PerRank(2), opt, scaler, two)  # 1 process -> 2
     assert torch.equal(fresh.queue, torch.zeros(3, 2)) and torch.equal(fresh.shared, model.shared)
+    # a checkpoint written by 2 ranks: rank 1 gets its own queue, another world size zeros
+    mine, other = torch.full((3, 2), 6.0), torch.full((3, 2), 7.0)
+    ckpt["model"]["queue"], ckpt["args"]["world_size"] = mine, 2
+    ckpt["ranks"] = [{**ckpt["ranks"][0], "buffers": {"queue": q}} for q in (mine, other)]
+    C.save_checkpoint(path, ckpt)
+    C.load_state(path, fresh := _PerRank(2), opt, scaler, two)
+    assert torch.equal(fresh.queue, other) and torch.equal(fresh.shared, model.shared)
+    C.load_state(path, fresh := _PerRank(), opt, scaler, args)  # 2 processes -> 1
+    assert torch.equal(fresh.queue, torch.zeros(6, 2)) and torch.equal(fresh.shared, model.shared)
 
 
 def test_load_checkpoint_corrupt_file_fails_in_one_line(tmp_path):

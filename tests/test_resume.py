@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -86,8 +87,8 @@ def test_stale_temp_files_are_removed_at_start(tmp_path, monkeypatch):
     (tmp_path / "ckpt.pth.tmp").write_bytes(b"cut short")
     (tmp_path / "metrics.jsonl.tmp").write_text("cut short")
     (tmp_path / "notes.txt").write_text("not ours")
-    built_by_main(simclr, monkeypatch, tmp_path)  # up to fit: nothing saved yet
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "notes.txt", "run.lock"]
+    built_by_main(simclr, monkeypatch, tmp_path)  # up to fit: nothing saved yet (config.json:
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run.lock"]  # at resume)
 
 
 def test_a_second_run_on_the_out_dir_refuses_and_a_killed_one_leaves_no_lock(tmp_path, monkeypatch):
@@ -144,3 +145,118 @@ def test_eval_rng_restores_the_training_streams_and_is_seeded(tmp_path):
     torch.manual_seed(3), random.seed(3)
     seeded = draw()
     assert torch.equal(inside[0][0], seeded[0]) and inside[0][1] == seeded[1]
+
+
+# ==== resuming with other settings =========================================================
+BASE = ["--subset", 64, "--batch-size", 16, "--epochs", 2]  # 4 steps an epoch
+ANEW = "or --resume none / another --out-dir to start anew"
+
+
+def test_a_resume_that_changes_the_schedule_or_the_samples_is_refused(tmp_path):
+    """Each of these changes which images a step trains on or where the step sits in the
+    schedules (the lr's warm-up and cosine span --epochs): refused in one line naming the flag,
+    both values and the ways out, before anything is loaded; ckpt.pth and config.json stay."""
+    simclr.main(tiny_args(simclr, tmp_path, *BASE, "--max-steps", 1))
+    ckpt, config = (tmp_path / "ckpt.pth").read_bytes(), (tmp_path / "config.json").read_text()
+    changes = [("--batch-size", 32, 16), ("--epochs", 3, 2), ("--warmup-epochs", 1, 10)]
+    changes += [("--seed", 1, 0), ("--subset", 96, 64)]
+    for flag, now, was in changes:
+        with pytest.raises(SystemExit) as e:
+            simclr.main(tiny_args(simclr, tmp_path, *BASE, flag, now))
+        why = f"{flag} {now} differs from the checkpoint's {was}; pass {flag} {was} to resume"
+        assert str(e.value) == f"error: {why}, {ANEW}"
+        assert (tmp_path / "ckpt.pth").read_bytes() == ckpt
+        assert (tmp_path / "config.json").read_text() == config
+
+
+def test_a_resume_on_data_that_grew_is_refused(tmp_path):
+    """The same flags on a folder that gained images: more steps per epoch, so the checkpoint's
+    step is another place in the epoch and the schedule: refused."""
+    from PIL import Image
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    for i in range(24):
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (i * 10, 0, 0)).save(data / f"c{i % 2}" / f"{i}.png")
+    flags = ["--dataset", "folder", "--data-dir", data, "--batch-size", 8, "--epochs", 2]
+    simclr.main(tiny_args(simclr, out, *flags, "--max-steps", 1))
+    for i in range(24, 32):
+        Image.new("RGB", (16, 16), (i * 5, 0, 0)).save(data / f"c{i % 2}" / f"{i}.png")
+    with pytest.raises(SystemExit) as e:
+        simclr.main(tiny_args(simclr, out, *flags))
+    why = "the training data gives 4 steps per epoch, the checkpoint's 3 (images added or removed?)"
+    assert str(e.value) == f"error: {why}; restore them to resume, {ANEW}"
+
+
+def test_a_resume_may_change_other_settings_and_lists_them_in_a_note(tmp_path, capsys):
+    """--lr and --amp (the ways out of a divergence) and settings of logging and evaluation
+    may change: the run resumes, one note lists the changes that touch training (not --log-every
+    or --max-steps), and config.json is the resumed run's."""
+    simclr.main(tiny_args(simclr, tmp_path, *BASE, "--max-steps", 1))
+    capsys.readouterr()
+    simclr.main(tiny_args(simclr, tmp_path, *BASE, "--max-steps", 2, "--lr", 0.5, "--log-every", 2))
+    assert "note: resuming step 1 with --lr 0.5 (was 1.0)" in capsys.readouterr().err.splitlines()
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.5
+    assert torch.load(tmp_path / "ckpt.pth", weights_only=False)["step"] == 2
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(tmp_path):
+    """config.json is written once the checkpoint is loaded: a corrupt checkpoint stops the run
+    with the previous run's config.json in place."""
+    (tmp_path / "ckpt.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "config.json").write_text("the previous run's")
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        simclr.main(tiny_args(simclr, tmp_path, *BASE))
+    assert (tmp_path / "config.json").read_text() == "the previous run's"
+
+
+def test_a_checkpoint_of_another_model_is_named_in_one_line(tmp_path):
+    """Another --arch: the first missing and unexpected tensors; another --proj-dim: the first
+    tensors of other shapes, both shapes given. One line, with the ways out."""
+    simclr.main(tiny_args(simclr, tmp_path, *BASE, "--max-steps", 1))
+    head = f"error: checkpoint {tmp_path / 'ckpt.pth'} does not fit this model: "
+    tail = "; pass --resume none or another --out-dir"
+    with pytest.raises(SystemExit) as e:
+        simclr.main(tiny_args(simclr, tmp_path, *BASE, "--arch", "resnet18"))
+    missing = "missing backbone.conv1.weight, backbone.bn1.weight, backbone.bn1.bias ..."
+    unexpected = "unexpected backbone.0.weight, backbone.1.weight, backbone.1.bias ..."
+    shape = "shape of projector.0.weight: checkpoint [256, 256], model [512, 512]"
+    assert str(e.value).startswith(f"{head}{missing}; {unexpected}; {shape}; shape of ")
+    assert str(e.value).endswith(f" ...{tail}") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        simclr.main(tiny_args(simclr, tmp_path, *BASE, "--proj-dim", 64))
+    shapes = [("projector.3.weight", [128, 256], [64, 256])]
+    shapes += [(f"projector.4.{k}", [128], [64]) for k in ("weight", "bias", "running_mean")]
+    shapes = "; ".join(f"shape of {k}: checkpoint {a}, model {b}" for k, a, b in shapes[:3])
+    assert str(e.value) == f"{head}{shapes} ...{tail}"
+
+
+class Keys(torch.utils.data.Dataset):
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, key):  # ResumableSampler's (index, epoch) -> the index
+        return key[0]
+
+
+def test_every_world_size_trains_the_same_images_at_each_step():
+    """make_loader's shards, as fit uses them (set_epoch(epoch, steps done x per-rank batch)):
+    global batch k (every rank's k-th batch together) holds the same images for 1, 2 or 4
+    processes, from the start of an epoch and after a resume 2 steps into it. So a checkpoint
+    may be resumed by another number of processes with the same global batch (--batch-size),
+    anywhere: no image is trained twice or skipped."""
+
+    def global_batches(world: int, skip: int) -> list[list[int]]:
+        ranks = []
+        for rank in range(world):
+            args = SimpleNamespace(world_size=world, rank=rank, seed=3, workers=0, device="cpu")
+            loader = C.make_loader(Keys(), args, 8 // world)
+            loader.sampler.set_epoch(5, skip * loader.batch_size)
+            ranks.append([b.tolist() for b in loader])
+        return [sorted(sum(batches, [])) for batches in zip(*ranks)]
+
+    one = global_batches(1, 0)
+    assert len(one) == 50 // 8 and sorted(sum(one, [])) != list(range(48))  # shuffled, 6 steps
+    for world in (1, 2, 4):
+        assert global_batches(world, 0) == one
+        assert global_batches(world, 2) == one[2:]

@@ -1,5 +1,6 @@
 """SwAV: Sinkhorn and loss vs naive references, LARC, prototypes, queue, DDP, resume, CLI."""
 
+import copy
 import importlib
 import math
 
@@ -395,9 +396,11 @@ def test_python_end_to_end_with_knn(tmp_path):
     assert (tmp_path / "backbone.pth").exists()
 
 
-def test_torchrun_two_processes_end_to_end_and_per_rank_queue_resume(tmp_path):
+def test_torchrun_two_processes_end_to_end_and_per_rank_queue_resume(tmp_path, monkeypatch):
     """torchrun 2 processes: 4 steps straight == 2 steps + resume + 2 steps, including each
-    rank's own queue (the two differ), restored per rank."""
+    rank's own queue (the two differ), restored per rank. Then one process resumes the
+    2-process checkpoint: the model and optimizer as saved, the queue from zeros in this world
+    size's shape (32 rows, not 16), and it trains on."""
     flags = [*TINY, *SMALL, *QUEUE, "--subset", 64, "--batch-size", 16, "--epochs", 2]
     runs = (("a", 4, ["--knn-every", 1]), ("b", 2, []), ("b", 4, []))
     for out, steps, extra in runs:
@@ -415,6 +418,22 @@ def test_torchrun_two_processes_end_to_end_and_per_rank_queue_resume(tmp_path):
     assert qa[0].shape == (2, 16, 16) and not torch.equal(qa[0], qa[1])
     assert all(torch.equal(x, y) for x, y in zip(qa, qb))
     assert all(q.norm(dim=2).gt(0.99).all() for q in qa)
+    seen, step_fn = [], swav.train_step
+
+    def first_step(model, batch, optimizer, *rest):
+        state = {k: v.clone() for k, v in C.unwrap(model).state_dict().items()}
+        seen.append((state, copy.deepcopy(optimizer.state_dict())))
+        return step_fn(model, batch, optimizer, *rest)
+
+    monkeypatch.setattr(swav, "train_step", first_step)
+    one = [*map(str, flags), "--max-steps", "6", "--out-dir", str(tmp_path / "b")]
+    swav.main(C.parse_args(swav.Args, one))
+    c = torch.load(tmp_path / "b" / "ckpt.pth", weights_only=False)
+    assert c["step"] == 6 and len(c["ranks"]) == 1 and c["model"]["queue"].shape == (2, 32, 16)
+    model, opt = seen[0]
+    assert torch.equal(model.pop("queue"), torch.zeros(2, 32, 16))
+    assert_same_tree(model, {k: v for k, v in b["model"].items() if k != "queue"})
+    assert_same_tree(opt, b["optimizer"])
 
 
 def test_queue_not_a_multiple_of_the_batch_one_line_error():
