@@ -38,10 +38,17 @@ from tqdm import tqdm
 def fail(msg: str):
     """One line on stderr that names the fix, no traceback; exit status 2, as argparse's errors
     (str() of the SystemExit is the line, for callers that catch it)."""
+    end_bars()
     print(f"error: {msg}", file=sys.stderr, flush=True)
     e = SystemExit(f"error: {msg}")
     e.code = 2
     raise e
+
+
+def end_bars():
+    """Close the open progress bars: a last message then stands on its own line, last."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # ==== 1. distributed =======================================================================
@@ -1158,7 +1165,8 @@ def stopped(step: int, args):
         dist.barrier()  # rank 0 has written the checkpoint before any rank exits
     line = f"stopped by SIGTERM at step {step}; checkpoint saved, run the same command to resume"
     if args.is_main:
-        tqdm.write(line, file=sys.stderr)  # on a line of its own, under the progress bar
+        end_bars()
+        print(line, file=sys.stderr, flush=True)
     e = SystemExit(line)
     e.code = 143
     raise e

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from helpers import TINY, error_lines, one_thread, tiny_args, torchrun  # noqa: F401
+from helpers import TINY, error_lines, one_thread, python, tiny_args, torchrun  # noqa: F401
 
 import common as C
 import moco
@@ -175,3 +175,13 @@ def test_end_of_run_summary_and_progress(tmp_path, capsys):
     assert figures == {k: round(last[k], 2) for k in figures}
     assert "8/8" in err  # the bar reaches the step count
     assert "features of 64 images" in err  # the kNN bank's extraction bar (64 training images)
+
+
+def test_an_error_during_training_is_the_last_line_on_its_own(tmp_path):
+    """The progress bar is closed before the one-line error: the line is not glued to the bar's
+    line, and no bar is redrawn after it when the interpreter exits."""
+    flags = [*TINY, "--subset", 64, "--batch-size", 16, "--epochs", 3, "--lr", 1e6]
+    flags += ["--warmup-epochs", 0]
+    r = python("simclr.py", *flags, "--log-every", 2, "--out-dir", tmp_path, timeout=120)
+    lines = [s for s in r.stderr.split("\n") if s.strip()]
+    assert r.returncode == 2 and lines[-1].startswith("error: non-finite"), lines[-3:]
