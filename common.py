@@ -1749,6 +1749,16 @@ def finetune(fn, model, data, args) -> dict:
 
 
 # ==== 8. config, CLI and logging ===========================================================
+def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
+    """An Args field: its default, help text (with the source) and legal range (parse_args)."""
+    return dataclasses.field(default=default, metadata={"help": help, "range": range, **kw})
+
+
+# the usual ranges (parse_args checks every one; an int > 0 is >= 1), frac: crop scales
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
+
+
 RANGE = re.compile(r"([\[(])(\S+), (\S+)([\])])")  # "[lo, hi]", "(lo, hi)", "[0, inf)", ...
 
 

@@ -31,20 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import common as C
+from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
 PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
 FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the DINO code"
 OPTS = ("adamw", "sgd", "lars")
-
-
-def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
-    return field(default=default, metadata={"help": help, "range": range, **kw})
-
-
-# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
-gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
-unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass

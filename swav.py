@@ -19,7 +19,6 @@ Run: torchrun --nproc_per_node=8 swav.py --preset imagenet --dataset imagenet --
 import os
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import groupby
 
 import torch
@@ -28,18 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import common as C
+from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
 # ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
 PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
-
-
-def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
-    return field(default=default, metadata={"help": help, "range": range, **kw})
-
-
-# the usual ranges (C.parse_args checks every one; an int > 0 is >= 1), frac: crop scales
-gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
-unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
 
 
 @dataclass

@@ -115,17 +115,6 @@ def test_args_shared_block_identical(name):
     assert_same(name, shared_block, "the '# -- shared block' of Args")
 
 
-def field_helpers(src: str) -> str:  # arg() and the named ranges, before the Args dataclass
-    return between(src, lambda l: l.startswith("def arg("), lambda l: l.startswith("@dataclass"))
-
-
-@pytest.mark.parametrize("name", FILES)
-def test_field_helpers_identical(name):
-    sec = field_helpers(text(name))
-    assert "range" in sec and "gt0" in sec
-    assert_same(name, field_helpers, "arg() and the named ranges before Args")
-
-
 @pytest.mark.parametrize("name", FILES)
 def test_args_derived_block_identical(name):
     sec = derived_block(text(name))
