@@ -139,6 +139,7 @@ class Args:
             # no official CIFAR linear protocol: BYOL's (Nesterov, cosine, no wd) at the
             # 100 epochs / batch 512 of the other CIFAR presets
             r.update(linear_epochs=100, linear_batch_size=512)
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
         return r
 
     def check(self):

@@ -130,6 +130,7 @@ class Args:
             r.update(nce_k=0)  # exact softmax over the 50k-row banks: affordable at CIFAR scale
             r.update(crop_min=0.2)  # [ref: train_CMC.py crop_low 0.2 off full ImageNet; lemniscate]
             # linear probe: CMC's protocol above (lr 30 on frozen features, as the MoCo CIFAR demo)
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
         return r
 
     def check(self):

@@ -139,6 +139,7 @@ class Args:
             # DEVIATION: ResNet-18 (GroupNorm) instead of pl_bolts' CPC-ResNet-101 (LayerNorm);
             # CPC v2's per-patch augmentation kept (pl_bolts has none)
             r.update(linear_epochs=100, linear_batch_size=512)
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
         return r
 
     def check(self):

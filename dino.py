@@ -158,6 +158,7 @@ class Args:
             # DEVIATION: eval_linear.py's lr 0.001 suits ViT [CLS] features ("tweak the LR",
             # README); the released RN50 eval log trains at 0.3 [dino issue #131]
             r.update(linear_lr=0.1, linear_batch_size=512)
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
         return r
 
     def check(self):

@@ -129,6 +129,7 @@ class Args:
         if preset == "cifar":  # [ref: lemniscate cifar.py + README "--nce-k 0 --nce-t 0.1"]
             r.update(arch="resnet18", batch_size=128, wd=5e-4, tau=0.1, nce_k=0, aug="cifar")
             # lr 0.03, 200 epochs, x0.1 at 120 and 160 (lr * 0.1 ** ((epoch - 80) // 40)): as above
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
         return r
 
     def check(self):

@@ -112,8 +112,9 @@ class Args:
     def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
         """Fields that differ from the defaults above: none. The defaults ARE the official CIFAR-10
         recipe [ref: demo_seen.py]; there is no ImageNet recipe, so --preset imagenet keeps these
-        values (the same augmentation recipe at 224 px, ImageNet stem and mean/std)."""
-        return {}
+        values (the same augmentation recipe at 224 px, ImageNet stem and mean/std); CIFAR's
+        fine-tuning batch aside (DEVIATION: C.FT_CIFAR_BATCH)."""
+        return {"ft_batch_size": C.FT_CIFAR_BATCH} if preset == "cifar" else {}
 
     def check(self):
         """The limits over several fields, after each field's range (C.parse_args calls it)."""

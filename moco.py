@@ -168,6 +168,8 @@ class Args:
             r.update(arch="resnet18", epochs=1000, batch_size=256, lr=0.3, wd=1e-6, tau=0.2)
             r.update(lars_solo=True, crop_min=0.08, blur=False)  # asymmetric.yaml: no blur
             r.update(stem_padding=2, zero_init_residual=False)  # solo-learn base.py, resnet.py
+        if cifar:
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
         return r
 
     def check(self):

@@ -164,6 +164,7 @@ class Args:
             r.update(warmup_epochs=10)
             r.update(blur=False, lr_scaling="linear", linear_epochs=100, linear_wd=0.0)
             r["linear_batch_size"] = 512
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
         return r
 
     def check(self):

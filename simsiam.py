@@ -123,6 +123,7 @@ class Args:
         if preset == "cifar":  # [SimSiam App. D: CIFAR ResNet-18, 2-layer projector, no blur]
             r.update(arch="resnet18", epochs=800, batch_size=512, lr=0.03, wd=5e-4)
             r.update(proj_layers=2, blur=False)
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
         return r
 
     def check(self):

@@ -170,6 +170,31 @@ def commands(row: str, a) -> tuple[list[str], list[str]]:
     return train, init
 
 
+FRACTIONS = (0.01, 0.1)  # --finetune: the papers' 1% and 10% of the labels
+
+
+def ft_commands(row: str, a) -> list[tuple[str, str, list[str]]]:
+    """--finetune: (fraction, "trained" / "init", argv) of the 4 fine-tuning runs of a row: the
+    training command continued from the row's checkpoint (--resume, in its own --out-dir) or
+    at --epochs 0, with no kNN or linear evaluation, then --finetune-fraction."""
+    train, init = commands(row, a)
+    ckpt = os.path.join(rel(os.path.join(a.out, row)), "ckpt.pth")
+    runs = []
+    for f in FRACTIONS:
+        sub = f"ft{round(f * 100)}"
+        for kind, cmd in (("trained", train), ("init", init)):
+            i = cmd.index("--out-dir") + 1
+            c = [*cmd[:i], os.path.join(cmd[i], sub), *cmd[i + 1 :]]
+            c += ["--resume", ckpt] if kind == "trained" else []
+            runs.append((f, kind, [*c, "--knn-every", "0", "--linear-epochs", "0"]))
+            runs[-1][2].extend(["--finetune-fraction", str(f)])
+    return runs
+
+
+def out_dir(cmd: list[str]) -> str:
+    return os.path.join(REPO, cmd[cmd.index("--out-dir") + 1])
+
+
 # ==== running ===============================================================================
 def read_metrics(folder: str) -> list[dict]:
     path = os.path.join(folder, "metrics.jsonl")
@@ -179,10 +204,10 @@ def read_metrics(folder: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run(cmd: list[str], folder: str, a) -> dict:
+def run(cmd: list[str], folder: str, a, last: str = "linear_top1") -> dict:
     """Run `python <cmd>` (cwd: the repo root, output to folder/*.log) unless folder already
-    holds a finished run; returns the exit status, wall time and peak RSS."""
-    done = any("linear_top1" in r for r in read_metrics(folder))
+    holds a finished run (a record with `last`); returns the exit status, wall time, peak RSS."""
+    done = any(last in r for r in read_metrics(folder))
     info_path = os.path.join(folder, "bench.json")
     if done and not a.force:
         print(f"  done before, not re-run: {rel(folder)}")
@@ -250,6 +275,23 @@ def summarize(row: str, cmds: tuple, infos: tuple, a) -> dict:
     return res
 
 
+def finetune(row: str, a) -> dict:
+    """--finetune: the row's 4 fine-tuning runs, their top-1/top-5, wall and commands."""
+    res = {"commands": [], "recipe": "-", "error": None}
+    for f, kind, cmd in ft_commands(row, a):
+        info = run(cmd, out_dir(cmd), a, last="finetune_top1")
+        rec = next((r for r in read_metrics(out_dir(cmd)) if "finetune_top1" in r), {})
+        res["commands"].append(shlex.join(["python", *cmd]))
+        if rec:  # the recipe as run, e.g. "simclr_v1, batch 256"
+            res["recipe"] = f"{rec['finetune_recipe']}, batch {rec['finetune_batch']}"
+        res[f"{f} {kind}"] = {k: rec.get(f"finetune_{k}") for k in ("top1", "top5", "images")}
+        res[f"{f} {kind}"]["wall_s"] = info["wall_s"]
+        if info["returncode"] and not res["error"]:
+            res["error"] = f"{rel(out_dir(cmd))}: exit {info['returncode']}: "
+            res["error"] += last_error(out_dir(cmd))
+    return res
+
+
 def calibrate(rows: list[str], a):
     """Time 40 training steps (no evaluation) per row with the cpu-smoke flags."""
     for row in rows:
@@ -306,8 +348,30 @@ def write_markdown(results: list[dict], cmdline: str, path: str):
         )
     lines += ["", "Commands (the second of each row: the random-init linear number):", ""]
     lines += [f"    {c}" for r in results for c in r["commands"]]
+    if ft := [r for r in results if r.get("finetune")]:
+        lines += ["", *finetune_table(ft), "", "Fine-tuning commands:", ""]
+        lines += [f"    {c}" for r in ft for c in r["finetune"]["commands"]]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def finetune_table(results: list[dict]) -> list[str]:
+    """--finetune: top-1 after fine-tuning on 1% / 10% of the labels, random init vs trained."""
+    head = " | ".join(f"{round(f * 100)}% {k}" for f in FRACTIONS for k in ("init", "trained"))
+    lines = [
+        "Fine-tuning: the encoder and a new linear head on 1% / 10% of the training labels "
+        "(class-balanced from the seed), each method's --ft-recipe; top-1 on the test images.",
+        "",
+        f"| row | recipe | {head} | wall (4 runs) |",
+        "|---|---|" + "---|" * (2 * len(FRACTIONS) + 1),
+    ]
+    for r in results:
+        ft = r["finetune"]
+        cells = [fmt(ft[f"{f} {k}"]["top1"]) for f in FRACTIONS for k in ("init", "trained")]
+        wall = sum(ft[f"{f} {k}"]["wall_s"] or 0 for f in FRACTIONS for k in ("init", "trained"))
+        err = f" failed: {ft['error'].replace('|', '/')}" if ft["error"] else ""
+        lines.append(f"| {r['row']} | {ft['recipe']} | {' | '.join(cells)} | {wall:.0f} s{err} |")
+    return lines
 
 
 def plot(results: list[dict], title: str, path: str) -> bool:
@@ -361,6 +425,11 @@ def main():
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--calibrate", action="store_true", help="measure the seconds per step in ROWS")
     p.add_argument(
+        "--finetune",
+        action="store_true",
+        help="then fine-tune each row at 1%% and 10%% of the labels, trained and random init",
+    )
+    p.add_argument(
         "--plot-only",
         nargs="?",
         const="",
@@ -392,7 +461,8 @@ def main():
     cmdline = shlex.join(["python", "tests/bench_learning.py", *sys.argv[1:]])
     if a.dry_run:
         for row in rows:
-            for cmd in commands(row, a):
+            cmds = [*commands(row, a), *(c for *_, c in ft_commands(row, a) if a.finetune)]
+            for cmd in cmds:
                 print(shlex.join(["python", *cmd]))
         return
     results = []
@@ -408,6 +478,18 @@ def main():
         lin = f"{fmt(r['linear_init'])} -> {lin}"
         err = f"; FAILED: {r['error']}" if r["error"] else ""
         print(f"  kNN {knn}, linear {lin}, wall {fmt(r['wall_s'], '.0f', ' s')}{err}", flush=True)
+        if a.finetune and not r["error"]:
+            ft = r["finetune"] = finetune(row, a)
+            top1 = [
+                f"{round(f * 100)}% {fmt(ft[f'{f} init']['top1'])} -> "
+                + fmt(ft[f"{f} trained"]["top1"])
+                for f in FRACTIONS
+            ]
+            print(
+                f"  fine-tuned {', '.join(top1)}"
+                + (f"; FAILED: {ft['error']}" if ft["error"] else ""),
+                flush=True,
+            )
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"command": cmdline, "profile": a.profile, "rows": results}, f, indent=1)
     write_markdown(results, cmdline, os.path.join(a.out, "results.md"))
@@ -415,6 +497,11 @@ def main():
     drew = plot(results, f"kNN top-1 per epoch, {a.profile}", png)
     print(f"wrote {rel(a.out)}/results.md, results.json" + (f", {rel(png)}" if drew else ""))
     bad = [f"FAILED {r['row']}: {r['error']}" for r in results if r["error"]]
+    bad += [
+        f"FAILED {r['row']}: {r['finetune']['error']}"
+        for r in results
+        if r.get("finetune", {}).get("error")
+    ]
     bad += [
         f"NOT LEARNING {r['row']}: kNN {fmt(r['knn_init'])} at init -> {fmt(r['knn_final'])}"
         for r in results
