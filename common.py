@@ -1326,12 +1326,16 @@ def claim_out_dir(out_dir: str):
 def one_run_per_out_dir(main):
     """Decorator of every main(): the out-dir lock (claim_out_dir) is dropped and SIGTERM's
     handler restored (catch_sigterm) when main returns or fails, so one process may run main()
-    on a folder again (tests, notebooks)."""
+    on a folder again (tests, notebooks). A crash closes the progress bars first: its traceback
+    is not glued to a bar's line, and no bar is redrawn after it at exit."""
 
     @wraps(main)
     def run(args):
         try:
             return main(args)
+        except BaseException:
+            end_bars()
+            raise
         finally:
             catch_sigterm(False)
             while _OUT_DIR_LOCK:

@@ -27,12 +27,19 @@ Profiles:
                table, so the numbers are comparable in kind.
   cifar10-800  the same for 800 epochs, kNN every 50 epochs.
 
+--finetune: then each row's semi-supervised fine-tuning (--finetune-fraction) at 1% and 10% of
+the training labels (class-balanced from the seed), from its checkpoint (the training command
+with --resume <row>/ckpt.pth, in <row>/ft1, ft10) and from the random init (the --epochs 0
+command, in <row>/init/ft1, ft10), each with the method's fine-tuning recipe; top-1 on the test
+images in a second table of results.md.
+
 Run from the repo root (--extra adds flags to every run, last, so they win):
   python tests/bench_learning.py --profile cpu-smoke
   python tests/bench_learning.py --profile cifar10-200 --methods simclr_v1,moco_v2,byol,swav,dino
   python tests/bench_learning.py --profile cifar10-800 --extra="--workers 14"
   python tests/bench_learning.py --profile cpu-smoke --calibrate   # re-measure the seconds per step
   python tests/bench_learning.py --profile cpu-smoke --plot-only   # redraw knn.png, run nothing
+  python tests/bench_learning.py --profile cpu-smoke --finetune    # + 1% / 10% fine-tuning
 Outputs in --out (default runs/bench_<profile>): <row>/ (the run's metrics.jsonl, logs and
 checkpoint; <row>/init/ the --epochs 0 run), results.json, results.md and knn.png (kNN top-1 per
 epoch; needs matplotlib, the `bench` extra of pyproject.toml: without it the plot is skipped).

@@ -185,3 +185,25 @@ def test_an_error_during_training_is_the_last_line_on_its_own(tmp_path):
     r = python("simclr.py", *flags, "--log-every", 2, "--out-dir", tmp_path, timeout=120)
     lines = [s for s in r.stderr.split("\n") if s.strip()]
     assert r.returncode == 2 and lines[-1].startswith("error: non-finite"), lines[-3:]
+
+
+CRASH = """import sys
+import common as C, simclr
+step, n = simclr.train_step, []
+def crash(*a):
+    if len(n) == 2:
+        raise RuntimeError("illegal memory access")
+    n.append(1)
+    return step(*a)
+simclr.train_step = crash
+simclr.main(C.parse_args(simclr.Args, sys.argv[1:]))
+"""
+
+
+def test_a_crash_is_the_last_line_on_its_own(tmp_path):
+    """Any exception out of main (not only fail()'s error line) closes the bars first: the
+    traceback's last line stays last, no bar is redrawn under it when the interpreter exits."""
+    flags = [*TINY, "--subset", 64, "--batch-size", 16, "--epochs", 2, "--log-every", 100]
+    r = python("-c", CRASH, *flags, "--out-dir", tmp_path, timeout=120)
+    lines = [s for s in r.stderr.replace("\r", "\n").split("\n") if s.strip()]
+    assert r.returncode == 1 and lines[-1] == "RuntimeError: illegal memory access", lines[-3:]
