@@ -342,6 +342,8 @@ def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
     args.total_steps = args.steps_per_epoch * args.epochs
     if data.test is not None and args.linear_epochs:  # the linear probe's limits, checked now
         linear_batch_size(data, args, warn=False)
+    if data.test is not None and getattr(args, "finetune_fraction", 0):  # fine-tuning's too
+        ft_batch_size(len(labelled_subset(data.train_linear, args)), args, warn=False)
     return data
 
 
@@ -1707,6 +1709,22 @@ def finetune_net(fn, model, data, args) -> FineTuneNet:
     return FineTuneNet(fn, model, x, data.num_classes, k, rec["sync_bn"], rec["head"])
 
 
+def ft_batch_size(n: int, args, warn: bool = True) -> int:
+    """--ft-batch-size, or all n labelled images (a multiple of the world size) when fewer, with
+    a warning: no batch holds an image twice; the recipe's lr rule (x B/256, x sqrt(B)) follows.
+    build_data checks it first (warn=False)."""
+    B, w = args.ft_batch_size, args.world_size
+    if n < w:
+        fail(
+            f"--finetune-fraction {args.finetune_fraction}: {n} labelled images for {w} "
+            "processes; pass a larger fraction"
+        )
+    b = min(B, n // w * w)
+    if b < B and warn and args.is_main:
+        tqdm.write(f"warning: {n} labelled images < --ft-batch-size {B}: batch {b}", sys.stderr)
+    return b
+
+
 def finetune(fn, model, data, args) -> dict:
     """Semi-supervised fine-tuning [SimCLR §6, Tab. 7; SimCLRv2 §2], off unless
     --finetune-fraction: a copy of the encoder fn reads (SimCLR v2: and the first --ft-proj-layers
@@ -1723,7 +1741,7 @@ def finetune(fn, model, data, args) -> dict:
     ds = Indexed(tl.dataset, tl.transform, seed=args.seed)  # crop + flip (DEVIATION: bilinear;
     # SimCLR's and BYOL's crops are bicubic)
     ds.indices = [tl.indices[i] for i in labelled_subset(tl, args)]
-    n, E, B = len(ds), args.ft_epochs[col], args.ft_batch_size
+    n, E, B = len(ds), args.ft_epochs[col], ft_batch_size(len(ds), args)
     scale = math.sqrt(B) if rec["scaling"] == "sqrt" else B / 256
     groups = [{"params": list(net.parts.parameters()), "lr0": args.ft_lr[col] * scale}]
     groups += [{"params": list(net.head.parameters()), "lr0": args.ft_head_lr[col] * scale}]

@@ -148,6 +148,20 @@ def test_finetune_leaves_model_and_checkpoint_untouched_and_learns(tmp_path, mon
     assert all(torch.equal(v, ckpt[f"backbone.{k}"]) for k, v in exported.items())
 
 
+def test_fewer_labelled_images_than_one_batch_make_one_batch(tmp_path, capsys):
+    """30 labelled images at --ft-batch-size 64: the batch is the 30 (a warning says so; the
+    stream would repeat images within a batch), so the run equals one at --ft-batch-size 30."""
+    flags = [*RUN, "--epochs", 0, "--ft-epochs", 2, 2]
+    simclr.main(tiny_args(simclr, tmp_path / "a", *flags, "--ft-batch-size", 30))
+    capsys.readouterr()
+    simclr.main(tiny_args(simclr, tmp_path / "b", *flags, "--ft-batch-size", 64))
+    assert "warning: 30 labelled images < --ft-batch-size 64: batch 30" in capsys.readouterr().err
+    a, b = (C.load_checkpoint(tmp_path / o / "finetune.pth") for o in "ab")
+    assert a["step"] == b["step"] == 2
+    assert_same_tree(a["net"], b["net"], "net")
+    assert records(tmp_path / "a")[-1] == records(tmp_path / "b")[-1]
+
+
 @pytest.mark.parametrize("recipe", ["simclr_v2", "swav"])
 def test_finetune_resumes_exactly(tmp_path, monkeypatch, recipe):
     """2 epochs straight == 1 epoch, killed after its finetune.pth, + a rerun: the same network,
