@@ -342,8 +342,9 @@ def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
     args.total_steps = args.steps_per_epoch * args.epochs
     if data.test is not None and args.linear_epochs:  # the linear probe's limits, checked now
         linear_batch_size(data, args, warn=False)
-    if data.test is not None and getattr(args, "finetune_fraction", 0):  # fine-tuning's too
-        ft_batch_size(len(labelled_subset(data.train_linear, args)), args, warn=False)
+    if data.test is not None and (ff := getattr(args, "finetune_fraction", 0)):  # fine-tuning's
+        n, source = len(labelled_subset(data.train_linear, args)), f"--finetune-fraction {ff}"
+        capped_batch(n, "ft_batch_size", args, "labelled images", source, warn=False)
     return data
 
 
@@ -1376,24 +1377,32 @@ def progress(it, desc: str, args, total=None) -> tqdm:
     return tqdm(it, desc, total, leave=False, disable=not args.is_main, dynamic_ncols=True)
 
 
+def capped_batch(n: int, field: str, args, what: str, source: str, warn: bool, lr=None) -> int:
+    """args.<field> (a batch), or all n images (a multiple of the world size) when fewer, with a
+    warning (and the lr x B/256 that follows, given lr); fewer images than processes: one line
+    naming `source`, the flag that set n. Callers check it first with warn=False."""
+    B, w = getattr(args, field), args.world_size
+    if n < w:
+        fail(f"{source}: {n} {what} for {w} processes; need at least {w}")
+    b = min(B, n // w * w)
+    if b < B and warn and args.is_main:
+        tail = f", lr {lr * b / 256:.4g} = {lr} x {b}/256" if lr is not None else ""
+        flag = "--" + field.replace("_", "-")
+        tqdm.write(f"warning: {n} {what} < {flag} {B}: batch {b}{tail}", sys.stderr)
+    return b
+
+
 def linear_batch_size(data, args, warn: bool = True) -> int:
-    """--linear-batch-size, or all the probe's training images (a multiple of the world size)
-    when fewer, with a warning; its lr x B/256 follows. build_data checks it first (warn=False)."""
+    """--linear-batch-size, or all the probe's training images when fewer (capped_batch); its lr
+    x B/256 follows. build_data checks it first (warn=False)."""
     B, w, cached = args.linear_batch_size, args.world_size, args.linear_cached
     if B % w:
         fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
     n = len(data.train_eval if cached else data.train_linear)
-    if n >= B:
-        return B
-    if n < w:  # not one image per process
-        k = cached and args.knn_subset  # the flag that set n
-        flag = f"--knn-subset {k}" if k else f"--subset {args.subset}"
-        fail(f"{flag}: {n} linear-probe training images for {w} processes; pass at least {w}")
-    b, lr = n // w * w, args.linear_lr
-    if warn and args.is_main:
-        why = f"{n} linear-probe training images < --linear-batch-size {B}"
-        tqdm.write(f"warning: {why}: batch {b}, lr {lr * b / 256:.4g} = {lr} x {b}/256", sys.stderr)
-    return b
+    k = cached and args.knn_subset  # the flag that set n
+    source = f"--knn-subset {k}" if k else f"--subset {args.subset}"
+    what = "linear-probe training images"
+    return capped_batch(n, "linear_batch_size", args, what, source, warn, args.linear_lr)
 
 
 @contextlib.contextmanager
@@ -1709,22 +1718,6 @@ def finetune_net(fn, model, data, args) -> FineTuneNet:
     return FineTuneNet(fn, model, x, data.num_classes, k, rec["sync_bn"], rec["head"])
 
 
-def ft_batch_size(n: int, args, warn: bool = True) -> int:
-    """--ft-batch-size, or all n labelled images (a multiple of the world size) when fewer, with
-    a warning: no batch holds an image twice; the recipe's lr rule (x B/256, x sqrt(B)) follows.
-    build_data checks it first (warn=False)."""
-    B, w = args.ft_batch_size, args.world_size
-    if n < w:
-        fail(
-            f"--finetune-fraction {args.finetune_fraction}: {n} labelled images for {w} "
-            "processes; pass a larger fraction"
-        )
-    b = min(B, n // w * w)
-    if b < B and warn and args.is_main:
-        tqdm.write(f"warning: {n} labelled images < --ft-batch-size {B}: batch {b}", sys.stderr)
-    return b
-
-
 def finetune(fn, model, data, args) -> dict:
     """Semi-supervised fine-tuning [SimCLR §6, Tab. 7; SimCLRv2 §2], off unless
     --finetune-fraction: a copy of the encoder fn reads (SimCLR v2: and the first --ft-proj-layers
@@ -1741,7 +1734,8 @@ def finetune(fn, model, data, args) -> dict:
     ds = Indexed(tl.dataset, tl.transform, seed=args.seed)  # crop + flip (DEVIATION: bilinear;
     # SimCLR's and BYOL's crops are bicubic)
     ds.indices = [tl.indices[i] for i in labelled_subset(tl, args)]
-    n, E, B = len(ds), args.ft_epochs[col], ft_batch_size(len(ds), args)
+    n, E, source = len(ds), args.ft_epochs[col], f"--finetune-fraction {args.finetune_fraction}"
+    B = capped_batch(n, "ft_batch_size", args, "labelled images", source, warn=True)
     scale = math.sqrt(B) if rec["scaling"] == "sqrt" else B / 256
     groups = [{"params": list(net.parts.parameters()), "lr0": args.ft_lr[col] * scale}]
     groups += [{"params": list(net.head.parameters()), "lr0": args.ft_head_lr[col] * scale}]

@@ -193,8 +193,8 @@ def ft_commands(row: str, a) -> list[tuple[str, str, list[str]]]:
             i = cmd.index("--out-dir") + 1
             c = [*cmd[:i], os.path.join(cmd[i], sub), *cmd[i + 1 :]]
             c += ["--resume", ckpt] if kind == "trained" else []
-            runs.append((f, kind, [*c, "--knn-every", "0", "--linear-epochs", "0"]))
-            runs[-1][2].extend(["--finetune-fraction", str(f)])
+            c += ["--knn-every", "0", "--linear-epochs", "0", "--finetune-fraction", str(f)]
+            runs.append((f, kind, c))
     return runs
 
 
