@@ -1,26 +1,19 @@
-"""cleanssl common.py - the only shared module: data, augmentations (torchvision recipes and their
-batched on-device twins), backbones and plumbing that is the same for every method (DDP, gathers,
-LARS, schedules, checkpoints, kNN, CLI)."""
+"""cleanssl common.py - the only module the method files share, in two parts.
 
-# ==== 0. imports ===========================================================================
-import argparse
-import atexit
-import contextlib
-import copy
-import dataclasses
-import fcntl
-import hashlib
-import io
-import json
+PART 1, the building blocks a method is made of: gathers across processes and global BatchNorm,
+the augmentation recipes (torchvision), the backbones (ResNet, ViT, a small CNN) and optimisation
+(LARS, schedules, EMA, the optimizer step, autocast, the collapse monitor). Copy this file up to
+the PART 2 banner to use the methods' building blocks in your own trainer: it imports only the
+standard library, torch, torchvision, einops, numpy and PIL, and uses nothing of Part 2.
+
+PART 2, the run: data and the device pipeline, checkpoints, resume, SIGTERM and the out-dir lock,
+evaluation (features, kNN, linear-probe helpers, fine-tuning), the CLI (RunArgs: the flags every
+method file shares) and logging."""
+
+# ==== 1.0 imports ==========================================================================
 import math
-import os
 import random
-import re
-import signal
-import sys
-import time
-import warnings
-from functools import partial, wraps
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,47 +24,10 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from einops import rearrange
-from PIL import Image, ImageFilter
-from tqdm import tqdm
+from PIL import ImageFilter
 
 
-def fail(msg: str):
-    """One line on stderr that names the fix, no traceback; exit status 2, as argparse's errors
-    (str() of the SystemExit is the line, for callers that catch it)."""
-    end_bars()
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    e = SystemExit(f"error: {msg}")
-    e.code = 2
-    raise e
-
-
-def end_bars():
-    """Close the open progress bars: a last message then stands on its own line, last."""
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
-# ==== 1. distributed =======================================================================
-def setup_ddp(args) -> torch.device:
-    """torchrun env -> NCCL (cuda) / gloo (cpu) group, else one process; fills args' derived."""
-    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and args.device in ("", "cuda")
-    if "RANK" in os.environ and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(args.local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)  # threads joined before the interpreter exits
-    args.rank, args.world_size, args.is_main = get_rank(), get_world_size(), get_rank() == 0
-    args.device = f"cuda:{args.local_rank}" if cuda else (args.device or "cpu")
-    if args.batch_size % (w := args.world_size):
-        fail(f"--batch-size {args.batch_size} is not divisible by world size {w}; pass a multiple")
-    args.batch_size_per_gpu = args.batch_size // w
-    if getattr(args, "finetune_fraction", 0) and (b := args.ft_batch_size) % w:
-        fail(f"--ft-batch-size {b} is not divisible by world size {w}; pass a multiple")
-    args.amp = {"auto": "bf16" if args.device.startswith("cuda") else "off"}.get(args.amp, args.amp)
-    return torch.device(args.device)
-
-
+# ==== 1.1 processes: gathers and global BatchNorm ==========================================
 def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -113,22 +69,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     out = x.new_zeros(get_world_size(), *x.shape)
     out[get_rank()] = x
     return all_reduce_with_grad(out).flatten(0, 1)
-
-
-@torch.no_grad()
-def sync_buffers(model: nn.Module):
-    """Every rank takes rank 0's buffers (not the `per_rank` ones), as DDP's default
-    broadcast_buffers does before each forward in the official code. Per-GPU BN statistics (MoCo
-    v1/v2 shuffle-BN, CMC, ...) drift apart between ranks; training reads only batch statistics,
-    and rank 0's running statistics are the same with or without the broadcasts, so doing it
-    before every checkpoint (and hence evaluation and export) gives the official model with one
-    broadcast per epoch instead of one per step."""
-    net = unwrap(model)
-    if get_world_size() > 1:
-        own = set(getattr(net, "per_rank", ()))
-        for name, b in net.named_buffers():
-            if name not in own:
-                dist.broadcast(b, 0)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -183,11 +123,407 @@ def global_bn(module: nn.Module, sync: bool = True) -> nn.Module:
     return module
 
 
-# ==== 2. data ==============================================================================
+# ==== 1.2 augmentation recipes (torchvision) ================================================
+def gaussian_blur(img):
+    """Gaussian blur, sigma ~ U(0.1, 2.0) [SimCLR App. A; ref: moco/loader.py GaussianBlur]."""
+    return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+class MultiView(list):
+    """A list of transforms; one image -> the list of its views (2, asymmetric, multi-crop)."""
+
+    def __call__(self, img) -> list:
+        return [t(img) for t in self]
+
+
+def to_tensor(ops: list, mean_std=None) -> T.Compose:
+    return T.Compose([*ops, T.ToTensor()] + ([T.Normalize(*mean_std)] if mean_std else []))
+
+
+AUG = {"scale": (0.08, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "gray_p": 0.2}
+AUG.update(blur_p=0.0, solarize_p=0.0, gray_first=False, bicubic=False, flip_p=0.5)
+AUG["additive_brightness"] = False  # SimCLR v1: x + U(-b, b) instead of x * U(1 - b, 1 + b)
+
+
+def add_brightness(img, d: float):
+    """x + d, clipped to [0, 1] [ref: simclr data_util.py (v1): tf.image.random_brightness, then
+    clip_by_value]; PIL images in uint8 steps (d * 255, rounded), as PIL's other colour ops."""
+    if isinstance(img, torch.Tensor):
+        return (img + d).clamp(0.0, 1.0)
+    x = np.clip(np.asarray(img, np.float32) + d * 255, 0, 255)
+    return Image.fromarray(x.round().astype(np.uint8))
+
+
+class AdditiveColorJitter(T.ColorJitter):
+    """T.ColorJitter (random op order) whose brightness is SimCLR v1's: x + d, d ~ U(-b, b)."""
+
+    def __init__(self, brightness, contrast=0, saturation=0, hue=0):
+        super().__init__(0, contrast, saturation, hue)
+        self.delta = brightness
+
+    def forward(self, img):
+        order, _, c, s, h = self.get_params(None, self.contrast, self.saturation, self.hue)
+        d, fn = float(torch.empty(1).uniform_(-self.delta, self.delta)), T.functional
+        for i in order.tolist():
+            if i == 0:
+                img = add_brightness(img, d)
+            elif i == 1 and c is not None:
+                img = fn.adjust_contrast(img, c)
+            elif i == 2 and s is not None:
+                img = fn.adjust_saturation(img, s)
+            elif i == 3 and h is not None:
+                img = fn.adjust_hue(img, h)
+        return img
+
+
+def augmentation(size: int, mean_std=None, **kw) -> T.Compose:
+    """Crop, colour jitter (random op order), grayscale, blur, solarize, flip; knobs: AUG."""
+    o = SimpleNamespace(**{**AUG, **kw})
+    mode = T.InterpolationMode.BICUBIC if o.bicubic else T.InterpolationMode.BILINEAR
+    jitter = (AdditiveColorJitter if o.additive_brightness else T.ColorJitter)(*o.jitter)
+    color = [T.RandomApply([jitter], p=o.jitter_p), T.RandomGrayscale(o.gray_p)]
+    ops = [T.RandomResizedCrop(size, scale=o.scale, interpolation=mode)]
+    ops += color[::-1] if o.gray_first else color
+    ops += [T.RandomApply([gaussian_blur], p=o.blur_p)] if o.blur_p > 0 else []
+    ops += [T.RandomSolarize(128, p=o.solarize_p)] if o.solarize_p > 0 else []
+    ops += [T.RandomHorizontalFlip(o.flip_p)] if o.flip_p > 0 else []
+    return to_tensor(ops, mean_std)
+
+
+def simclr_augment(size, mean_std=None, s=1.0, blur=True, additive=False):
+    """[SimCLR App. A; ref: google-research/simclr data_util.py] jitter 0.8s/0.2s p=0.8, gray
+    0.2, blur p=0.5 (ImageNet only), bicubic crop (0.08, 1); s=0.5 and no blur on CIFAR.
+    additive: v1's brightness x + U(-0.8s, 0.8s) (v2: x * U(1 - 0.8s, 1 + 0.8s))."""
+    jitter, kw = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), {"additive_brightness": additive}
+    return augmentation(size, mean_std, jitter=jitter, blur_p=0.5 * blur, bicubic=True, **kw)
+
+
+def moco_augment(size, mean_std, version="v2", scale=(0.2, 1.0), blur=True):
+    """v1 [MoCo §4; ref: main_moco.py]: gray 0.2 then jitter 0.4 always; v2 [MoCo v2 §2; ref:
+    --aug-plus]: jitter (0.4, 0.4, 0.4, 0.1) p=0.8, gray 0.2, blur p=0.5."""
+    v1 = {"jitter": (0.4,) * 4, "jitter_p": 1.0, "gray_first": True}
+    knobs = v1 if version == "v1" else {"blur_p": 0.5 * blur}
+    return augmentation(size, mean_std, scale=scale, **knobs)
+
+
+def byol_augment(size, mean_std, scale=(0.08, 1.0), blur=True, bicubic=False) -> MultiView:
+    """Asymmetric pair [BYOL Tab. 6; MoCo v3 main_moco.py]: jitter (0.4,0.4,0.2,0.1) p=0.8, gray
+    0.2, blur p=1.0 / 0.1, solarize p=0 / 0.2; bicubic crops in BYOL / Barlow Twins."""
+    kw = {"scale": scale, "jitter": (0.4, 0.4, 0.2, 0.1), "bicubic": bicubic}
+    view = partial(augmentation, size, mean_std, **kw)
+    return MultiView([view(blur_p=1.0 * blur), view(blur_p=0.1 * blur, solarize_p=0.2)])
+
+
+def multicrop_augment(global_tf, local_tf, n_global: int = 2, n_local: int = 6) -> MultiView:
+    """n global + m local crops [SwAV §3.2]: build global_tf/local_tf with `augmentation(...)`
+    at their own sizes and scales, e.g. 2x224 (0.14, 1) + 6x96 (0.05, 0.14)."""
+    return MultiView([global_tf] * n_global + [local_tf] * n_local)
+
+
+# ==== 1.3 backbones ========================================================================
+ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base", "smallcnn")
+VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # dim, heads
+
+
+def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer=None, **kw):
+    """-> (module: [B, C, H, W] -> h [B, feat_dim], feat_dim). ResNets: torchvision's minus fc,
+    CIFAR stem (3x3 stride-1 conv, no max-pool) [SimCLR resnet.py] at <= 64 px. kw: in_chans, width
+    (ResNet-50+: torchvision's width_per_group, bottleneck inner width only; smallcnn: all layers),
+    stem_padding (of the CIFAR stem: 1 [SimCLR]; solo-learn base.py pads by 2, 34x34 maps at 32 px);
+    ViT: patch_size (16; 4 at <= 64 px), num_heads, pos_embed, freeze_patch_embed."""
+    in_chans, width, pad = kw.get("in_chans", 3), kw.get("width", 1.0), kw.get("stem_padding", 1)
+    if arch in ARCHS and arch.startswith("resnet"):
+        kw = {"norm_layer": norm_layer, "width_per_group": int(64 * width)}
+        net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual, **kw)
+        if img_size <= 64 or in_chans != 3:
+            k, s, p = (3, 1, pad) if img_size <= 64 else (7, 2, 3)
+            net.conv1 = nn.Conv2d(in_chans, 64, k, s, p, bias=False)
+        net.maxpool = nn.Identity() if img_size <= 64 else net.maxpool
+        dim, net.fc = net.fc.in_features, nn.Identity()
+        return net, dim
+    if arch in VIT_SIZES:
+        (dim, heads), patch = VIT_SIZES[arch], vit_patch(img_size, kw.get("patch_size"))
+        heads = kw.get("num_heads") or heads
+        net = ViT(img_size, patch, dim, 12, heads, kw.get("pos_embed"), in_chans)
+        net.patch_embed.requires_grad_(not kw.get("freeze_patch_embed"))  # MoCo v3: frozen
+        return net, dim
+    if arch == "smallcnn":
+        return small_cnn(norm_layer or nn.BatchNorm2d, in_chans, int(32 * width)), int(256 * width)
+    raise ValueError(f"unknown arch {arch}; choose from {', '.join(ARCHS)}")
+
+
+def vit_patch(img_size: int, patch_size=0) -> int:  # the ViT's patch side: 16, 4 at <= 64 px
+    return patch_size or (16 if img_size > 64 else 4)
+
+
+def small_cnn(norm_layer, in_chans=3, c=32) -> nn.Sequential:
+    """4 conv-BN-ReLU layers (3x3; strides 1,2,2,2) + global pool: a CPU-friendly test encoder."""
+    layers, chans = [], [in_chans, c, 2 * c, 4 * c, 8 * c]
+    for i in range(4):
+        conv = nn.Conv2d(chans[i], chans[i + 1], 3, 1 if i == 0 else 2, 1, bias=False)
+        layers += [conv, norm_layer(chans[i + 1]), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def sincos_pos_embed(dim: int, gh: int, gw: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [MoCo v3 §4; ref: moco-v3 vits.py
+    build_2d_sincos_position_embedding] -> [gh*gw, dim]: sin, cos of the patch row in the first
+    half of the channels, of the column in the second (vits.py's meshgrid(grid_w, grid_h))."""
+    y, x = torch.meshgrid(torch.arange(gh * 1.0), torch.arange(gw * 1.0), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
+    out = [f(c.flatten()[:, None] * omega) for c in (y, x) for f in (torch.sin, torch.cos)]
+    return torch.cat(out, dim=1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attention by F.scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.heads, hidden = heads, int(dim * mlp_ratio)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(self.norm1(x)), "b n (t h d) -> t b h n d", t=3, h=self.heads)
+        a = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
+        x = x + self.proj(a)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """ViT -> final-norm [CLS] token [B, dim]; other input sizes interpolate the position grid."""
+
+    def __init__(self, img_size, patch, dim, depth, heads, pos_embed="learned", in_chans=3):
+        super().__init__()
+        g = self.grid = img_size // patch
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 1e-6)
+        sincos = pos_embed == "sincos"
+        pos = sincos_pos_embed(dim, g, g) if sincos else torch.randn(g * g, dim) * 0.02
+        pos = torch.cat([torch.zeros(1, dim), pos])[None]  # [1, 1 + g^2, dim], the cls slot first
+        self.pos_embed = nn.Parameter(pos, requires_grad=not sincos)
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        for m in (m for m in self.modules() if isinstance(m, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02), nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x, pos = self.patch_embed(x), self.pos_embed  # [B, dim, gh, gw]
+        if x.shape[-2:] != (self.grid, self.grid):
+            grid = rearrange(pos[:, 1:], "1 (h w) d -> 1 d h w", h=self.grid)
+            grid = F.interpolate(grid, size=x.shape[-2:], mode="bicubic", align_corners=False)
+            pos = torch.cat([pos[:, :1], rearrange(grid, "1 d h w -> 1 (h w) d")], dim=1)
+        x = rearrange(x, "b d h w -> b (h w) d")
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        return self.norm(self.blocks(x + pos))[:, 0]
+
+
+# ==== 1.4 optimisation =====================================================================
+class LARS(torch.optim.Optimizer):
+    """LARS [You et al. 2017; ref: moco-v3 optimizer.py]: for ndim > 1, d = g + wd*w scaled by
+    eta*|w|/|d|; 1-D params (biases, norms): no decay, no adaptation. m <- mu*m + d; w -= lr*m.
+    solo=True is solo-learn's variant [ref: solo-learn solo/utils/lars.py], which its CIFAR lrs
+    were tuned with: trust eta*|w|/(|g| + wd*|w| + 1e-8), and with clip_lr the trust is capped
+    at 1/lr (a step never exceeds plain SGD's); exclude_bias_n_norm as here. classic=True is
+    the "classic" momentum of SimCLR's LARS [ref: simclr lars_optimizer.py classic_momentum]:
+    m <- mu*m + lr*d; w -= m (past steps keep the lr they were taken with). A parameter group
+    with "adapt": False is not adapted (the fine-tuning head [ref: simclr model_util.py])."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw):
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
+        kw = {"clip_lr": False, "solo": False, "classic": False, "adapt": True, **kw}
+        kw["trust_coefficient"] = trust_coefficient
+        super().__init__(params, {**defaults, **kw})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # foreach ops: a few kernels per group, not per parameter
+        for g in self.param_groups:
+            ps = [p for p in g["params"] if p.grad is not None]
+            ds = [p.grad for p in ps]
+            big = [i for i, p in enumerate(ps) if p.ndim > 1 and g["adapt"]]
+            if big:  # no host sync: the trust ratios stay tensors
+                pb, wd, eta = [ps[i] for i in big], g["weight_decay"], g["trust_coefficient"]
+                db = torch._foreach_add([ds[i] for i in big], pb, alpha=wd)
+                pn = torch.stack(torch._foreach_norm(pb))
+                if g["solo"]:  # |g| + wd |w| + eps, and no decay where |w| or |g| is 0
+                    gn = torch.stack(torch._foreach_norm([ds[i] for i in big]))
+                    ok, trust = (pn > 0) & (gn > 0), eta * pn / (gn + wd * pn + 1e-8)
+                    db = [torch.where(o, d, ds[i]) for o, d, i in zip(ok.unbind(), db, big)]
+                else:
+                    dn = torch.stack(torch._foreach_norm(db))
+                    ok, trust = (pn > 0) & (dn > 0), eta * pn / dn
+                if g["clip_lr"]:  # min(trust / lr, 1): lr 0 (warm-up start) gives 1
+                    trust = (trust / g["lr"] if g["lr"] else torch.ones_like(trust)).clamp(max=1)
+                trust = torch.where(ok, trust, 1.0)
+                torch._foreach_mul_(db, list(trust.unbind()))
+                for i, d in zip(big, db):
+                    ds[i] = d
+            bufs = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in ps]
+            if ps:
+                torch._foreach_mul_(bufs, g["momentum"])
+                torch._foreach_add_(bufs, ds, alpha=g["lr"] if g["classic"] else 1.0)
+                torch._foreach_add_(ps, bufs, alpha=-1.0 if g["classic"] else -g["lr"])
+
+
+def param_groups(modules, wd: float) -> list[dict]:
+    """Weight decay on >= 2-D params only; biases and norm params (ndim <= 1) get none."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(
+    base, final, total_steps: int, warmup_steps=0, warmup_start=0.0, linspace=False
+):
+    """Per-step values: linear warm-up from warmup_start at step 0, base coming at step w [ref:
+    moco-v3 main_moco.py adjust_learning_rate, simclr model_util.learning_rate_schedule, byol
+    schedules.py, barlowtwins main.py] or, linspace=True, already at step w - 1 as
+    np.linspace(warmup_start, base, w) [ref: dino utils.cosine_scheduler, swav main_swav.py,
+    solo-learn LinearWarmupCosineAnnealingLR]; then half-cosine base -> final from step w."""
+    w, n = warmup_steps, max(total_steps - warmup_steps, 1)
+    step = (base - warmup_start) / (max(w - 1, 1) if linspace else max(w, 1))
+    warm = [warmup_start + i * step for i in range(w)]  # as numpy's linspace computes it
+    if linspace and w > 1:
+        warm[-1] = base
+    cos = [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
+    return (warm + cos)[: max(total_steps, 1)]
+
+
+def step_schedule(base, total_steps, steps_per_epoch, milestones, factors=(), warmup_steps=0):
+    """Per-step values: base x factors[i] from epoch milestones[i] on (sorted; default x0.1 per
+    milestone passed), times a linear warm-up (s + 1) / warmup_steps over the first steps."""
+    factors = factors or [0.1 ** (i + 1) for i in range(len(milestones))]
+    f = lambda e: ([1.0] + [x for m, x in zip(milestones, factors) if e >= m])[-1]
+    w, spe = max(warmup_steps, 1), steps_per_epoch
+    return [base * f(s // spe) * min(1.0, (s + 1) / w) for s in range(max(total_steps, 1))]
+
+
+def set_lr(optimizer, lr: float):
+    for g in optimizer.param_groups:
+        g["lr"] = g.get("fixed_lr", lr)
+
+
+def optimizer_step(loss, optimizer, scaler, clip: float = 0.0, hook=None) -> torch.Tensor:
+    """backward (loss-scaled under fp16), unscale, hook() on the true gradients (e.g. cancel a
+    frozen layer's: p.grad = None), grad norm (no host sync), clip, step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if hook is not None:
+        hook()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
+    scaler.step(optimizer)
+    scaler.update()
+    return norm
+
+
+def autocast(args):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
+    return torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=args.amp != "off")
+
+
+@torch.no_grad()
+def ema_(target: list, online: list, m: float):
+    """target <- m * target + (1 - m) * online, in place (params only)."""
+    torch._foreach_mul_(target, m)
+    torch._foreach_add_(target, online, alpha=1.0 - m)
+
+
+def collapse_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dim std of l2-normalised z [SimSiam §4.1]: ~1/sqrt(D) if healthy, 0 collapsed."""
+    return F.normalize(z.detach().float(), dim=1).std(0).mean()
+
+
+# ==========================================================================================
+# ==== PART 2: the run. Data, the device pipeline, checkpoints, evaluation, CLI, logging =====
+# ==========================================================================================
+# ==== 2.0 imports ==========================================================================
+import argparse
+import atexit
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import sys
+import time
+import warnings
+from functools import wraps
+
+from PIL import Image
+from tqdm import tqdm
+
+try:
+    import fcntl  # the out-dir lock; absent on Windows, where it degrades to a note
+except ImportError:
+    fcntl = None
+
+
+def fail(msg: str):
+    """One line on stderr that names the fix, no traceback; exit status 2, as argparse's errors
+    (str() of the SystemExit is the line, for callers that catch it)."""
+    end_bars()
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    e = SystemExit(f"error: {msg}")
+    e.code = 2
+    raise e
+
+
+def end_bars():
+    """Close the open progress bars: a last message then stands on its own line, last."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+# ==== 2.1 processes ========================================================================
+def setup_ddp(args) -> torch.device:
+    """torchrun env -> NCCL (cuda) / gloo (cpu) group, else one process; fills args' derived."""
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and args.device in ("", "cuda")
+    if "RANK" in os.environ and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(args.local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)  # threads joined before the interpreter exits
+    resolve_sizes(args)  # Args built in code, not by parse_args
+    args.rank, args.world_size, args.is_main = get_rank(), get_world_size(), get_rank() == 0
+    args.device = f"cuda:{args.local_rank}" if cuda else (args.device or "cpu")
+    if args.batch_size % (w := args.world_size):
+        fail(f"--batch-size {args.batch_size} is not divisible by world size {w}; pass a multiple")
+    args.batch_size_per_gpu = args.batch_size // w
+    if getattr(args, "finetune_fraction", 0) and (b := args.ft_batch_size) % w:
+        fail(f"--ft-batch-size {b} is not divisible by world size {w}; pass a multiple")
+    args.amp = {"auto": "bf16" if args.device.startswith("cuda") else "off"}.get(args.amp, args.amp)
+    return torch.device(args.device)
+
+
+@torch.no_grad()
+def sync_buffers(model: nn.Module):
+    """Every rank takes rank 0's buffers (not the `per_rank` ones), as DDP's default
+    broadcast_buffers does before each forward in the official code. Per-GPU BN statistics (MoCo
+    v1/v2 shuffle-BN, CMC, ...) drift apart between ranks; training reads only batch statistics,
+    and rank 0's running statistics are the same with or without the broadcasts, so doing it
+    before every checkpoint (and hence evaluation and export) gives the official model with one
+    broadcast per epoch instead of one per step."""
+    net = unwrap(model)
+    if get_world_size() > 1:
+        own = set(getattr(net, "per_rank", ()))
+        for name, b in net.named_buffers():
+            if name not in own:
+                dist.broadcast(b, 0)
+
+
+# ==== 2.2 data ============================================================================
 CIFAR_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "folder", "cifar10-npz", "synthetic")
-PIPELINES = ("auto", "device", "cpu")
 
 
 class ArrayImages(torch.utils.data.TensorDataset):
@@ -316,23 +652,17 @@ class Indexed(torch.utils.data.Dataset):
         return out, y, i
 
 
-def image_size(args) -> int:  # --img-size, 0 resolved: the dataset's usual size
-    return args.img_size or {"imagenet": 224, "folder": 224, "stl10": 96}.get(args.dataset, 32)
+def dataset_mean_std(args) -> tuple:  # the per-channel mean and std of --dataset's images
+    return CIFAR_MEAN_STD if "cifar" in args.dataset else IMAGENET_MEAN_STD
 
 
-def local_size(args) -> int:  # --local-size, 0 resolved: img_size x 96/224 [SwAV, DINO: 96 px]
-    return args.local_size or max(8, round(image_size(args) * 96 / 224))
-
-
-def build_data(args, train_tf, normalize: bool) -> SimpleNamespace:
-    """Pretraining set (train_tf(mean_std) -> views), kNN/linear sets, derived step counts."""
-    args.img_size = image_size(args)
+def build_data(args, views, mean_std) -> SimpleNamespace:
+    """Pretraining set (views: one image -> its list of views), kNN/linear sets under the same
+    mean_std (None: none), derived step counts."""
     train, test, nc = base_datasets(args)
-    stats = CIFAR_MEAN_STD if "cifar" in args.dataset else IMAGENET_MEAN_STD
-    mean_std = stats if normalize else None
     size, n, cap = args.img_size, args.subset, args.knn_subset
     ev, seed = eval_transform(size, mean_std), args.seed
-    data = SimpleNamespace(num_classes=nc, train=Indexed(train, train_tf(mean_std), n, seed=seed))
+    data = SimpleNamespace(num_classes=nc, train=Indexed(train, views, n, seed=seed))
     data.train_eval = Indexed(train, ev, cap or n, labelled_only=True)
     data.train_linear = Indexed(train, eval_transform(size, mean_std, train=True), n, True, seed)
     data.test = Indexed(test, ev, cap) if test is not None else None
@@ -382,104 +712,6 @@ def make_loader(ds, args, batch_size: int, train: bool = True, collate=None):
     return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, drop_last=train, **kw)
 
 
-# ==== 3. augmentations =====================================================================
-def gaussian_blur(img):
-    """Gaussian blur, sigma ~ U(0.1, 2.0) [SimCLR App. A; ref: moco/loader.py GaussianBlur]."""
-    return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-
-
-class MultiView(list):
-    """A list of transforms; one image -> the list of its views (2, asymmetric, multi-crop)."""
-
-    def __call__(self, img) -> list:
-        return [t(img) for t in self]
-
-
-def to_tensor(ops: list, mean_std=None) -> T.Compose:
-    return T.Compose([*ops, T.ToTensor()] + ([T.Normalize(*mean_std)] if mean_std else []))
-
-
-AUG = {"scale": (0.08, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "gray_p": 0.2}
-AUG.update(blur_p=0.0, solarize_p=0.0, gray_first=False, bicubic=False, flip_p=0.5)
-AUG["additive_brightness"] = False  # SimCLR v1: x + U(-b, b) instead of x * U(1 - b, 1 + b)
-
-
-def add_brightness(img, d: float):
-    """x + d, clipped to [0, 1] [ref: simclr data_util.py (v1): tf.image.random_brightness, then
-    clip_by_value]; PIL images in uint8 steps (d * 255, rounded), as PIL's other colour ops."""
-    if isinstance(img, torch.Tensor):
-        return (img + d).clamp(0.0, 1.0)
-    x = np.clip(np.asarray(img, np.float32) + d * 255, 0, 255)
-    return Image.fromarray(x.round().astype(np.uint8))
-
-
-class AdditiveColorJitter(T.ColorJitter):
-    """T.ColorJitter (random op order) whose brightness is SimCLR v1's: x + d, d ~ U(-b, b)."""
-
-    def __init__(self, brightness, contrast=0, saturation=0, hue=0):
-        super().__init__(0, contrast, saturation, hue)
-        self.delta = brightness
-
-    def forward(self, img):
-        order, _, c, s, h = self.get_params(None, self.contrast, self.saturation, self.hue)
-        d, fn = float(torch.empty(1).uniform_(-self.delta, self.delta)), T.functional
-        for i in order.tolist():
-            if i == 0:
-                img = add_brightness(img, d)
-            elif i == 1 and c is not None:
-                img = fn.adjust_contrast(img, c)
-            elif i == 2 and s is not None:
-                img = fn.adjust_saturation(img, s)
-            elif i == 3 and h is not None:
-                img = fn.adjust_hue(img, h)
-        return img
-
-
-def augmentation(size: int, mean_std=None, **kw) -> T.Compose:
-    """Crop, colour jitter (random op order), grayscale, blur, solarize, flip; knobs: AUG."""
-    o = SimpleNamespace(**{**AUG, **kw})
-    mode = T.InterpolationMode.BICUBIC if o.bicubic else T.InterpolationMode.BILINEAR
-    jitter = (AdditiveColorJitter if o.additive_brightness else T.ColorJitter)(*o.jitter)
-    color = [T.RandomApply([jitter], p=o.jitter_p), T.RandomGrayscale(o.gray_p)]
-    ops = [T.RandomResizedCrop(size, scale=o.scale, interpolation=mode)]
-    ops += color[::-1] if o.gray_first else color
-    ops += [T.RandomApply([gaussian_blur], p=o.blur_p)] if o.blur_p > 0 else []
-    ops += [T.RandomSolarize(128, p=o.solarize_p)] if o.solarize_p > 0 else []
-    tf = to_tensor(ops + ([T.RandomHorizontalFlip(o.flip_p)] if o.flip_p > 0 else []), mean_std)
-    tf.batched = BatchAugment(size, mean_std, **kw)  # the same recipe for DeviceLoader
-    return tf
-
-
-def simclr_augment(size, mean_std=None, s=1.0, blur=True, additive=False):
-    """[SimCLR App. A; ref: google-research/simclr data_util.py] jitter 0.8s/0.2s p=0.8, gray
-    0.2, blur p=0.5 (ImageNet only), bicubic crop (0.08, 1); s=0.5 and no blur on CIFAR.
-    additive: v1's brightness x + U(-0.8s, 0.8s) (v2: x * U(1 - 0.8s, 1 + 0.8s))."""
-    jitter, kw = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), {"additive_brightness": additive}
-    return augmentation(size, mean_std, jitter=jitter, blur_p=0.5 * blur, bicubic=True, **kw)
-
-
-def moco_augment(size, mean_std, version="v2", scale=(0.2, 1.0), blur=True):
-    """v1 [MoCo §4; ref: main_moco.py]: gray 0.2 then jitter 0.4 always; v2 [MoCo v2 §2; ref:
-    --aug-plus]: jitter (0.4, 0.4, 0.4, 0.1) p=0.8, gray 0.2, blur p=0.5."""
-    v1 = {"jitter": (0.4,) * 4, "jitter_p": 1.0, "gray_first": True}
-    knobs = v1 if version == "v1" else {"blur_p": 0.5 * blur}
-    return augmentation(size, mean_std, scale=scale, **knobs)
-
-
-def byol_augment(size, mean_std, scale=(0.08, 1.0), blur=True, bicubic=False) -> MultiView:
-    """Asymmetric pair [BYOL Tab. 6; MoCo v3 main_moco.py]: jitter (0.4,0.4,0.2,0.1) p=0.8, gray
-    0.2, blur p=1.0 / 0.1, solarize p=0 / 0.2; bicubic crops in BYOL / Barlow Twins."""
-    kw = {"scale": scale, "jitter": (0.4, 0.4, 0.2, 0.1), "bicubic": bicubic}
-    view = partial(augmentation, size, mean_std, **kw)
-    return MultiView([view(blur_p=1.0 * blur), view(blur_p=0.1 * blur, solarize_p=0.2)])
-
-
-def multicrop_augment(global_tf, local_tf, n_global: int = 2, n_local: int = 6) -> MultiView:
-    """n global + m local crops [SwAV §3.2]: build global_tf/local_tf with `augmentation(...)`
-    at their own sizes and scales, e.g. 2x224 (0.14, 1) + 6x96 (0.05, 0.14)."""
-    return MultiView([global_tf] * n_global + [local_tf] * n_local)
-
-
 def eval_transform(size: int, mean_std=None, train: bool = False) -> T.Compose:
     """train (linear probe): random resized crop + flip [MoCo main_lincls.py]; test: resize
     256/224 + centre crop at ImageNet scale, the plain image at CIFAR scale."""
@@ -507,7 +739,7 @@ def normalize(x: torch.Tensor, mean_std=None) -> torch.Tensor:
     return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(*mean_std))], 1)
 
 
-# ==== 3b. batched augmentation and device-resident data ====================================
+# ==== 2.3 the device pipeline: batched twins of the recipes, device-resident data ============
 def rrc_boxes(h, w, scale, ratio=(3 / 4, 4 / 3), g=None, tries: int = 10) -> torch.Tensor:
     """T.RandomResizedCrop.get_params for a batch of images of heights h, widths w ([B] float):
     `tries` draws of area ~ U(scale) * h * w and log-ratio ~ U(log ratio), the first that fits,
@@ -586,32 +818,57 @@ def crop_resize(x: torch.Tensor, box: torch.Tensor, size: int, bicubic=False) ->
 
 
 class BatchAugment:
-    """augmentation(size, mean_std, **kw) for a batch on its device: every sample draws its own
-    parameters (sample), applied with batched tensor ops (apply). DEVIATION from the PIL path:
-    float throughout (PIL rounds to uint8 after every op), a box filter when shrinking
-    (crop_resize), bicubic with a = -0.75 (PIL: -0.5), blur truncated at 3 sigma_max."""
+    """The batched twin of an augmentation() recipe, read from its torchvision ops, for a batch
+    on its device: every sample draws its own parameters (sample), applied with batched tensor
+    ops (apply). A recipe with other ops has no twin (ValueError: it runs on the CPU). DEVIATION
+    from the PIL path: float throughout (PIL rounds to uint8 after every op), a box filter when
+    shrinking (crop_resize), bicubic with a = -0.75 (PIL: -0.5), blur truncated at 3 sigma_max."""
 
-    def __init__(self, size: int, mean_std=None, **kw):
-        self.size, self.mean_std, self.o = size, mean_std, SimpleNamespace(**{**AUG, **kw})
+    def __init__(self, recipe: T.Compose):
+        o = self.o = SimpleNamespace(**AUG, mean_std=None)  # an op absent: never applied
+        o.jitter_p = o.gray_p = o.flip_p = 0.0
+        o.ranges = [(1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (0.0, 0.0)]  # identity factors
+        for op in recipe.transforms:
+            inner = op.transforms[0] if isinstance(op, T.RandomApply) else op
+            if isinstance(op, T.RandomResizedCrop):
+                o.size, o.scale = op.size[0], op.scale
+                o.bicubic = op.interpolation == T.InterpolationMode.BICUBIC
+            elif isinstance(inner, T.ColorJitter) and op is not inner:
+                o.jitter_p, o.gray_first = op.p, o.gray_p > 0  # grayscale seen before jitter
+                o.additive_brightness = isinstance(inner, AdditiveColorJitter)
+                b = (-inner.delta, inner.delta) if o.additive_brightness else inner.brightness
+                ops = (b, inner.contrast, inner.saturation, inner.hue)
+                o.ranges = [tuple(r) if r is not None else o.ranges[k] for k, r in enumerate(ops)]
+            elif isinstance(op, T.RandomGrayscale):
+                o.gray_p = op.p
+            elif inner is gaussian_blur:
+                o.blur_p = op.p
+            elif isinstance(op, T.RandomSolarize) and op.threshold == 128:
+                o.solarize_p = op.p
+            elif isinstance(op, T.RandomHorizontalFlip):
+                o.flip_p = op.p
+            elif isinstance(op, T.Normalize):
+                o.mean_std = (tuple(op.mean), tuple(op.std))
+            elif not isinstance(op, T.ToTensor):
+                raise ValueError(f"no batched version of {type(op).__name__}")
+        if not hasattr(o, "size"):
+            raise ValueError("no batched version of a recipe without RandomResizedCrop")
+        self.size, self.mean_std = o.size, o.mean_std
 
     def sample(self, h: torch.Tensor, w: torch.Tensor, g=None) -> dict:
         """Parameters for images of sizes h, w ([B] float): crop box, flip, jitter factors
         (identity when not applied) and op order, grayscale, blur sigma (0: none), solarize."""
         o, B, dev = self.o, len(h), h.device
         u = lambda *s: torch.rand(*s, device=dev, generator=g)
-        b, c, s, hue = o.jitter
-        ranges = [(max(0, 1 - b), 1 + b), (max(0, 1 - c), 1 + c), (max(0, 1 - s), 1 + s)]
-        ranges, on, f = ranges + [(-hue, hue)], u(B) < o.jitter_p, u(B, 4)
+        on, f = u(B) < o.jitter_p, u(B, 4)
         add = o.additive_brightness  # brightness: an offset d ~ U(-b, b), identity 0
-        ranges[0], ident = (-b, b) if add else ranges[0], [0.0 if add else 1.0, 1.0, 1.0, 0.0]
+        ident = [0.0 if add else 1.0, 1.0, 1.0, 0.0]
         p = {"box": rrc_boxes(h, w, o.scale, g=g), "flip": u(B) < o.flip_p}
-        p["jitter"] = torch.stack(  # identity factors (ident) where jitter is not applied
-            [
-                torch.where(on, lo + (hi - lo) * f[:, k], ident[k])
-                for k, (lo, hi) in enumerate(ranges)
-            ],
-            1,
-        )
+        factors = [
+            torch.where(on, lo + (hi - lo) * f[:, k], ident[k])
+            for k, (lo, hi) in enumerate(o.ranges)
+        ]  # identity factors (ident) where jitter is not applied
+        p["jitter"] = torch.stack(factors, 1)
         p["additive"] = add  # a Python bool: read without a device sync
         p["order"], p["gray"] = u(B, 4).argsort(1), u(B) < o.gray_p
         p["sigma"] = torch.where(u(B) < o.blur_p, 0.1 + 1.9 * u(B), torch.zeros(B, device=dev))
@@ -759,9 +1016,9 @@ class DeviceLoader:
     are read by workers and decoded per batch. Same shards and order as make_loader (its
     sampler); the views' generator is seeded by (seed, epoch, rank, batch): exact resume."""
 
-    def __init__(self, ds, args, batch_size: int):
+    def __init__(self, ds, views: list, args, batch_size: int):
         self.device, self.batch_size = torch.device(args.device), batch_size
-        self.ds, self.views, self.canvas = ds, [t.batched for t in ds.transform], 0
+        self.ds, self.views, self.canvas = ds, views, 0
         self.key = (args.seed, args.rank)
         arrays = image_arrays(ds.dataset)
         if arrays is not None:  # [N, 3, H, W] uint8 on the device
@@ -807,253 +1064,27 @@ class DeviceLoader:
 
 
 def train_loader(data, args):
-    """--pipeline device (auto: on CUDA): DeviceLoader; cpu: make_loader (DataLoader workers +
-    torchvision, the reference path). A recipe without a batched twin stays on the CPU."""
-    ds, device = data.train, on_device(args)
-    if device and not all(hasattr(t, "batched") for t in ds.transform):
+    """--pipeline device (auto: on CUDA): DeviceLoader, each view's recipe run by its batched
+    twin (BatchAugment); cpu: make_loader (DataLoader workers + the torchvision recipes, the
+    reference path). A recipe without a batched twin stays on the CPU."""
+    ds, B = data.train, args.batch_size_per_gpu
+    if not on_device(args):
+        return make_loader(ds, args, B)
+    try:
+        return DeviceLoader(ds, [BatchAugment(t) for t in ds.transform], args, B)
+    except ValueError:
         if args.pipeline == "device":
             fail("this method's augmentation has no batched version; pass --pipeline cpu")
         if args.is_main:
             print("note: augmentation without a batched version: CPU pipeline", file=sys.stderr)
-        device = False
-    return (DeviceLoader if device else make_loader)(ds, args, args.batch_size_per_gpu)
+        return make_loader(ds, args, B)
 
 
 def on_device(args) -> bool:  # --pipeline resolved (auto: device on CUDA)
     return args.pipeline == "device" or (args.pipeline == "auto" and args.device.startswith("cuda"))
 
 
-# ==== 4. backbones =========================================================================
-ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base", "smallcnn")
-VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # dim, heads
-
-
-def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer=None, **kw):
-    """-> (module: [B, C, H, W] -> h [B, feat_dim], feat_dim). ResNets: torchvision's minus fc,
-    CIFAR stem (3x3 stride-1 conv, no max-pool) [SimCLR resnet.py] at <= 64 px. kw: in_chans, width
-    (ResNet-50+: torchvision's width_per_group, bottleneck inner width only; smallcnn: all layers),
-    stem_padding (of the CIFAR stem: 1 [SimCLR]; solo-learn base.py pads by 2, 34x34 maps at 32 px);
-    ViT: patch_size (16; 4 at <= 64 px), num_heads, pos_embed, freeze_patch_embed."""
-    in_chans, width, pad = kw.get("in_chans", 3), kw.get("width", 1.0), kw.get("stem_padding", 1)
-    if arch in ARCHS and arch.startswith("resnet"):
-        kw = {"norm_layer": norm_layer, "width_per_group": int(64 * width)}
-        net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual, **kw)
-        if img_size <= 64 or in_chans != 3:
-            k, s, p = (3, 1, pad) if img_size <= 64 else (7, 2, 3)
-            net.conv1 = nn.Conv2d(in_chans, 64, k, s, p, bias=False)
-        net.maxpool = nn.Identity() if img_size <= 64 else net.maxpool
-        dim, net.fc = net.fc.in_features, nn.Identity()
-        return net, dim
-    if arch in VIT_SIZES:
-        (dim, heads), patch = VIT_SIZES[arch], vit_patch(img_size, kw.get("patch_size"))
-        heads = kw.get("num_heads") or heads
-        net = ViT(img_size, patch, dim, 12, heads, kw.get("pos_embed"), in_chans)
-        net.patch_embed.requires_grad_(not kw.get("freeze_patch_embed"))  # MoCo v3: frozen
-        return net, dim
-    if arch == "smallcnn":
-        return small_cnn(norm_layer or nn.BatchNorm2d, in_chans, int(32 * width)), int(256 * width)
-    fail(f"unknown --arch {arch}; choose from {', '.join(ARCHS)}")
-
-
-def vit_patch(img_size: int, patch_size=0) -> int:  # the ViT's patch side: 16, 4 at <= 64 px
-    return patch_size or (16 if img_size > 64 else 4)
-
-
-def check_patch(args, patch: int, flag: str, px: int):
-    """A ViT embeds patch x patch tiles (a Conv2d of stride patch): a crop needs at least one."""
-    if args.arch in VIT_SIZES and px < patch:
-        given = getattr(args, flag[2:].replace("-", "_"))
-        why = f"{px} px crops are smaller than the ViT's {patch} px patch"
-        alt = " or a smaller --patch-size" * (hasattr(args, "patch_size") and "patch" not in flag)
-        # (a crop's flag, with the ViT's patch a flag too; CPC's --patch-size is its own crop)
-        fail(f"{flag} {given}: {why}; pass {flag} >= {patch}{alt}")
-
-
-def check_pair(args, name: str, ordered: bool = True):
-    """A tuple flag of exactly two numbers, lo <= hi if ordered (e.g. a crop scale range)."""
-    v, what = getattr(args, name), "two numbers" + " lo <= hi" * ordered
-    if len(v) != 2 or (ordered and v[0] > v[1]):
-        why = "lo > hi" if len(v) == 2 else "not two numbers"
-        fail(f"--{name.replace('_', '-')} {' '.join(map(str, v))}: {why}; pass {what}")
-
-
-def small_cnn(norm_layer, in_chans=3, c=32) -> nn.Sequential:
-    """4 conv-BN-ReLU layers (3x3; strides 1,2,2,2) + global pool: a CPU-friendly test encoder."""
-    layers, chans = [], [in_chans, c, 2 * c, 4 * c, 8 * c]
-    for i in range(4):
-        conv = nn.Conv2d(chans[i], chans[i + 1], 3, 1 if i == 0 else 2, 1, bias=False)
-        layers += [conv, norm_layer(chans[i + 1]), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
-def sincos_pos_embed(dim: int, gh: int, gw: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding [MoCo v3 §4; ref: moco-v3 vits.py
-    build_2d_sincos_position_embedding] -> [gh*gw, dim]: sin, cos of the patch row in the first
-    half of the channels, of the column in the second (vits.py's meshgrid(grid_w, grid_h))."""
-    y, x = torch.meshgrid(torch.arange(gh * 1.0), torch.arange(gw * 1.0), indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
-    out = [f(c.flatten()[:, None] * omega) for c in (y, x) for f in (torch.sin, torch.cos)]
-    return torch.cat(out, dim=1)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block; attention by F.scaled_dot_product_attention."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.heads, hidden = heads, int(dim * mlp_ratio)
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x):
-        q, k, v = rearrange(self.qkv(self.norm1(x)), "b n (t h d) -> t b h n d", t=3, h=self.heads)
-        a = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
-        x = x + self.proj(a)
-        return x + self.mlp(self.norm2(x))
-
-
-class ViT(nn.Module):
-    """ViT -> final-norm [CLS] token [B, dim]; other input sizes interpolate the position grid."""
-
-    def __init__(self, img_size, patch, dim, depth, heads, pos_embed="learned", in_chans=3):
-        super().__init__()
-        g = self.grid = img_size // patch
-        self.patch_embed = nn.Conv2d(in_chans, dim, patch, patch)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 1e-6)
-        sincos = pos_embed == "sincos"
-        pos = sincos_pos_embed(dim, g, g) if sincos else torch.randn(g * g, dim) * 0.02
-        pos = torch.cat([torch.zeros(1, dim), pos])[None]  # [1, 1 + g^2, dim], the cls slot first
-        self.pos_embed = nn.Parameter(pos, requires_grad=not sincos)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        for m in (m for m in self.modules() if isinstance(m, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02), nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        x, pos = self.patch_embed(x), self.pos_embed  # [B, dim, gh, gw]
-        if x.shape[-2:] != (self.grid, self.grid):
-            grid = rearrange(pos[:, 1:], "1 (h w) d -> 1 d h w", h=self.grid)
-            grid = F.interpolate(grid, size=x.shape[-2:], mode="bicubic", align_corners=False)
-            pos = torch.cat([pos[:, :1], rearrange(grid, "1 d h w -> 1 (h w) d")], dim=1)
-        x = rearrange(x, "b d h w -> b (h w) d")
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
-        return self.norm(self.blocks(x + pos))[:, 0]
-
-
-# ==== 5. optimisation ======================================================================
-class LARS(torch.optim.Optimizer):
-    """LARS [You et al. 2017; ref: moco-v3 optimizer.py]: for ndim > 1, d = g + wd*w scaled by
-    eta*|w|/|d|; 1-D params (biases, norms): no decay, no adaptation. m <- mu*m + d; w -= lr*m.
-    solo=True is solo-learn's variant [ref: solo-learn solo/utils/lars.py], which its CIFAR lrs
-    were tuned with: trust eta*|w|/(|g| + wd*|w| + 1e-8), and with clip_lr the trust is capped
-    at 1/lr (a step never exceeds plain SGD's); exclude_bias_n_norm as here. classic=True is
-    the "classic" momentum of SimCLR's LARS [ref: simclr lars_optimizer.py classic_momentum]:
-    m <- mu*m + lr*d; w -= m (past steps keep the lr they were taken with). A parameter group
-    with "adapt": False is not adapted (the fine-tuning head [ref: simclr model_util.py])."""
-
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw):
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
-        kw = {"clip_lr": False, "solo": False, "classic": False, "adapt": True, **kw}
-        kw["trust_coefficient"] = trust_coefficient
-        super().__init__(params, {**defaults, **kw})
-
-    @torch.no_grad()
-    def step(self, closure=None):  # foreach ops: a few kernels per group, not per parameter
-        for g in self.param_groups:
-            ps = [p for p in g["params"] if p.grad is not None]
-            ds = [p.grad for p in ps]
-            big = [i for i, p in enumerate(ps) if p.ndim > 1 and g["adapt"]]
-            if big:  # no host sync: the trust ratios stay tensors
-                pb, wd, eta = [ps[i] for i in big], g["weight_decay"], g["trust_coefficient"]
-                db = torch._foreach_add([ds[i] for i in big], pb, alpha=wd)
-                pn = torch.stack(torch._foreach_norm(pb))
-                if g["solo"]:  # |g| + wd |w| + eps, and no decay where |w| or |g| is 0
-                    gn = torch.stack(torch._foreach_norm([ds[i] for i in big]))
-                    ok, trust = (pn > 0) & (gn > 0), eta * pn / (gn + wd * pn + 1e-8)
-                    db = [torch.where(o, d, ds[i]) for o, d, i in zip(ok.unbind(), db, big)]
-                else:
-                    dn = torch.stack(torch._foreach_norm(db))
-                    ok, trust = (pn > 0) & (dn > 0), eta * pn / dn
-                if g["clip_lr"]:  # min(trust / lr, 1): lr 0 (warm-up start) gives 1
-                    trust = (trust / g["lr"] if g["lr"] else torch.ones_like(trust)).clamp(max=1)
-                trust = torch.where(ok, trust, 1.0)
-                torch._foreach_mul_(db, list(trust.unbind()))
-                for i, d in zip(big, db):
-                    ds[i] = d
-            bufs = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in ps]
-            if ps:
-                torch._foreach_mul_(bufs, g["momentum"])
-                torch._foreach_add_(bufs, ds, alpha=g["lr"] if g["classic"] else 1.0)
-                torch._foreach_add_(ps, bufs, alpha=-1.0 if g["classic"] else -g["lr"])
-
-
-def param_groups(modules, wd: float) -> list[dict]:
-    """Weight decay on >= 2-D params only; biases and norm params (ndim <= 1) get none."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def cosine_schedule(
-    base, final, total_steps: int, warmup_steps=0, warmup_start=0.0, linspace=False
-):
-    """Per-step values: linear warm-up from warmup_start at step 0, base coming at step w [ref:
-    moco-v3 main_moco.py adjust_learning_rate, simclr model_util.learning_rate_schedule, byol
-    schedules.py, barlowtwins main.py] or, linspace=True, already at step w - 1 as
-    np.linspace(warmup_start, base, w) [ref: dino utils.cosine_scheduler, swav main_swav.py,
-    solo-learn LinearWarmupCosineAnnealingLR]; then half-cosine base -> final from step w."""
-    w, n = warmup_steps, max(total_steps - warmup_steps, 1)
-    step = (base - warmup_start) / (max(w - 1, 1) if linspace else max(w, 1))
-    warm = [warmup_start + i * step for i in range(w)]  # as numpy's linspace computes it
-    if linspace and w > 1:
-        warm[-1] = base
-    cos = [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
-    return (warm + cos)[: max(total_steps, 1)]
-
-
-def step_schedule(base, total_steps, steps_per_epoch, milestones, factors=(), warmup_steps=0):
-    """Per-step values: base x factors[i] from epoch milestones[i] on (sorted; default x0.1 per
-    milestone passed), times a linear warm-up (s + 1) / warmup_steps over the first steps."""
-    factors = factors or [0.1 ** (i + 1) for i in range(len(milestones))]
-    f = lambda e: ([1.0] + [x for m, x in zip(milestones, factors) if e >= m])[-1]
-    w, spe = max(warmup_steps, 1), steps_per_epoch
-    return [base * f(s // spe) * min(1.0, (s + 1) / w) for s in range(max(total_steps, 1))]
-
-
-def set_lr(optimizer, lr: float):
-    for g in optimizer.param_groups:
-        g["lr"] = g.get("fixed_lr", lr)
-
-
-def optimizer_step(loss, optimizer, scaler, clip: float = 0.0, hook=None) -> torch.Tensor:
-    """backward (loss-scaled under fp16), unscale, hook() on the true gradients (e.g. cancel a
-    frozen layer's: p.grad = None), grad norm (no host sync), clip, step."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    if hook is not None:
-        hook()
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"), foreach=True)
-    scaler.step(optimizer)
-    scaler.update()
-    return norm
-
-
-def autocast(args):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
-    return torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=args.amp != "off")
-
-
-@torch.no_grad()
-def ema_(target: list, online: list, m: float):
-    """target <- m * target + (1 - m) * online, in place (params only)."""
-    torch._foreach_mul_(target, m)
-    torch._foreach_add_(target, online, alpha=1.0 - m)
-
-
-# ==== 6. checkpoints =======================================================================
+# ==== 2.4 checkpoints, resume, SIGTERM, the out-dir lock ===================================
 def save_checkpoint(path: str, state: dict):
     """Atomic: write a temp file, then rename it over the old checkpoint."""
     torch.save(state, tmp := f"{path}.tmp")
@@ -1308,6 +1339,8 @@ def claim_out_dir(out_dir: str):
     leaves no stale lock). Then removes the temp files of saves cut short (save_checkpoint)."""
     f = open(os.path.join(out_dir, "run.lock"), "a+")
     try:
+        if fcntl is None:
+            raise OSError(0, "no file locks on this system")
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         f.truncate(0), f.write(str(os.getpid())), f.flush()  # for the message below
         _OUT_DIR_LOCK.append(f)
@@ -1347,7 +1380,7 @@ def one_run_per_out_dir(main):
     return run
 
 
-# ==== 7. evaluation ========================================================================
+# ==== 2.5 evaluation: features, kNN, linear probe, fine-tuning ==============================
 @torch.no_grad()
 def extract(fn, ds, args, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """fn(x) over a dataset, sharded over ranks and gathered -> (feats, labels) in dataset order."""
@@ -1441,38 +1474,6 @@ def knn_eval(fn, data, args) -> float:
     pred = knn_predict(test, bank, bank_y, data.num_classes, args.knn_k, args.knn_t).argmax(1)
     return (pred == test_y).float().mean().item() * 100
 
-
-def collapse_std(z: torch.Tensor) -> torch.Tensor:
-    """Mean per-dim std of l2-normalised z [SimSiam §4.1]: ~1/sqrt(D) if healthy, 0 collapsed."""
-    return F.normalize(z.detach().float(), dim=1).std(0).mean()
-
-
-# ==== 7b. semi-supervised fine-tuning ======================================================
-def recipe(**kw) -> dict:  # the keys of a fine-tuning recipe, with the most common values
-    ft = {"opt": "sgd", "scaling": "linear", "milestones": (), "decay": 0.1, "per_epoch": False}
-    return {**ft, "sync_bn": True, "head": "zero", "best": False, **kw}
-
-
-# How the official code fine-tunes (--ft-recipe; the numbers are each file's Args ft_*): the
-# optimizer (sgd / nesterov: momentum 0.9; lars: SimCLR's, classic momentum 0.9, the head not
-# adapted), the lr's scaling with the batch (linear: x B/256; sqrt: x sqrt(B)), the schedule
-# (x decay at the epoch milestones, else cosine to 0, per step or per epoch), BN over the global
-# batch or each process's, the head's init, the epoch reported (best top-1 or the last). None
-# has weight decay or warm-up; all train on crop + flip views with BN in train mode.
-FT_RECIPES = {
-    "simclr_v1": recipe(opt="nesterov"),  # [SimCLR App. B.5; ref: simclr model_util.py
-    # get_optimizer: MomentumOptimizer(use_nesterov=True), --global_bn, --zero_init_logits_layer]
-    "simclr_v2": recipe(opt="lars", scaling="sqrt"),  # [SimCLRv2 §4; ref: simclr README fine-tune
-    # command: --optimizer=lars --learning_rate_scaling=sqrt --global_bn=True --warmup_epochs=0]
-    "swav": recipe(milestones=(12, 16), decay=0.2, per_epoch=True, head="torch", best=True),
-    # [ref: swav eval_semisup.py: SGD, MultiStepLR([12, 16], 0.2), SyncBN, nn.Linear, best_acc]
-    "barlow_twins": recipe(per_epoch=True, sync_bn=False, head="normal", best=True),
-    # [ref: barlowtwins evaluate.py --weights finetune: SGD, CosineAnnealingLR per epoch, DDP of
-    # plain BN, fc N(0, 0.01), best_acc; DEVIATION: its top-5 is the best top-1 epoch's here,
-    # evaluate.py keeps the maximum of each]
-    "byol": recipe(opt="nesterov", sync_bn=False, head="haiku"),  # [ref: byol eval_experiment.py
-    # freeze_backbone=False: Nesterov SGD, cosine per step, BN per device, hk.Linear init]
-}
 
 # DEVIATION: every CIFAR preset fine-tunes at batch 256 (SwAV's and Barlow Twins' own): the
 # ImageNet recipes' 1024 / 4096 exceed CIFAR-10's 1% labelled set (500 images), whose every batch
@@ -1712,23 +1713,22 @@ class FineTuneNet(nn.Module):
 
 def finetune_net(fn, model, data, args) -> FineTuneNet:
     """The network fine-tuning trains, before training (the head initialised from --seed)."""
-    rec, device = FT_RECIPES[args.ft_recipe], torch.device(args.device)
-    x = torch.stack([data.test[i][0] for i in range(2)]).to(device)
+    x = torch.stack([data.test[i][0] for i in range(2)]).to(torch.device(args.device))
     k = getattr(args, "ft_proj_layers", 0)
-    return FineTuneNet(fn, model, x, data.num_classes, k, rec["sync_bn"], rec["head"])
+    return FineTuneNet(fn, model, x, data.num_classes, k, args.ft_sync_bn, args.ft_head_init)
 
 
 def finetune(fn, model, data, args) -> dict:
     """Semi-supervised fine-tuning [SimCLR §6, Tab. 7; SimCLRv2 §2], off unless
     --finetune-fraction: a copy of the encoder fn reads (SimCLR v2: and the first --ft-proj-layers
     projector layers) and a new linear head, trained on the labelled fraction of the training
-    images (crop + flip views) with the method's protocol (Args ft_*, FT_RECIPES): the 1% values
+    images (crop + flip views) with the method's protocol (its Args' ft_*): the 1% values
     below a 3% fraction, the 10% values above. Then top-1/top-5 on the test split. The model and
     its checkpoint stay untouched; out-dir/finetune.pth, written every epoch, holds the fine-tuned
     network: a rerun continues from it. Run in eval_rng: the same on every rank."""
     if not args.finetune_fraction or data.test is None:
         return {}
-    rec, tl = FT_RECIPES[args.ft_recipe], data.train_linear
+    tl = data.train_linear
     col = int(args.finetune_fraction >= 0.03)  # the 1% or the 10% values
     net = finetune_net(fn, model, data, args)
     ds = Indexed(tl.dataset, tl.transform, seed=args.seed)  # crop + flip (DEVIATION: bilinear;
@@ -1736,20 +1736,18 @@ def finetune(fn, model, data, args) -> dict:
     ds.indices = [tl.indices[i] for i in labelled_subset(tl, args)]
     n, E, source = len(ds), args.ft_epochs[col], f"--finetune-fraction {args.finetune_fraction}"
     B = capped_batch(n, "ft_batch_size", args, "labelled images", source, warn=True)
-    scale = math.sqrt(B) if rec["scaling"] == "sqrt" else B / 256
+    scale = math.sqrt(B) if args.ft_lr_scaling == "sqrt" else B / 256
     groups = [{"params": list(net.parts.parameters()), "lr0": args.ft_lr[col] * scale}]
     groups += [{"params": list(net.head.parameters()), "lr0": args.ft_head_lr[col] * scale}]
     groups[1]["adapt"] = False  # lars: the head is not adapted [ref: simclr model_util.py]
-    if rec["opt"] == "lars":
+    if args.ft_optimizer == "lars":
         opt = LARS(groups, 0.0, momentum=0.9, classic=True)
     else:
-        opt = torch.optim.SGD(groups, 0.0, momentum=0.9, nesterov=rec["opt"] == "nesterov")
-    total, epoch = math.ceil(n * E / B), lambda s: s * B // n
-    if rec["milestones"]:  # x decay from each milestone epoch on
-        sched = [
-            rec["decay"] ** sum(epoch(s) >= m for m in rec["milestones"]) for s in range(total)
-        ]
-    elif rec["per_epoch"]:  # cosine, set once per epoch
+        opt = torch.optim.SGD(groups, 0.0, momentum=0.9, nesterov=args.ft_optimizer == "nesterov")
+    total, epoch, ms = math.ceil(n * E / B), lambda s: s * B // n, args.ft_milestones
+    if ms:  # x decay from each milestone epoch on
+        sched = [args.ft_decay ** sum(epoch(s) >= m for m in ms) for s in range(total)]
+    elif args.ft_epoch_lr:  # cosine, set once per epoch
         sched = [0.5 * (1 + math.cos(math.pi * epoch(s) / E)) for s in range(total)]
     else:  # cosine per step
         sched = cosine_schedule(1.0, 0.0, total)
@@ -1759,19 +1757,19 @@ def finetune(fn, model, data, args) -> dict:
         **{k: v for k, v in config_dict(args).items() if k.startswith("ft_") or k in names},
     }
     loss_fn = lambda x, y: F.cross_entropy(net(x).float(), y)
-    track = (lambda net: classifier_accuracy(net, data, args)) if rec["best"] else None
+    track = (lambda net: classifier_accuracy(net, data, args)) if args.ft_best else None
     path = os.path.join(args.out_dir, "finetune.pth")
     out = fit_classifier(net, opt, loss_fn, ds, sched, B, path, key, args, track)
     acc = out["history"] or [classifier_accuracy(net, data, args)]
     best = max(range(len(acc)), key=lambda e: acc[e][0])  # the first best
-    top1, top5 = acc[best] if rec["best"] else acc[-1]
+    top1, top5 = acc[best] if args.ft_best else acc[-1]
     res = {"finetune_fraction": args.finetune_fraction, "finetune_images": n}
-    res.update(finetune_recipe=args.ft_recipe, finetune_batch=B, finetune_epochs=E)
+    res.update(finetune_optimizer=args.ft_optimizer, finetune_batch=B, finetune_epochs=E)
     res.update(finetune_top1=top1, finetune_top5=top5, finetune_top1_last=acc[-1][0])
     return {**res, "finetune_loss": out["loss"]}
 
 
-# ==== 8. config, CLI and logging ===========================================================
+# ==== 2.6 config, CLI and logging =========================================================
 def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
     """An Args field: its default, help text (with the source) and legal range (parse_args)."""
     return dataclasses.field(default=default, metadata={"help": help, "range": range, **kw})
@@ -1827,6 +1825,105 @@ def check_ranges(args, defaults: dict):
         if isinstance(v, tuple):
             v, d, why, noun = shown(v), shown(d), f"{x} is {why}", noun.split()[1] + "s"
         fail(f"--{f.name.replace('_', '-')} {v}: {why}; pass {noun} {desc} (default {d})")
+
+
+PRESETS, PIPELINES = ("imagenet", "cifar"), ("auto", "device", "cpu")
+AMPS, SCALINGS = ("auto", "bf16", "fp16", "off"), ("linear", "sqrt")
+FT_OPTS, HEADS = ("sgd", "nesterov", "lars"), ("zero", "torch", "normal", "haiku")
+FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]"  # where no official one
+
+
+@dataclasses.dataclass
+class RunArgs:
+    """The flags every method file shares and the fields derived at run time; each file's
+    Args(RunArgs) adds the method's own cited fields, and overrides the fine-tuning protocol
+    (SimCLR v2's here) where its official code has one."""
+
+    IMG_SIZES = {"imagenet": 224, "folder": 224, "stl10": 96}  # --img-size 0; else 32 px
+    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
+    dataset: str = arg("cifar10", "training data", choices=DATASETS)
+    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
+    workers: int = ge0(8, "DataLoader worker processes per process")
+    pipeline: str = arg(
+        "auto",
+        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
+        choices=PIPELINES,
+    )
+    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
+    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
+    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
+        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
+    )
+    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMPS)
+    compile: bool = arg(False, "torch.compile the backbone")
+    device: str = arg("", "cuda / cpu (default: cuda if available)")
+    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
+    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
+    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
+    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
+    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
+    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
+    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
+    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
+    # the fine-tuning protocol (finetune); none has weight decay or warm-up
+    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
+    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
+    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr at 1% / 10%, x --ft-lr-scaling {FT}")
+    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr at 1% / 10%, x --ft-lr-scaling {FT}")
+    ft_lr_scaling: str = arg("sqrt", f"x sqrt(batch) or x batch/256 {FT}", choices=SCALINGS)
+    ft_optimizer: str = arg(
+        "lars",
+        f"lars: SimCLR's, classic momentum, head not adapted; sgd, nesterov {FT}",
+        choices=FT_OPTS,
+    )
+    ft_milestones: tuple = ge0((), f"lr x --ft-decay from these epochs (none: cosine to 0) {FT}")
+    ft_decay: float = unit(0.1, "lr factor per --ft-milestones epoch")
+    ft_epoch_lr: bool = arg(False, f"cosine lr set once per epoch, not per step {FT}")
+    ft_sync_bn: bool = arg(True, f"BatchNorm over the global batch, not each process's {FT}")
+    ft_head_init: str = arg(
+        "zero",
+        f"head init: zero, torch (nn.Linear), normal (N(0, 0.01)), haiku {FT}",
+        choices=HEADS,
+    )
+    ft_best: bool = arg(False, f"top-1 of the best epoch, not the last {FT}")
+    # -- derived at runtime (not flags) --
+    rank: int = arg(0, "", derived=True)
+    world_size: int = arg(1, "", derived=True)
+    local_rank: int = arg(0, "", derived=True)
+    is_main: bool = arg(True, "", derived=True)
+    batch_size_per_gpu: int = arg(0, "", derived=True)
+    steps_per_epoch: int = arg(0, "", derived=True)
+    total_steps: int = arg(0, "", derived=True)
+    sched: dict = dataclasses.field(default_factory=dict, metadata={"derived": True})
+
+
+def resolve_sizes(args):
+    """--img-size 0: the dataset's usual size (IMG_SIZES, else 32); --local-size 0 (SwAV, DINO):
+    img_size x 96/224, at least 8 [SwAV, DINO: 96 px local crops at 224]."""
+    args.img_size = args.img_size or args.IMG_SIZES.get(args.dataset, 32)
+    if getattr(args, "local_size", None) == 0:
+        args.local_size = max(8, round(args.img_size * 96 / 224))
+
+
+def check_patch(args, patch: int, flag: str, px: int):
+    """A ViT embeds patch x patch tiles (a Conv2d of stride patch): a crop needs at least one."""
+    if args.arch in VIT_SIZES and px < patch:
+        given = getattr(args, flag[2:].replace("-", "_"))
+        why = f"{px} px crops are smaller than the ViT's {patch} px patch"
+        alt = " or a smaller --patch-size" * (hasattr(args, "patch_size") and "patch" not in flag)
+        # (a crop's flag, with the ViT's patch a flag too; CPC's --patch-size is its own crop)
+        fail(f"{flag} {given}: {why}; pass {flag} >= {patch}{alt}")
+
+
+def check_pair(args, name: str, ordered: bool = True):
+    """A tuple flag of exactly two numbers, lo <= hi if ordered (e.g. a crop scale range)."""
+    v, what = getattr(args, name), "two numbers" + " lo <= hi" * ordered
+    if len(v) != 2 or (ordered and v[0] > v[1]):
+        why = "lo > hi" if len(v) == 2 else "not two numbers"
+        fail(f"--{name.replace('_', '-')} {' '.join(map(str, v))}: {why}; pass {what}")
 
 
 def run_dir(args) -> str:  # --out-dir, default runs/<method>
@@ -1885,6 +1982,7 @@ def parse_args(cls, argv=None):
     sel = {k: given[k] for k in pick if k in given}
     recipe = cls.recipe(**sel)
     args = cls(**{**recipe, **given})
+    resolve_sizes(args)
     check_ranges(args, {**{f.name: f.default for f in dataclasses.fields(cls)}, **recipe})
     check_out_dir(args)
     check_finetune(args)
