@@ -19,7 +19,7 @@ Run: torchrun --nproc_per_node=8 barlow_twins.py --preset imagenet --dataset ima
 # ==== 0. imports ===========================================================================
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,132 +28,8 @@ from torch import nn
 import common as C
 from common import arg, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
-FT = "[ref: README semi-supervised command (1%); the same at 10%]"
 
-
-@dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    arch: str = arg("resnet50", "backbone [BT §2 Implementation details]", choices=C.ARCHS)
-    epochs: int = ge0(1000, "epochs [BT §2 Implementation details; ref: main.py --epochs]")
-    batch_size: int = gt0(2048, "GLOBAL batch [BT §2 Implementation details; ref: --batch-size]")
-    lr: float = gt0(0.2, "LARS lr of weights, x batch/256 [BT §2; ref: --learning-rate-weights]")
-    lr_biases: float = ge0(
-        0.0048,
-        "biases/BN lr, x batch/256 [BT §2; ref: main.py --learning-rate-biases]. The official "
-        "W-GPU run had 1/W of the gradient (see barlow_twins_loss): it equals this run with "
-        "--lr-biases 0.0048/W and --wd W x 1e-6, or --plain-all-reduce on W processes",
-    )
-    wd: float = ge0(
-        1e-6,
-        "weight decay, not on biases/BN [ref: main.py --weight-decay 1e-6, the code of the "
-        "released 73.5% model; BT §2 says 1.5e-6]; an official W-GPU run: W x this (--lr-biases)",
-    )
-    warmup_epochs: int = ge0(10, "linear warm-up, then cosine to lr/1000 [BT §2; ref: main.py]")
-    lambd: float = ge0(0.0051, "off-diagonal weight lambda [ref: main.py --lambd; BT §2: 5e-3]")
-    projector: str = arg("8192-8192-8192", "projector widths [BT §2; ref: main.py --projector]")
-    blur: bool = arg(True, "blur p=1.0 / 0.1 [BT §2; ref: main.py Transform; off at CIFAR size]")
-    eta: float = gt0(0.001, "LARS trust coefficient [ref: main.py LARS eta=0.001]")
-    scale_loss: float = gt0(1.0, "loss x this before backward [ref: main.py: none; solo: 0.1]")
-    solo: bool = arg(
-        False,
-        "solo-learn's step: LARS trust eta|w|/(|g|+wd|w|) capped at 1/lr (clip_lr) [ref: solo-"
-        "learn solo/utils/lars.py]; warm-up from lr 3e-5 reaching lr at step W-1, cosine to 0 "
-        "[ref: solo/utils/lr_scheduler.py, solo/methods/base.py]",
-    )
-    plain_all_reduce: bool = arg(
-        False,
-        "sum C over processes without gradient as main.py does (1/W of the gradient), instead of "
-        "the exact multi-process gradient (DEVIATION, see barlow_twins_loss)",
-    )
-    zero_init_residual: bool = arg(True, "zero last BN gamma per block [ref: main.py resnet50]")
-    stem_padding: int = ge0(
-        1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
-    )
-    linear_epochs: int = ge0(100, "linear-eval epochs [ref: evaluate.py --epochs]")
-    linear_lr: float = ge0(0.3, "linear-eval lr at batch 256 [ref: evaluate.py --lr-classifier]")
-    linear_wd: float = ge0(1e-6, "linear-eval weight decay [ref: evaluate.py --weight-decay]")
-    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: evaluate.py --batch-size]")
-    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: evaluate.py: SGD momentum 0.9]")
-    linear_milestones: tuple = ge0((), "lr x0.1 epochs (empty: cosine) [ref: evaluate.py cosine]")
-    linear_decay: float = unit(0.1, "lr factor per milestone (unused: cosine) [ref: evaluate.py]")
-    linear_epoch_lr: bool = arg(
-        True, "cosine lr set once per epoch [ref: evaluate.py CosineAnnealingLR, stepped per epoch]"
-    )
-    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: evaluate.py best_acc]")
-    linear_zero_init: bool = arg(
-        False, "zero-init classifier: no, normal(0, 0.01), bias 0 [ref: evaluate.py fc init]"
-    )
-    ft_recipe: str = arg("barlow_twins", "fine-tuning recipe [ref: evaluate.py]", choices=FTR)
-    ft_epochs: tuple = gt0((20, 20), f"fine-tuning epochs at 1% / 10% {FT}")
-    ft_batch_size: int = gt0(256, "fine-tuning global batch [ref: evaluate.py --batch-size]")
-    ft_lr: tuple = ge0((0.005, 0.005), f"backbone lr x batch/256 at 1% / 10% {FT}")
-    ft_head_lr: tuple = ge0((0.5, 0.5), f"classifier lr x batch/256 at 1% / 10% {FT}")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
-
-    @staticmethod
-    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this preset (no versions)."""
-        r = {}
-        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/barlow.yaml]
-            r.update(arch="resnet18", projector="2048-2048-2048", batch_size=256, blur=False)
-            # solo-learn's step as it runs: its LARS (eta 0.02, clip_lr, exclude_bias_n_norm),
-            # one lr for every group, its warm-up/cosine, loss x scale_loss before backward; no
-            # zero-init [ref: solo/utils/lars.py, solo/methods/base.py, torchvision resnet18]
-            r.update(lr=0.3, lr_biases=0.3, wd=1e-4, eta=0.02, scale_loss=0.1, solo=True)
-            r.update(zero_init_residual=False, stem_padding=2)  # solo-learn base.py
-        return r
-
-    def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it)."""
-        if not all(w.isdigit() and int(w) > 0 for w in self.projector.split("-")):
-            C.fail(
-                f"--projector {self.projector}: not widths joined by '-'; pass e.g. 8192-8192-8192"
-            )
-        if self.batch_size < 2:  # C_ij standardises each dimension over the batch, as BN does
-            C.fail(f"--batch-size {self.batch_size}: no std over one sample; pass >= 2")
-
-
-# ==== 2. model: heads + BarlowTwins(nn.Module), all method state as persistent buffers =====
+# ==== 1. model: heads + BarlowTwins(nn.Module), all method state as persistent buffers ====
 def projection_head(in_dim: int, widths: str) -> nn.Sequential:
     """[ref: main.py BarlowTwins.__init__] "8192-8192-8192": (Linear without bias -> BN -> ReLU)
     for every width but the last, then a Linear without bias. The official code follows it with
@@ -165,7 +41,7 @@ def projection_head(in_dim: int, widths: str) -> nn.Sequential:
 
 
 class BarlowTwins(nn.Module):
-    def __init__(self, args: Args):
+    def __init__(self, args: "Args"):
         super().__init__()
         # zero-init of each residual block's last BN gamma [ref: main.py resnet50(zero_init_...)]
         self.backbone, self.feat_dim = C.build_backbone(
@@ -181,7 +57,7 @@ class BarlowTwins(nn.Module):
         return barlow_twins_loss(z1, z2, self.lambd, self.plain), z1, z2
 
 
-# ==== 3. loss: barlow_twins_loss(...) -> Tensor, pure, fp32 inside ========================
+# ==== 2. loss: barlow_twins_loss(...) -> Tensor, pure, fp32 inside ========================
 def standardize(z: torch.Tensor) -> torch.Tensor:
     """(z - mean) / sqrt(var + 1e-5) per dimension over the GLOBAL batch (biased variance): the
     official BatchNorm1d(affine=False) under SyncBN, in training mode. The per-dimension sums
@@ -208,7 +84,8 @@ def barlow_twins_loss(z1, z2, lambd: float, plain: bool = False) -> torch.Tensor
         n = len(z1) * C.get_world_size()
         if plain and C.get_world_size() > 1:  # value: the sum; gradient: this process's share
             c = z1.T @ z2 / n  # [D, D]
-            torch.distributed.all_reduce(total := c.detach().clone())
+            total = c.detach().clone()
+            torch.distributed.all_reduce(total)
             c = c + (total - c.detach())
         else:
             c = C.all_reduce_with_grad(z1.T @ z2) / n  # [D, D]
@@ -216,11 +93,11 @@ def barlow_twins_loss(z1, z2, lambd: float, plain: bool = False) -> torch.Tensor
         return (1 - on_diag).pow(2).sum() + lambd * (c.pow(2).sum() - on_diag.pow(2).sum())
 
 
-# ==== 4. method state: none (Barlow Twins keeps no state beyond its parameters) ===========
+# ==== 3. method state: none (Barlow Twins keeps no state beyond its parameters) ===========
 
 
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x1, x2), _, _ = batch
     factor = args.sched["lr"][step]  # batch/256 x warm-up/cosine; each group has its own scale
     for g in optimizer.param_groups:  # weights: x lr, biases/BN: x lr_biases [ref: main.py]
@@ -244,14 +121,129 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return C.unwrap(model).backbone(x)
 
 
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): the backbone [ref: main.py]."""
+    return C.unwrap(model).backbone
+
+
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+FT = "[ref: README semi-supervised command (1%); the same at 10%]"
+
+
+@dataclass
+class Args(C.RunArgs):
+    """Barlow Twins' fields: the defaults are the paper's ImageNet recipe (main.py's); recipe()
+    sets the CIFAR preset's, solo-learn's (named in each help text)."""
+
+    arch: str = arg(
+        "resnet50", "backbone [BT §2 Implementation details]; CIFAR resnet18", choices=C.ARCHS
+    )
+    epochs: int = ge0(1000, "epochs [BT §2 Implementation details; ref: main.py --epochs]")
+    batch_size: int = gt0(
+        2048, "GLOBAL batch [BT §2 Implementation details; ref: --batch-size]; CIFAR 256"
+    )
+    lr: float = gt0(
+        0.2, "LARS lr of weights, x batch/256 [BT §2; ref: --learning-rate-weights]; CIFAR 0.3"
+    )
+    lr_biases: float = ge0(
+        0.0048,
+        "biases/BN lr, x batch/256 [BT §2; ref: main.py --learning-rate-biases]. The official "
+        "W-GPU run had 1/W of the gradient (see barlow_twins_loss): it equals this run with "
+        "--lr-biases 0.0048/W and --wd W x 1e-6, or --plain-all-reduce on W processes; CIFAR 0.3",
+    )
+    wd: float = ge0(
+        1e-6,
+        "weight decay, not on biases/BN [ref: main.py --weight-decay 1e-6, the code of the "
+        "released 73.5% model; BT §2 says 1.5e-6]; CIFAR 1e-4; an official W-GPU run: W x this "
+        "(--lr-biases)",
+    )
+    warmup_epochs: int = ge0(10, "linear warm-up, then cosine to lr/1000 [BT §2; ref: main.py]")
+    lambd: float = ge0(0.0051, "off-diagonal weight lambda [ref: main.py --lambd; BT §2: 5e-3]")
+    projector: str = arg(
+        "8192-8192-8192", "projector widths [BT §2; ref: main.py --projector]; CIFAR 2048-2048-2048"
+    )
+    blur: bool = arg(True, "blur p=1.0 / 0.1 [BT §2; ref: main.py Transform]; off on CIFAR")
+    eta: float = gt0(0.001, "LARS trust coefficient [ref: main.py LARS eta=0.001]; CIFAR 0.02")
+    scale_loss: float = gt0(
+        1.0, "loss x this before backward [ref: main.py: none; solo: 0.1]; CIFAR 0.1"
+    )
+    solo: bool = arg(
+        False,
+        "solo-learn's step: LARS trust eta|w|/(|g|+wd|w|) capped at 1/lr (clip_lr) [ref: solo-"
+        "learn solo/utils/lars.py]; warm-up from lr 3e-5 reaching lr at step W-1, cosine to 0 "
+        "[ref: solo/utils/lr_scheduler.py, solo/methods/base.py]; on on CIFAR",
+    )
+    plain_all_reduce: bool = arg(
+        False,
+        "sum C over processes without gradient as main.py does (1/W of the gradient), instead of "
+        "the exact multi-process gradient (DEVIATION, see barlow_twins_loss)",
+    )
+    zero_init_residual: bool = arg(
+        True, "zero last BN gamma per block [ref: main.py resnet50]; off on CIFAR"
+    )
+    stem_padding: int = ge0(
+        1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]; CIFAR 2"
+    )
+    linear_epochs: int = ge0(100, "linear-eval epochs [ref: evaluate.py --epochs]")
+    linear_lr: float = ge0(0.3, "linear-eval lr at batch 256 [ref: evaluate.py --lr-classifier]")
+    linear_wd: float = ge0(1e-6, "linear-eval weight decay [ref: evaluate.py --weight-decay]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: evaluate.py --batch-size]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: evaluate.py: SGD momentum 0.9]")
+    linear_milestones: tuple = ge0((), "lr x0.1 epochs (empty: cosine) [ref: evaluate.py cosine]")
+    linear_decay: float = unit(0.1, "lr factor per milestone (unused: cosine) [ref: evaluate.py]")
+    linear_epoch_lr: bool = arg(
+        True, "cosine lr set once per epoch [ref: evaluate.py CosineAnnealingLR, stepped per epoch]"
+    )
+    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: evaluate.py best_acc]")
+    linear_zero_init: bool = arg(
+        False, "zero-init classifier: no, normal(0, 0.01), bias 0 [ref: evaluate.py fc init]"
+    )
+    # fine-tuning [ref: barlowtwins evaluate.py --weights finetune: SGD, CosineAnnealingLR per
+    # epoch, DDP of plain BN, fc N(0, 0.01), best_acc; DEVIATION: its top-5 is the best top-1
+    # epoch's here, evaluate.py keeps the maximum of each]
+    ft_optimizer: str = arg("sgd", "fine-tuning optimizer [ref: evaluate.py]", choices=C.FT_OPTS)
+    ft_lr_scaling: str = arg("linear", "lr x batch/256 [ref: evaluate.py]", choices=C.SCALINGS)
+    ft_epoch_lr: bool = arg(True, "cosine lr set once per epoch [ref: evaluate.py]")
+    ft_sync_bn: bool = arg(False, "plain BN per process, no SyncBN [ref: evaluate.py]")
+    ft_head_init: str = arg("normal", "head N(0, 0.01), bias 0 [ref: evaluate.py]", choices=C.HEADS)
+    ft_best: bool = arg(True, "top-1 of the best epoch [ref: evaluate.py best_acc]")
+    ft_epochs: tuple = gt0((20, 20), f"fine-tuning epochs at 1% / 10% {FT}")
+    ft_batch_size: int = gt0(256, "fine-tuning global batch [ref: evaluate.py --batch-size]")
+    ft_lr: tuple = ge0((0.005, 0.005), f"backbone lr x batch/256 at 1% / 10% {FT}")
+    ft_head_lr: tuple = ge0((0.5, 0.5), f"classifier lr x batch/256 at 1% / 10% {FT}")
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (no versions)."""
+        r = {}
+        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/barlow.yaml]
+            r.update(arch="resnet18", projector="2048-2048-2048", batch_size=256, blur=False)
+            # solo-learn's step as it runs: its LARS (eta 0.02, clip_lr, exclude_bias_n_norm),
+            # one lr for every group, its warm-up/cosine, loss x scale_loss before backward; no
+            # zero-init [ref: solo/utils/lars.py, solo/methods/base.py, torchvision resnet18]
+            r.update(lr=0.3, lr_biases=0.3, wd=1e-4, eta=0.02, scale_loss=0.1, solo=True)
+            r.update(zero_init_residual=False, stem_padding=2)  # solo-learn base.py
+        return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        if not all(w.isdigit() and int(w) > 0 for w in self.projector.split("-")):
+            C.fail(
+                f"--projector {self.projector}: not widths joined by '-'; pass e.g. 8192-8192-8192"
+            )
+        if self.batch_size < 2:  # C_ij standardises each dimension over the batch, as BN does
+            C.fail(f"--batch-size {self.batch_size}: no std over one sample; pass >= 2")
+
+
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -260,14 +252,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -283,8 +279,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -323,7 +320,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -332,7 +330,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -342,7 +340,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -363,16 +361,14 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 8. main(args) ========================================================================
 def build_optimizer(model: BarlowTwins, args: Args) -> C.LARS:
     """LARS on two groups: weights (ndim > 1: wd and trust ratio) at x lr, biases and BN (1-D:
     neither) at x lr_biases [ref: main.py main_worker param_weights / param_biases, LARS
@@ -398,9 +394,10 @@ def build_optimizer(model: BarlowTwins, args: Args) -> C.LARS:
 def main(args: Args):
     device = C.setup_ddp(args)
     # asymmetric pair: blur 1.0 / 0.1, solarize 0 / 0.2, mean/std-normalised [ref: main.py
-    # Transform], bicubic crops as official
-    views = lambda ms: C.byol_augment(args.img_size, ms, blur=args.blur, bicubic=True)
-    data = C.build_data(args, views, normalize=True)
+    # Transform], bicubic crops as official. On a GPU (--pipeline auto) C.BatchAugment runs this
+    # recipe batched on the device.
+    ms = C.dataset_mean_std(args)
+    data = C.build_data(args, C.byol_augment(args.img_size, ms, blur=args.blur, bicubic=True), ms)
     C.prepare_run(args)
     model = C.convert_sync_bn(BarlowTwins(args)).to(device)  # whole model [ref: main.py]
     optimizer = build_optimizer(model, args)

@@ -20,7 +20,7 @@ import copy
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,72 +29,146 @@ from torch import nn
 import common as C
 from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
+
+# ==== 1. model: heads + BYOL(nn.Module), all method state as persistent buffers ===========
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """[ref: networks.MLP] Linear (with bias) -> BN -> ReLU -> Linear (no bias); no output BN.
+    Init as Haiku's Linear: truncated normal (2 std), std 1/sqrt(fan_in), zero bias."""
+    mods = [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+    mods.append(nn.Linear(hidden, out_dim, bias=False))
+    for lin in (mods[0], mods[3]):
+        s = 1 / math.sqrt(lin.in_features)
+        nn.init.trunc_normal_(lin.weight, std=s, a=-2 * s, b=2 * s)
+    nn.init.zeros_(mods[0].bias)
+    return nn.Sequential(*mods)
+
+
+class BYOL(nn.Module):
+    """Online: backbone -> projector -> predictor. Target: momentum_backbone -> momentum_projector,
+    an EMA of the online parameters, never trained (requires_grad False, so DDP skips them).
+    Target BN running stats: its OWN, from its own train-mode forwards; the EMA averages
+    parameters only [ref: byol_experiment.py: target_state comes from forward.apply].
+    DEVIATION: BN running stats are torch's (init 0/1, unbiased batch var), not Haiku's
+    zero-debiased EMA of the biased var; eval-time only, gap 0.9^k after k updates (2 a step):
+    < 1e-4 after 44 steps (tests/test_official_byol.py measures it)."""
+
+    def __init__(self, args: "Args"):
+        super().__init__()
+        # gamma = 1 in every BN by default: the paper's setting [ref: README "Note on batch norm"]
+        self.backbone, self.feat_dim = C.build_backbone(
+            args.arch, args.img_size, args.zero_init_residual, stem_padding=args.stem_padding
+        )
+        self.projector = mlp(self.feat_dim, args.hidden_dim, args.dim)
+        self.predictor = mlp(args.dim, args.pred_hidden_dim, args.dim)
+        # target starts as a copy (DEVIATION: the official code initialises it from another
+        # seed and notes no significant difference [ref: _make_initial_state])
+        self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        # each view on its own: BN statistics per view, as the official apply_once_fn
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))  # [B, D]
+        p1, p2 = self.predictor(z1), self.predictor(z2)  # [B, D]
+        with torch.no_grad():  # target in train mode: batch statistics, like the online net
+            z_m1 = self.momentum_projector(self.momentum_backbone(x1))  # [B, D]
+            z_m2 = self.momentum_projector(self.momentum_backbone(x2))
+        return byol_loss(p1, z_m2) + byol_loss(p2, z_m1), z1  # SUM of the two directions
+
+
+# ==== 2. loss: byol_loss(...) -> Tensor, pure, fp32 inside ================================
+def byol_loss(p: torch.Tensor, z_m: torch.Tensor) -> torch.Tensor:
+    """[BYOL Eq. 2; ref: helpers.regression_loss] mean over the batch of
+    ||p/|p| - z_m/|z_m|||^2 = 2 - 2 cos(p, z_m). p: [B, D] online predictions; z_m: [B, D]
+    target projections, detached (stop-gradient). Per process: DDP's gradient averaging makes it
+    the mean over the global batch; nothing crosses processes here (only SyncBN does)."""
+    with torch.autocast(p.device.type, enabled=False):
+        p, z_m = F.normalize(p.float(), dim=1), F.normalize(z_m.detach().float(), dim=1)
+        return (2 - 2 * (p * z_m).sum(1)).mean()
+
+
+# ==== 3. method state: @torch.no_grad() momentum_update ===================================
+@torch.no_grad()
+def momentum_update(model: BYOL, m: float):
+    """target <- m * target + (1 - m) * online, parameters only: the target's BN running stats
+    are its own (from its forward passes) [BYOL Eq. 1; ref: byol_experiment._update_fn]."""
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    target = [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
+    C.ema_(target, online, m)
+
+
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
+    (x1, x2), _, _ = batch
+    net = C.unwrap(model)
+    lr, m = args.sched["lr"][step], args.sched["m"][step]
+    C.set_lr(optimizer, lr)
+    with C.autocast(args):
+        loss, z = model(x1, x2)
+    grad_norm = C.optimizer_step(loss, optimizer, scaler)
+    # AFTER the optimizer step, with the new online weights [BYOL §3.1 "after each training
+    # step"; ref: _update_fn]; MoCo instead updates before its key forward
+    momentum_update(net, m)
+    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "m": m}
+    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
+
+
+def features(model, x: torch.Tensor) -> torch.Tensor:
+    """What kNN and linear eval read: the online backbone output h [ref: eval_experiment.py]."""
+    return C.unwrap(model).backbone(x)
+
+
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): the online backbone [BYOL §3.2]."""
+    return C.unwrap(model).backbone
+
+
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
 FT = "SimCLR's [SimCLR App. B.5]: BYOL's code has no semi-supervised values"
 
 
 @dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    arch: str = arg("resnet50", "backbone, ResNet-50 v1 [BYOL §3.2]", choices=C.ARCHS)
+class Args(C.RunArgs):
+    """BYOL's fields: the defaults are the paper's ImageNet recipe; recipe() sets the CIFAR
+    preset's (named in each help text)."""
+
+    arch: str = arg("resnet50", "ResNet-50 v1 [BYOL §3.2]; CIFAR resnet18", choices=C.ARCHS)
     zero_init_residual: bool = arg(
         False, "zero-init each block's last BN gamma; the paper ran without [ref: byol README]"
     )
     stem_padding: int = ge0(
-        1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
+        1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]; CIFAR 2"
     )
     epochs: int = ge0(1000, "epochs [BYOL §3.2; ref: configs/byol.py presets 40/100/300/1000]")
-    batch_size: int = gt0(4096, "GLOBAL batch [BYOL §3.2: 4096 over 512 TPU v3 cores]")
-    lr: float = ge0(0.2, "LARS lr per 256, x B/256 [BYOL §3.2; ref: configs/byol.py _LR_PRESETS]")
-    wd: float = ge0(1.5e-6, "weight decay, not on biases/BN [BYOL §3.2; ref: _WD_PRESETS]")
+    batch_size: int = gt0(4096, "GLOBAL batch [BYOL §3.2: 4096 over 512 TPU v3 cores]; CIFAR 256")
+    lr: float = ge0(
+        0.2, "LARS lr per 256, x B/256 [BYOL §3.2; ref: configs/byol.py _LR_PRESETS]; CIFAR 1.0"
+    )
+    wd: float = ge0(
+        1.5e-6, "weight decay, not on biases/BN [BYOL §3.2; ref: _WD_PRESETS]; CIFAR 1e-5"
+    )
     warmup_epochs: int = ge0(10, "linear warm-up epochs, then cosine to 0 per step [BYOL §3.2]")
-    warmup_start: float = ge0(0.0, "lr at step 0 (absolute) [ref: learning_schedule: lr*k/w]")
-    eta: float = gt0(1e-3, "LARS trust coefficient [BYOL §3.2; ref: configs/byol.py eta]")
+    warmup_start: float = ge0(
+        0.0, "lr at step 0 (absolute) [ref: learning_schedule: lr*k/w]; CIFAR 3e-5"
+    )
+    eta: float = gt0(1e-3, "LARS trust coeff. [BYOL §3.2; ref: configs/byol.py eta]; CIFAR 0.02")
     solo: bool = arg(
         False,
         "solo-learn's LARS (trust eta|w|/(|g|+wd|w|+1e-8), capped at 1/lr) and warm-up (lr at "
-        "step w-1) [ref: solo/utils/lars.py, lr_scheduler.py]; off: utils/optimizers.py lars",
+        "step w-1) [ref: solo/utils/lars.py, lr_scheduler.py]; off: utils/optimizers.py lars; "
+        "on for CIFAR",
     )
-    m: float = unit(0.996, "tau_base: target EMA, -> 1 by cosine [BYOL §3.2; ref: _EMA_PRESETS]")
+    m: float = unit(
+        0.996, "tau_base: target EMA, -> 1 by cosine [BYOL §3.2; ref: _EMA_PRESETS]; CIFAR 0.99"
+    )
     dim: int = gt0(256, "projector/predictor output dim [BYOL §3.2; ref: projector_output_size]")
     hidden_dim: int = gt0(4096, "projector hidden dim [BYOL §3.2; ref: projector_hidden_size]")
     pred_hidden_dim: int = gt0(4096, "predictor hidden dim [BYOL §3.2; ref: predictor_hidden_size]")
     crop_min: float = frac(0.08, "min crop scale [BYOL Tab. 6; ref: dataset.py 0.08]")
-    blur: bool = arg(True, "blur p=1.0 / 0.1 [BYOL Tab. 6; off at CIFAR size, ref: solo-learn]")
-    linear_epochs: int = ge0(80, "linear-eval epochs [BYOL App. C.1; ref: configs/eval.py]")
+    blur: bool = arg(True, "blur p=1.0 / 0.1 [BYOL Tab. 6]; off at CIFAR size [ref: solo-learn]")
+    linear_epochs: int = ge0(80, "linear epochs [BYOL App. C.1; ref: configs/eval.py]; CIFAR 100")
     linear_lr: float = ge0(0.2, "linear lr per 256, cosine [ref: configs/eval.py; App. C.1 sweep]")
     linear_wd: float = ge0(0.0, "linear-eval weight decay: none [BYOL App. C.1]")
-    linear_batch_size: int = gt0(1024, "linear-eval global batch [BYOL App. C.1]")
+    linear_batch_size: int = gt0(1024, "linear-eval global batch [BYOL App. C.1]; CIFAR 512")
     linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: configs/eval.py nesterov]")
     linear_milestones: tuple = ge0((), "linear lr x0.1 epochs (empty: cosine) [ref: eval.py]")
     linear_decay: float = unit(0.1, "unused: no milestones, cosine [ref: configs/eval.py]")
@@ -107,20 +181,15 @@ class Args:
     linear_zero_init: bool = arg(
         False, "off: hk.Linear init [ref: eval_experiment._classif_fn] (DEVIATION: N(0, 0.01))"
     )
-    ft_recipe: str = arg("byol", "fine-tuning recipe [ref: eval_experiment.py]", choices=FTR)
-    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
-    ft_batch_size: int = gt0(1024, "fine-tuning global batch, as linear eval's [BYOL App. C.1]")
+    # fine-tuning [ref: byol eval_experiment.py freeze_backbone=False: Nesterov SGD, cosine per
+    # step, BN per device, hk.Linear init]; C.RunArgs' epochs (60, 30), SimCLR's [SimCLR App.
+    # B.5], and batch 1024, as linear eval's [BYOL App. C.1]
+    ft_optimizer: str = arg("nesterov", "Nesterov SGD [ref: eval_experiment.py]", choices=C.FT_OPTS)
+    ft_lr_scaling: str = arg("linear", "x batch/256 [ref: eval_experiment.py]", choices=C.SCALINGS)
     ft_lr: tuple = ge0((0.05, 0.05), f"fine-tuning lr x batch/256 at 1% / 10% {FT}")
     ft_head_lr: tuple = ge0((0.05, 0.05), f"head lr x batch/256 at 1% / 10% {FT}")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
+    ft_sync_bn: bool = arg(False, "BatchNorm per device [ref: eval_experiment.py]")
+    ft_head_init: str = arg("haiku", "hk.Linear's init [ref: eval_experiment.py]", choices=C.HEADS)
 
     @staticmethod
     def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
@@ -148,101 +217,15 @@ class Args:
             C.fail(f"--batch-size {self.batch_size}: BatchNorm needs >= 2 samples; pass >= 2")
 
 
-# ==== 2. model: heads + BYOL(nn.Module), all method state as persistent buffers =========
-def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """[ref: networks.MLP] Linear (with bias) -> BN -> ReLU -> Linear (no bias); no output BN.
-    Init as Haiku's Linear: truncated normal (2 std), std 1/sqrt(fan_in), zero bias."""
-    mods = [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
-    mods.append(nn.Linear(hidden, out_dim, bias=False))
-    for lin in (mods[0], mods[3]):
-        s = 1 / math.sqrt(lin.in_features)
-        nn.init.trunc_normal_(lin.weight, std=s, a=-2 * s, b=2 * s)
-    nn.init.zeros_(mods[0].bias)
-    return nn.Sequential(*mods)
-
-
-class BYOL(nn.Module):
-    """Online: backbone -> projector -> predictor. Target: momentum_backbone -> momentum_projector,
-    an EMA of the online parameters, never trained (requires_grad False, so DDP skips them).
-    Target BN running stats: its OWN, from its own train-mode forwards; the EMA averages
-    parameters only [ref: byol_experiment.py: target_state comes from forward.apply].
-    DEVIATION: BN running stats are torch's (init 0/1, unbiased batch var), not Haiku's
-    zero-debiased EMA of the biased var; eval-time only, gap 0.9^k after k updates (2 a step):
-    < 1e-4 after 44 steps (tests/test_official_byol.py measures it)."""
-
-    def __init__(self, args: Args):
-        super().__init__()
-        # gamma = 1 in every BN by default: the paper's setting [ref: README "Note on batch norm"]
-        self.backbone, self.feat_dim = C.build_backbone(
-            args.arch, args.img_size, args.zero_init_residual, stem_padding=args.stem_padding
-        )
-        self.projector = mlp(self.feat_dim, args.hidden_dim, args.dim)
-        self.predictor = mlp(args.dim, args.pred_hidden_dim, args.dim)
-        # target starts as a copy (DEVIATION: the official code initialises it from another
-        # seed and notes no significant difference [ref: _make_initial_state])
-        self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
-        # each view on its own: BN statistics per view, as the official apply_once_fn
-        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))  # [B, D]
-        p1, p2 = self.predictor(z1), self.predictor(z2)  # [B, D]
-        with torch.no_grad():  # target in train mode: batch statistics, like the online net
-            z_m1 = self.momentum_projector(self.momentum_backbone(x1))  # [B, D]
-            z_m2 = self.momentum_projector(self.momentum_backbone(x2))
-        return byol_loss(p1, z_m2) + byol_loss(p2, z_m1), z1  # SUM of the two directions
-
-
-# ==== 3. loss: byol_loss(...) -> Tensor, pure, fp32 inside ================================
-def byol_loss(p: torch.Tensor, z_m: torch.Tensor) -> torch.Tensor:
-    """[BYOL Eq. 2; ref: helpers.regression_loss] mean over the batch of
-    ||p/|p| - z_m/|z_m|||^2 = 2 - 2 cos(p, z_m). p: [B, D] online predictions; z_m: [B, D]
-    target projections, detached (stop-gradient). Per process: DDP's gradient averaging makes it
-    the mean over the global batch; nothing crosses processes here (only SyncBN does)."""
-    with torch.autocast(p.device.type, enabled=False):
-        p, z_m = F.normalize(p.float(), dim=1), F.normalize(z_m.detach().float(), dim=1)
-        return (2 - 2 * (p * z_m).sum(1)).mean()
-
-
-# ==== 4. method state: @torch.no_grad() momentum_update ====================================
-@torch.no_grad()
-def momentum_update(model: BYOL, m: float):
-    """target <- m * target + (1 - m) * online, parameters only: the target's BN running stats
-    are its own (from its forward passes) [BYOL Eq. 1; ref: byol_experiment._update_fn]."""
-    online = [*model.backbone.parameters(), *model.projector.parameters()]
-    target = [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
-    C.ema_(target, online, m)
-
-
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
-    (x1, x2), _, _ = batch
-    net = C.unwrap(model)
-    lr, m = args.sched["lr"][step], args.sched["m"][step]
-    C.set_lr(optimizer, lr)
-    with C.autocast(args):
-        loss, z = model(x1, x2)
-    grad_norm = C.optimizer_step(loss, optimizer, scaler)
-    # AFTER the optimizer step, with the new online weights [BYOL §3.1 "after each training
-    # step"; ref: _update_fn]; MoCo instead updates before its key forward
-    momentum_update(net, m)
-    stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "m": m}
-    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
-
-
-def features(model, x: torch.Tensor) -> torch.Tensor:
-    """What kNN and linear eval read: the online backbone output h [ref: eval_experiment.py]."""
-    return C.unwrap(model).backbone(x)
-
-
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -251,14 +234,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -274,8 +261,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -314,7 +302,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -323,7 +312,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -333,7 +322,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -354,24 +343,23 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 8. main(args) ========================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
-    # view 1: blur 1.0, no solarize; view 2: blur 0.1, solarize 0.2 [BYOL Tab. 6]; img_size is
-    # read when build_data calls this (it fills in the default size first)
-    scale = (args.crop_min, 1.0)  # bicubic crops [ref: byol utils/augmentations.py]
-    views = lambda ms: C.byol_augment(args.img_size, ms, scale, args.blur, bicubic=True)
-    data = C.build_data(args, views, normalize=True)  # mean/std [ref: dataset.normalize_images]
+    # view 1: blur 1.0, no solarize; view 2: blur 0.1, solarize 0.2 [BYOL Tab. 6]; bicubic crops
+    # [ref: byol utils/augmentations.py]; mean/std [ref: dataset.normalize_images]. On a GPU
+    # (--pipeline auto) C.BatchAugment runs this recipe batched on the device.
+    ms = C.dataset_mean_std(args)
+    views = C.byol_augment(args.img_size, ms, (args.crop_min, 1.0), args.blur, bicubic=True)
+    data = C.build_data(args, views, ms)
     C.prepare_run(args)
     model = C.convert_sync_bn(BYOL(args)).to(device)  # cross-replica BN everywhere [BYOL §3.2]
     lr, T = args.lr * args.batch_size / 256, args.total_steps  # lr per 256 [ref: schedules.py]

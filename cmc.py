@@ -21,7 +21,7 @@ Run: torchrun --nproc_per_node=8 cmc.py --preset imagenet --dataset imagenet --d
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,115 +30,7 @@ from torch import nn
 import common as C
 from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
-FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the CMC code"
-
-
-@dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    arch: str = arg(
-        "resnet50", "each view's encoder [ref: train_CMC.py --model resnet50v1]", choices=C.ARCHS
-    )
-    width: float = arg(  # 1/32: one channel at least in every layer of smallcnn
-        0.5,
-        "ResNet stage width, stem kept: v1 0.5, v2 1, v3 2 [ref: models/resnet.py ResNetV1]",
-        range="[0.03125, inf)",
-    )
-    epochs: int = ge0(240, "epochs [ref: train_CMC.py --epochs 240]")
-    batch_size: int = gt0(128, "GLOBAL batch [ref: train_CMC.py --batch_size; README resnet50v1]")
-    lr: float = ge0(0.03, "SGD lr, not scaled with the batch [ref: train_CMC.py --learning_rate]")
-    wd: float = ge0(1e-4, "weight decay, on all params [ref: train_CMC.py --weight_decay]")
-    warmup_epochs: int = ge0(0, "linear warm-up epochs: none [ref: train_CMC.py]")
-    lr_milestones: tuple = ge0((120, 160, 200), "lr x0.1 epochs [ref: --lr_decay_epochs]")
-    tau: float = gt0(0.07, "temperature [ref: --nce_t 0.07; README: 0.1 on STL-10]")
-    softmax: bool = arg(
-        False, "softmax-CE, not NCE [ref: --softmax, off in README commands; weights: NCE]"
-    )
-    # K: 4096 in the README and for the released weights, 16384 as train_CMC.py's default
-    nce_k: int = ge0(
-        4096, "noise rows per anchor, 0: softmax over the whole bank [README; code 16384]"
-    )
-    bank_m: float = arg(  # m = 1: the bank would never change
-        0.5, "bank momentum: row <- normalise(m row + (1 - m) z) [ref: --nce_m]", range="[0, 1)"
-    )
-    dim: int = gt0(128, "embedding dim per view [ref: train_CMC.py --feat_dim]")
-    crop_min: float = frac(0.08, "min crop scale, ResNets on ImageNet [ref: train_CMC.py crop_low]")
-    linear_epochs: int = ge0(60, "linear-eval epochs [ref: LinearProbing.py --epochs]")
-    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: README: 30 resnet50v1/v2, 50 v3]")
-    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: LinearProbing.py]")
-    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: LinearProbing.py]")
-    linear_nesterov: bool = arg(False, "plain momentum 0.9 [ref: LinearProbing.py]")
-    linear_milestones: tuple = ge0((30, 40, 50), "linear lr steps [ref: --lr_decay_epochs]")
-    linear_decay: float = unit(0.2, "linear lr factor [ref: LinearProbing.py --lr_decay_rate]")
-    linear_epoch_lr: bool = arg(True, "linear lr per epoch [ref: util.py adjust_learning_rate]")
-    linear_best: bool = arg(True, "best epoch's top-1 [ref: LinearProbing.py main best_acc1]")
-    linear_zero_init: bool = arg(False, "N(0, 0.01) head [ref: models/LinearModel.py initilize]")
-    ft_recipe: str = arg("simclr_v2", f"fine-tuning recipe (C.FT_RECIPES) {FT}", choices=FTR)
-    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
-    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
-    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr x sqrt(batch) at 1% / 10% {FT}")
-    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr x sqrt(batch) at 1% / 10% {FT}")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
-
-    @staticmethod
-    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this preset (CMC has one version)."""
-        r = {}
-        if preset == "cifar":  # no official CIFAR recipe; the CIFAR-10 recipe of InstDisc, whose
-            # memory-bank code CMC builds on [ref: lemniscate.pytorch cifar.py + README: ResNet-18,
-            # batch 128, lr 0.03, wd 5e-4, 200 epochs, x0.1 at 120 and 160, tau 0.1, --nce-k 0]
-            r.update(arch="resnet18", epochs=200, wd=5e-4, lr_milestones=(120, 160), tau=0.1)
-            r.update(nce_k=0)  # exact softmax over the 50k-row banks: affordable at CIFAR scale
-            r.update(crop_min=0.2)  # [ref: train_CMC.py crop_low 0.2 off full ImageNet; lemniscate]
-            # linear probe: CMC's protocol above (lr 30 on frozen features, as the MoCo CIFAR demo)
-            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
-        return r
-
-    def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it); --nce-k
-        against the number of images waits for the data (main)."""
-
-
-# ==== 2. model: heads + CMC(nn.Module), all method state as persistent buffers =============
+# ==== 1. model: heads + CMC(nn.Module), all method state as persistent buffers ============
 # sRGB -> linear RGB -> XYZ (sRGB primaries) -> CIE Lab, D65 white, 2-degree observer: the
 # formulas of skimage.color.rgb2lab, which the official dataset applies to every uint8 crop
 # [ref: dataset.py RGB2Lab]. Here it runs batched on the device, on the [0, 1] RGB tensor.
@@ -182,7 +74,7 @@ def lab_views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ((lab - mean) / std).split([1, 2], dim=1)
 
 
-def encoder(arch: str, img_size: int, in_chans: int, width: float) -> tuple[nn.Module, int]:
+def view_encoder(arch: str, img_size: int, in_chans: int, width: float) -> tuple[nn.Module, int]:
     """One view's encoder -> (module: x -> h, feat_dim). ResNets: torchvision's (CIFAR stem at
     <= 64 px) with every stage's planes x width and the 64-channel stem kept, the official
     ResNet(width) [ref: models/resnet.py base = int(64 * width)], He-normal fan-out convs (its
@@ -194,8 +86,9 @@ def encoder(arch: str, img_size: int, in_chans: int, width: float) -> tuple[nn.M
     for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):  # rebuilt at this width
         n = len(getattr(net, name))
         setattr(net, name, net._make_layer(block, base * 2**i, n, stride=1 if i == 0 else 2))
-    for m in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
-        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return net, base * 8 * block.expansion
 
 
@@ -212,9 +105,10 @@ class CMC(nn.Module):
     Two memory banks [N, dim], one row per training image and view, identical on every rank.
     BN per process, as the official DataParallel (no SyncBN: nothing is contrasted in-batch)."""
 
-    def __init__(self, args: Args, n: int):
+    def __init__(self, args: "Args", n: int):
         super().__init__()
-        (enc_l, d), (enc_ab, _) = (encoder(args.arch, args.img_size, c, args.width) for c in (1, 2))
+        enc_l, d = view_encoder(args.arch, args.img_size, 1, args.width)
+        enc_ab, _ = view_encoder(args.arch, args.img_size, 2, args.width)
         self.backbone, self.feat_dim = TwoEncoders({"l": enc_l, "ab": enc_ab}), 2 * d
         self.projector = nn.ModuleDict({"l": nn.Linear(d, args.dim), "ab": nn.Linear(d, args.dim)})
         self.tau, self.nce_k, self.nce = args.tau, args.nce_k, args.nce_k > 0 and not args.softmax
@@ -239,7 +133,7 @@ class CMC(nn.Module):
         return cmc_loss(s_l, s_ab, idx, self.nce_k, len(self.bank_l), z), z_l, z_ab
 
 
-# ==== 3. loss: cmc_loss(...) -> Tensor, pure, fp32 inside ==================================
+# ==== 2. loss: cmc_loss(...) -> Tensor, pure, fp32 inside =================================
 def cmc_scores(f_l, f_ab, bank_l, bank_ab, idx: torch.Tensor, tau: float, k: int) -> tuple:
     """[CMC §3.2; ref: NCEAverage.forward] f_l, f_ab: [B, D] l2-normalised embeddings of the L and
     ab views; bank_l, bank_ab: [N, D] memory banks (constants: no gradient); idx: [B] dataset
@@ -277,7 +171,7 @@ def cmc_loss(s_l, s_ab, idx: torch.Tensor, k: int, n: int, z=None) -> torch.Tens
         return loss
 
 
-# ==== 4. method state: @torch.no_grad() update_bank / estimate_z ===========================
+# ==== 3. method state: @torch.no_grad() update_bank / estimate_z ==========================
 @torch.no_grad()
 def update_bank(banks: tuple, zs: tuple, idx: torch.Tensor, bank_m: float):
     """Per view: bank[i] <- normalise(bank_m * bank[i] + (1 - bank_m) * z_i) for the rows of ALL
@@ -300,8 +194,8 @@ def estimate_z(s_l: torch.Tensor, s_ab: torch.Tensor, n: int) -> torch.Tensor:
     return (lme.double() + math.log(n)).exp()
 
 
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x,), _, idx = batch  # one RGB crop per image: both views come from it
     net = C.unwrap(model)
     lr = args.sched["lr"][step]
@@ -323,14 +217,87 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(C.unwrap(model).backbone(*lab_views(x)), dim=1)
 
 
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): both view encoders (TwoEncoders)."""
+    return C.unwrap(model).backbone
+
+
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+@dataclass
+class Args(C.RunArgs):
+    """CMC's fields: ImageNet defaults, recipe() the CIFAR preset's; fine-tuning: C.RunArgs'."""
+
+    arch: str = arg(
+        "resnet50",
+        "each view's encoder [ref: train_CMC.py --model resnet50v1]; CIFAR resnet18",
+        choices=C.ARCHS,
+    )
+    width: float = arg(  # 1/32: one channel at least in every layer of smallcnn
+        0.5,
+        "ResNet stage width, stem kept: v1 0.5, v2 1, v3 2 [ref: models/resnet.py ResNetV1]",
+        range="[0.03125, inf)",
+    )
+    epochs: int = ge0(240, "epochs [ref: train_CMC.py --epochs 240]; CIFAR 200")
+    batch_size: int = gt0(128, "GLOBAL batch [ref: train_CMC.py --batch_size; README resnet50v1]")
+    lr: float = ge0(0.03, "SGD lr, not scaled with the batch [ref: train_CMC.py --learning_rate]")
+    wd: float = ge0(1e-4, "weight decay, all params [ref: train_CMC.py --weight_decay]; CIFAR 5e-4")
+    warmup_epochs: int = ge0(0, "linear warm-up epochs: none [ref: train_CMC.py]")
+    lr_milestones: tuple = ge0(
+        (120, 160, 200), "lr x0.1 epochs [ref: --lr_decay_epochs]; CIFAR 120 160"
+    )
+    tau: float = gt0(0.07, "temperature [ref: --nce_t 0.07; README: 0.1 on STL-10]; CIFAR 0.1")
+    softmax: bool = arg(
+        False, "softmax-CE, not NCE [ref: --softmax, off in README commands; weights: NCE]"
+    )
+    nce_k: int = ge0(  # K: 4096 in the README and the released weights, 16384 train_CMC.py's
+        4096, "noise rows per anchor, 0: softmax over the whole bank [README; code 16384]; CIFAR 0"
+    )
+    bank_m: float = arg(  # m = 1: the bank would never change
+        0.5, "bank momentum: row <- normalise(m row + (1 - m) z) [ref: --nce_m]", range="[0, 1)"
+    )
+    dim: int = gt0(128, "embedding dim per view [ref: train_CMC.py --feat_dim]")
+    crop_min: float = frac(
+        0.08, "min crop scale, ResNets on ImageNet [ref: train_CMC.py crop_low]; CIFAR 0.2"
+    )
+    linear_epochs: int = ge0(60, "linear-eval epochs [ref: LinearProbing.py --epochs]")
+    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: README: 30 resnet50v1/v2, 50 v3]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: LinearProbing.py]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: LinearProbing.py]")
+    linear_nesterov: bool = arg(False, "plain momentum 0.9 [ref: LinearProbing.py]")
+    linear_milestones: tuple = ge0((30, 40, 50), "linear lr steps [ref: --lr_decay_epochs]")
+    linear_decay: float = unit(0.2, "linear lr factor [ref: LinearProbing.py --lr_decay_rate]")
+    linear_epoch_lr: bool = arg(True, "linear lr per epoch [ref: util.py adjust_learning_rate]")
+    linear_best: bool = arg(True, "best epoch's top-1 [ref: LinearProbing.py main best_acc1]")
+    linear_zero_init: bool = arg(False, "N(0, 0.01) head [ref: models/LinearModel.py initilize]")
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (CMC has one version)."""
+        r = {}
+        if preset == "cifar":  # no official CIFAR recipe; the CIFAR-10 recipe of InstDisc, whose
+            # memory-bank code CMC builds on [ref: lemniscate.pytorch cifar.py + README: ResNet-18,
+            # batch 128, lr 0.03, wd 5e-4, 200 epochs, x0.1 at 120 and 160, tau 0.1, --nce-k 0]
+            r.update(arch="resnet18", epochs=200, wd=5e-4, lr_milestones=(120, 160), tau=0.1)
+            r.update(nce_k=0)  # exact softmax over the 50k-row banks: affordable at CIFAR scale
+            r.update(crop_min=0.2)  # [ref: train_CMC.py crop_low 0.2 off full ImageNet; lemniscate]
+            # linear probe: CMC's protocol above (lr 30 on frozen features, as the MoCo CIFAR demo)
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
+        return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it); --nce-k
+        against the number of images waits for the data (main)."""
+
+
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -339,14 +306,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -362,8 +333,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -402,7 +374,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -411,7 +384,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -421,7 +394,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -442,24 +415,22 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 8. main(args) ========================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
     # one crop + flip, no colour augmentation [ref: train_CMC.py get_train_loader]; RGB in
-    # [0, 1] for every split: Lab and its split into views happen on the device (section 2)
-    scale = (args.crop_min, 1.0)  # args.img_size is resolved inside build_data, read it late
-    aug = lambda: C.augmentation(args.img_size, None, scale=scale, jitter_p=0.0, gray_p=0.0)
-    data = C.build_data(args, lambda ms: C.MultiView([aug()]), normalize=False)
+    # [0, 1] for every split: Lab and its split into views happen on the device (section 1).
+    # On a GPU (--pipeline auto) C.BatchAugment runs this recipe batched on the device.
+    aug = C.augmentation(args.img_size, None, scale=(args.crop_min, 1.0), jitter_p=0.0, gray_p=0.0)
+    data = C.build_data(args, C.MultiView([aug]), mean_std=None)
     n = len(data.train)
     if not 0 <= args.nce_k <= n:
         why = f"--nce-k {args.nce_k} is not in [0, {n}], {n} = training images"
@@ -470,9 +441,8 @@ def main(args: Args):
     # x0.1 once epoch >= milestone [ref: util.py 1-based epoch >]
     args.sched = {"lr": C.step_schedule(lr, args.total_steps, spe, args.lr_milestones, (), warm)}
     fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr, momentum=0.9, weight_decay=args.wd, **fused
-    )  # wd on all params [ref: train_CMC.py set_optimizer]
+    # wd on all params [ref: train_CMC.py set_optimizer]
+    optimizer = torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=args.wd, **fused)
     fit(model, optimizer, data, args)
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from einops import rearrange
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 
 
 # ==== 1.1 processes: gathers and global BatchNorm ==========================================
@@ -51,7 +51,8 @@ class _AllReduceWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        dist.all_reduce(x := x.clone(memory_format=torch.contiguous_format))
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x)
         return x
 
     backward = forward  # d(sum_r x_r) / dx_r = 1: the backward is the same all-reduce
@@ -307,7 +308,8 @@ class ViT(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         for m in (m for m in self.modules() if isinstance(m, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02), nn.init.zeros_(m.bias)
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
 
     def forward(self, x):
         x, pos = self.patch_embed(x), self.pos_embed  # [B, dim, gh, gw]
@@ -457,7 +459,6 @@ import time
 import warnings
 from functools import wraps
 
-from PIL import Image
 from tqdm import tqdm
 
 try:
@@ -495,10 +496,12 @@ def setup_ddp(args) -> torch.device:
     resolve_sizes(args)  # Args built in code, not by parse_args
     args.rank, args.world_size, args.is_main = get_rank(), get_world_size(), get_rank() == 0
     args.device = f"cuda:{args.local_rank}" if cuda else (args.device or "cpu")
-    if args.batch_size % (w := args.world_size):
+    w = args.world_size
+    if args.batch_size % w:
         fail(f"--batch-size {args.batch_size} is not divisible by world size {w}; pass a multiple")
     args.batch_size_per_gpu = args.batch_size // w
-    if getattr(args, "finetune_fraction", 0) and (b := args.ft_batch_size) % w:
+    if args.finetune_fraction and args.ft_batch_size % w:
+        b = args.ft_batch_size
         fail(f"--ft-batch-size {b} is not divisible by world size {w}; pass a multiple")
     args.amp = {"auto": "bf16" if args.device.startswith("cuda") else "off"}.get(args.amp, args.amp)
     return torch.device(args.device)
@@ -573,7 +576,8 @@ def base_datasets(args) -> tuple:
             fail(f"no image folder at {train_dir}; pass --data-dir to a folder with train/ [val/]")
         try:
             test = ImageFiles(val_dir) if os.path.isdir(val_dir) else None
-            return (train := ImageFiles(train_dir)), test, len(train.classes)
+            train = ImageFiles(train_dir)
+            return train, test, len(train.classes)
         except FileNotFoundError as e:  # no class folder, or one without image files
             fail(f"{str(e).splitlines()[0]}; pass --data-dir to folders of class folders of images")
     if ds not in DATASETS:
@@ -646,7 +650,8 @@ class Indexed(torch.utils.data.Dataset):
             return self.transform(img), y, i
         s, state = (self.seed * 1_000_003 + epoch) * 100_000_007 + i, random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s), random.seed(s)
+            torch.manual_seed(s)
+            random.seed(s)
             out = self.transform(img)
         random.setstate(state)
         return out, y, i
@@ -672,7 +677,8 @@ def build_data(args, views, mean_std) -> SimpleNamespace:
     args.total_steps = args.steps_per_epoch * args.epochs
     if data.test is not None and args.linear_epochs:  # the linear probe's limits, checked now
         linear_batch_size(data, args, warn=False)
-    if data.test is not None and (ff := getattr(args, "finetune_fraction", 0)):  # fine-tuning's
+    if data.test is not None and args.finetune_fraction:  # fine-tuning's
+        ff = args.finetune_fraction
         n, source = len(labelled_subset(data.train_linear, args)), f"--finetune-fraction {ff}"
         capped_batch(n, "ft_batch_size", args, "labelled images", source, warn=False)
     return data
@@ -828,7 +834,8 @@ class BatchAugment:
         o = self.o = SimpleNamespace(**AUG, mean_std=None)  # an op absent: never applied
         o.jitter_p = o.gray_p = o.flip_p = 0.0
         o.ranges = [(1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (0.0, 0.0)]  # identity factors
-        for op in recipe.transforms:
+        ops = recipe.transforms if isinstance(recipe, T.Compose) else [recipe]
+        for op in ops:
             inner = op.transforms[0] if isinstance(op, T.RandomApply) else op
             if isinstance(op, T.RandomResizedCrop):
                 o.size, o.scale = op.size[0], op.scale
@@ -1087,8 +1094,8 @@ def on_device(args) -> bool:  # --pipeline resolved (auto: device on CUDA)
 # ==== 2.4 checkpoints, resume, SIGTERM, the out-dir lock ===================================
 def save_checkpoint(path: str, state: dict):
     """Atomic: write a temp file, then rename it over the old checkpoint."""
-    torch.save(state, tmp := f"{path}.tmp")
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -1239,12 +1246,19 @@ def check_fit(path: str, net: nn.Module, state: dict, own: dict):
     """One line naming the first missing, unexpected and mis-shaped tensors of a checkpoint's
     model state plus this rank's `per_rank` buffers (own: none under another world size)."""
     want, have, skip = net.state_dict(), {**state, **own}, getattr(net, "per_rank", ())
-    first = lambda what, xs, sep=", ": [what + sep.join(xs[:3]) + " ..." * (len(xs) > 3)] * any(xs)
-    bad = first("missing ", [k for k in want if k not in have and k not in skip])
-    bad += first("unexpected ", [k for k in have if k not in want])
     shapes = [(k, list(v.shape), list(want[k].shape)) for k, v in have.items() if k in want]
-    shapes = [f"{k}: checkpoint {a}, model {b}" for k, a, b in shapes if a != b]
-    if bad := bad + first("shape of ", shapes, "; shape of "):
+    found = {
+        "missing ": [k for k in want if k not in have and k not in skip],
+        "unexpected ": [k for k in have if k not in want],
+        "shape of ": [f"{k}: checkpoint {a}, model {b}" for k, a, b in shapes if a != b],
+    }
+    sep = {"shape of ": "; shape of "}
+    bad = []
+    for what, xs in found.items():
+        if xs:
+            more = " ..." if len(xs) > 3 else ""
+            bad.append(what + sep.get(what, ", ").join(xs[:3]) + more)
+    if bad:
         fail(f"checkpoint {path} does not fit this model: {'; '.join(bad)}; {ANEW}")
 
 
@@ -1270,7 +1284,8 @@ def load_state(path: str, model, optimizer, scaler, args) -> int:
     for k in own:  # another world size: zeros
         net.get_buffer(k).copy_(mine["buffers"].get(k, torch.zeros(())))
     if same_world:
-        torch.set_rng_state(mine["torch"]), random.setstate(mine["python"])
+        torch.set_rng_state(mine["torch"])
+        random.setstate(mine["python"])
         if "cuda" in mine and torch.cuda.is_available():
             torch.cuda.set_rng_state(mine["cuda"])
     else:  # another world size cannot continue the same random streams
@@ -1325,9 +1340,9 @@ def trim_metrics(path: str, step: int):
                 continue
             if step and isinstance(r, dict) and r.get("step", math.inf) <= step:
                 keep.append(line.rstrip("\n") + "\n")
-    with open(tmp := f"{path}.tmp", "w") as f:
+    with open(f"{path}.tmp", "w") as f:
         f.writelines(keep)
-    os.replace(tmp, path)
+    os.replace(f"{path}.tmp", path)
 
 
 _OUT_DIR_LOCK = []  # the lock file this process holds open while main() runs
@@ -1342,7 +1357,9 @@ def claim_out_dir(out_dir: str):
         if fcntl is None:
             raise OSError(0, "no file locks on this system")
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        f.truncate(0), f.write(str(os.getpid())), f.flush()  # for the message below
+        f.truncate(0)
+        f.write(str(os.getpid()))  # for the message below
+        f.flush()
         _OUT_DIR_LOCK.append(f)
     except OSError as e:
         f.seek(0)
@@ -1355,7 +1372,8 @@ def claim_out_dir(out_dir: str):
             )
         print(f"note: cannot lock {out_dir} ({e.strerror}); run one at a time", file=sys.stderr)
     for name in os.listdir(out_dir):
-        if name.endswith(".tmp") and os.path.isfile(tmp := os.path.join(out_dir, name)):
+        tmp = os.path.join(out_dir, name)
+        if name.endswith(".tmp") and os.path.isfile(tmp):
             os.remove(tmp)
 
 
@@ -1446,7 +1464,8 @@ def eval_rng(args):
     dev, state = torch.device(args.device), random.getstate()
     cuda = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(cuda, device_type="cuda"):
-        torch.random.default_generator.manual_seed(args.seed), random.seed(args.seed)
+        torch.random.default_generator.manual_seed(args.seed)
+        random.seed(args.seed)
         for i in cuda:
             with torch.cuda.device(i):
                 torch.cuda.manual_seed(args.seed)
@@ -1486,7 +1505,8 @@ def check_finetune(args):
     """The fine-tuning flags together (parse_args): a 1% and a 10% value per tuple, the image
     list, distillation only after fine-tuning."""
     for name in ("ft_epochs", "ft_lr", "ft_head_lr"):
-        if len(v := getattr(args, name)) != 2:
+        v = getattr(args, name)
+        if len(v) != 2:
             fail(
                 f"--{name.replace('_', '-')} {' '.join(map(str, v))}: not two numbers; pass the 1% "
                 "and the 10% value"
@@ -1518,7 +1538,8 @@ def labelled_subset(ds, args) -> list[int]:
         with open(args.finetune_list) as f:
             names = [line.strip() for line in f if line.strip()]
         where = {os.path.basename(base.samples[j][0]): i for i, j in enumerate(ds.indices)}
-        if missing := [n for n in names if n not in where]:
+        missing = [n for n in names if n not in where]
+        if missing:
             fail(
                 f"--finetune-list {args.finetune_list}: {len(missing)} of its {len(names)} files "
                 f"are not in the training set (e.g. {missing[0]}); pass a list of its images"
@@ -1596,7 +1617,8 @@ def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, arg
     if args.resume != "none" and os.path.isfile(path):
         saved = load_checkpoint(path)
         if saved.get("key") == key:
-            net.load_state_dict(saved["net"]), opt.load_state_dict(saved["optimizer"])
+            net.load_state_dict(saved["net"])
+            opt.load_state_dict(saved["optimizer"])
             scaler.load_state_dict(saved["scaler"])
             state = {k: saved[k] for k in state}
         elif args.is_main:
@@ -1694,7 +1716,8 @@ class FineTuneNet(nn.Module):
         self.head = nn.Linear(dim, num_classes).to(x.device)  # "torch": nn.Linear's init
         w, s = self.head.weight, dim**-0.5
         if head != "torch":  # "zero"
-            nn.init.zeros_(self.head.bias), nn.init.zeros_(w)
+            nn.init.zeros_(self.head.bias)
+            nn.init.zeros_(w)
         if head == "normal":
             nn.init.normal_(w, std=0.01)
         elif head == "haiku":  # hk.Linear: N(0, 1 / dim) truncated at 2 std
@@ -1816,7 +1839,8 @@ def check_ranges(args, defaults: dict):
     """Every value (every element of a tuple) in its field's range, metadata "range"."""
     for f in (f for f in dataclasses.fields(args) if f.metadata.get("range")):
         v, spec, integer = getattr(args, f.name), f.metadata["range"], value_type(f) is int
-        bad = [x for x in (v if isinstance(v, tuple) else (v,)) if not in_range(x, spec)]
+        values = v if isinstance(v, tuple) else (v,)
+        bad = [x for x in values if not in_range(x, spec)]
         if not bad:
             continue
         x, desc, d = bad[0], describe(spec, integer), defaults[f.name]
@@ -1843,7 +1867,7 @@ class RunArgs:
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
+    img_size: int = ge0(0, "input size (0: 224 imagenet/folder (CPC 256), 96 stl10, else 32)")
     subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
     workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
@@ -1870,7 +1894,7 @@ class RunArgs:
     finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
     # the fine-tuning protocol (finetune); none has weight decay or warm-up
     ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
-    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
+    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}; CIFAR 256 (FT_CIFAR_BATCH)")
     ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr at 1% / 10%, x --ft-lr-scaling {FT}")
     ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr at 1% / 10%, x --ft-lr-scaling {FT}")
     ft_lr_scaling: str = arg("sqrt", f"x sqrt(batch) or x batch/256 {FT}", choices=SCALINGS)
@@ -1913,14 +1937,16 @@ def check_patch(args, patch: int, flag: str, px: int):
     if args.arch in VIT_SIZES and px < patch:
         given = getattr(args, flag[2:].replace("-", "_"))
         why = f"{px} px crops are smaller than the ViT's {patch} px patch"
-        alt = " or a smaller --patch-size" * (hasattr(args, "patch_size") and "patch" not in flag)
+        alt = ""
+        if hasattr(args, "patch_size") and "patch" not in flag:
+            alt = " or a smaller --patch-size"
         # (a crop's flag, with the ViT's patch a flag too; CPC's --patch-size is its own crop)
         fail(f"{flag} {given}: {why}; pass {flag} >= {patch}{alt}")
 
 
 def check_pair(args, name: str, ordered: bool = True):
     """A tuple flag of exactly two numbers, lo <= hi if ordered (e.g. a crop scale range)."""
-    v, what = getattr(args, name), "two numbers" + " lo <= hi" * ordered
+    v, what = getattr(args, name), "two numbers lo <= hi" if ordered else "two numbers"
     if len(v) != 2 or (ordered and v[0] > v[1]):
         why = "lo > hi" if len(v) == 2 else "not two numbers"
         fail(f"--{name.replace('_', '-')} {' '.join(map(str, v))}: {why}; pass {what}")
@@ -1955,18 +1981,22 @@ def parse_args(cls, argv=None):
     names = ("version", "preset", "arch")
     pick = {f.name: f.metadata["choices"] for f in fields if f.name in names}
     pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-    for name in pick:
+    for name in [*pick, "dataset"]:
         pre.add_argument("--" + name)
     try:
         known = vars(pre.parse_known_args(argv)[0])
     except argparse.ArgumentError:  # e.g. --preset without a value: the parse below says so
         known = {}
-    sel = {k: v for k, v in known.items() if v in pick[k]}  # a bad choice: reported below
+    sel = {k: known[k] for k in pick if known.get(k) in pick[k]}  # a bad one: reported below
     resolved = {**{f.name: f.default for f in fields}, **cls.recipe(**sel)}
+    sizes = SimpleNamespace(**resolved, IMG_SIZES=cls.IMG_SIZES)  # 0 -> the dataset's size
+    sizes.dataset = known.get("dataset") or sizes.dataset
+    resolve_sizes(sizes)
+    resolved.update({k: getattr(sizes, k) for k in ("img_size", "local_size") if k in resolved})
     p = argparse.ArgumentParser(description=doc, formatter_class=raw)
     for f in fields:
         spec, t, each = f.metadata.get("range"), value_type(f), isinstance(f.default, tuple)
-        rng = f" ({'each ' * each}{describe(spec, t is int)})" if spec else ""
+        rng = f" ({'each ' if each else ''}{describe(spec, t is int)})" if spec else ""
         d = shown(resolved[f.name])  # "" (--out-dir, --device): the help says what it means
         rng += f" (default: {d})" if d else ""
         text = (f.metadata.get("help", "") + rng).replace("%", "%%")  # argparse %-formats it
@@ -2008,7 +2038,8 @@ def prepare_run(args):
         except OSError as e:
             fail(f"--out-dir {args.out_dir}: {e.strerror or e}; pass a folder you can write to")
         print(json.dumps(config_dict(args), indent=1))
-    torch.manual_seed(args.seed), random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
 
 
 class Logger:

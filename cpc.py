@@ -20,7 +20,7 @@ Run: torchrun --nproc_per_node=8 cpc.py --preset imagenet --dataset imagenet --d
 # ==== 0. imports ===========================================================================
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,133 +31,8 @@ from torch import nn
 import common as C
 from common import arg, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
-FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the CPC code"
 
-
-@dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    arch: str = arg("resnet50", "patch encoder [CPC v2 §4: ResNet-50 variant]", choices=C.ARCHS)
-    epochs: int = ge0(200, "epochs [DEVIATION: the paper's count not verified here]")
-    batch_size: int = gt0(512, "GLOBAL batch [CPC v1 §3.2: 32 GPUs x 16; pl_bolts ImageNet: 3072]")
-    # lr: the pl_bolts docs results table (Adam 4e-5 at batch 3072 for its 54.82% ImageNet row, as
-    # for its CIFAR-10 row), not the parser comment "imagenet: 4e-4", which also disagrees with
-    # the table on CIFAR-10 (1e-5 vs 4e-5) and produced no reported number
-    lr: float = ge0(4e-5, "Adam lr, NOT scaled by batch [ref: pl_bolts docs self_supervised.rst]")
-    wd: float = ge0(1e-5, "Adam L2 on ALL params [ref: pl_bolts cpc_module configure_optimizers]")
-    betas: tuple = arg(
-        (0.8, 0.999), "Adam betas [ref: pl_bolts cpc_module configure_optimizers]", range="[0, 1)"
-    )
-    adam_eps: float = gt0(1e-7, "Adam eps [ref: pl_bolts cpc_module.py configure_optimizers]")
-    warmup_epochs: int = ge0(0, "linear warm-up, then a constant lr [ref: pl_bolts: no scheduler]")
-    patch_size: int = ge0(0, "patch side, stride = half (0: img/4) [CPC v1 §3.2: 64/32 of 256]")
-    aug: str = arg(
-        "crop",
-        "image aug: crop = random crop of the image resized x300/256 + flip [CPC v1 §3.2]; "
-        "jitter = translate, colour jitter, gray [ref: pl_bolts CPCTrainTransformsCIFAR10]",
-        choices=("crop", "jitter"),
-    )
-    color_drop: bool = arg(True, "per patch keep 1 of 3 colour channels [CPC v2 §4.1 'RC']")
-    patch_flip: bool = arg(True, "per patch horizontal flip, p=0.5 [CPC v2 §4.1 'PA']")
-    patch_crop: bool = arg(True, "per patch random 15/16 sub-crop, padded back [CPC v1 §3.2]")
-    context_dim: int = gt0(256, "context network width [CPC v2 App. A pixelCNN: 256]")
-    context_blocks: int = ge0(5, "context residual blocks [CPC v2 App. A pixelCNN: 5]")
-    target_dim: int = gt0(64, "target/prediction dim [CPC v2 App. A: target_dim=64]")
-    emb_scale: float = gt0(0.1, "predictions x this (= 1/temperature) [CPC v2 App. A emb_scale]")
-    min_step: int = gt0(3, "first row offset predicted [CPC v2 App. A: steps_to_ignore=2]")
-    max_step: int = gt0(3, "last offset [CPC v2 App. A: steps_to_predict=3; v1 §3.2: up to 5]")
-    directions: int = arg(
-        4, "1: top-down (v1); 2: + bottom-up; 4: + left/right [CPC v2 §4.1]", choices=(1, 2, 4)
-    )
-    linear_epochs: int = ge0(90, "linear-eval epochs [DEVIATION: CPC v2 protocol not verified]")
-    linear_lr: float = ge0(0.1, "linear lr per 256, cosine [DEVIATION: SimCLR README protocol]")
-    linear_wd: float = ge0(0.0, "linear-eval weight decay [DEVIATION: SimCLR CIFAR protocol]")
-    linear_batch_size: int = gt0(1024, "linear-eval global batch [DEVIATION: SimCLR-style]")
-    linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: simclr model.py]")
-    linear_milestones: tuple = ge0((), "linear lr x0.1 epochs (empty: cosine) [ref: simclr]")
-    linear_decay: float = unit(0.1, "linear lr milestone factor, unused: cosine [ref: simclr]")
-    linear_epoch_lr: bool = arg(
-        False, "linear lr per step, cosine [ref: simclr model_util.learning_rate_schedule]"
-    )
-    linear_best: bool = arg(False, "linear top-1 of the last epoch [ref: simclr train_then_eval]")
-    linear_zero_init: bool = arg(
-        True, "zero-initialised linear head [ref: simclr README --zero_init_logits_layer=True]"
-    )
-    ft_recipe: str = arg("simclr_v2", f"fine-tuning recipe (C.FT_RECIPES) {FT}", choices=FTR)
-    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
-    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
-    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr x sqrt(batch) at 1% / 10% {FT}")
-    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr x sqrt(batch) at 1% / 10% {FT}")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
-
-    @staticmethod
-    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this preset (one version: CPC v2)."""
-        r = {}
-        if preset == "cifar":  # [ref: pl_bolts docs self_supervised.rst CPCv2 CIFAR-10 row]
-            # Adam 4e-5, batch 64, 1000 epochs, 8 px patches / stride 4 (patch_size 0 = 32 / 4)
-            r.update(arch="resnet18", batch_size=64, lr=4e-5, epochs=1000, aug="jitter")
-            # DEVIATION: ResNet-18 (GroupNorm) instead of pl_bolts' CPC-ResNet-101 (LayerNorm);
-            # CPC v2's per-patch augmentation kept (pl_bolts has none)
-            r.update(linear_epochs=100, linear_batch_size=512)
-            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
-        return r
-
-    def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it)."""
-        C.check_pair(self, "betas", ordered=False)
-        if self.min_step > self.max_step:
-            C.fail(f"--min-step {self.min_step}: above --max-step {self.max_step}; pass <= it")
-        S = self.img_size or (256 if self.dataset in ("imagenet", "folder") else C.image_size(self))
-        p = self.patch_size or S // 4
-        grid = (S - p) // (p // 2) + 1 if 2 <= p <= S else 0
-        if self.max_step >= grid:
-            why = f"{S} px images give a {grid}x{grid} patch grid, too small to predict rows"
-            what = f"--max-step < {grid}, a larger --img-size or a smaller --patch-size"
-            C.fail(f"--patch-size {p}: {why} {self.min_step}..{self.max_step} ahead; pass {what}")
-        C.check_patch(self, C.vit_patch(S), "--patch-size", p)
-
-
-# ==== 2. model: heads + CPC(nn.Module), all method state as persistent buffers =============
+# ==== 1. model: heads + CPC(nn.Module), all method state as persistent buffers ============
 def patchify(x: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
     """[B, C, S, S] -> [B * G * G, C, patch, patch], G = (S - patch) // stride + 1, row-major:
     patch (b, i, j) = x[b, :, i*stride : i*stride+patch, j*stride : j*stride+patch]."""
@@ -199,7 +74,7 @@ class CPC(nn.Module):
 
     ROTATIONS = (0, 2, 1, 3)  # rot90 turns: top-down, bottom-up, right-left, left-right
 
-    def __init__(self, args: Args):
+    def __init__(self, args: "Args"):
         super().__init__()
         # no BatchNorm: GroupNorm(1, C) normalises each patch over (C, H, W) like a LayerNorm
         # with per-channel affine [CPC v2 §4.1 'LN']; the stem follows the image size (CIFAR
@@ -250,7 +125,7 @@ class CPC(nn.Module):
         return self.objective(h), h.mean((2, 3))  # loss, pooled embeddings [B, D]
 
 
-# ==== 3. loss: cpc_loss(...) -> Tensor, pure, fp32 inside ==================================
+# ==== 2. loss: cpc_loss(...) -> Tensor, pure, fp32 inside =================================
 def cpc_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """InfoNCE [CPC v1 Eq. 4; CPC v2 App. A]. preds [M, E]: the (already emb_scale-d)
     predictions for M target positions; targets [N, E], N >= M: row m < M is the true target
@@ -262,7 +137,7 @@ def cpc_loss(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, torch.arange(len(preds), device=preds.device))
 
 
-# ==== 4. method state: none (no bank, queue or momentum encoder); patch aug, targets =======
+# ==== 3. method state: none (no bank, queue or momentum encoder); patch aug, targets ======
 @torch.no_grad()
 def patch_augment(patches: torch.Tensor, flip: bool, crop: bool, drop: bool) -> torch.Tensor:
     """Each patch on its own [CPC v2 §4.1]: horizontal flip (p=0.5); a random sub-crop of
@@ -274,7 +149,8 @@ def patch_augment(patches: torch.Tensor, flip: bool, crop: bool, drop: bool) -> 
     if flip:
         flipped = torch.rand(n, 1, 1, 1, device=device) < 0.5
         patches = torch.where(flipped, patches.flip(3), patches)
-    if crop and (sub := p - p // 16) < p:
+    sub = p - p // 16  # the sub-crop side
+    if crop and sub < p:
         top, left = torch.randint(0, p - sub + 1, (2, n, 1), device=device)
         r = torch.arange(p, device=device)
         rows, cols = (r >= top) & (r < top + sub), (r >= left) & (r < left + sub)  # [n, p]
@@ -295,8 +171,8 @@ def other_ranks(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([everyone[: r * b], everyone[(r + 1) * b :]])
 
 
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x,), _, _ = batch
     lr = args.sched["lr"][step]
     C.set_lr(optimizer, lr)
@@ -313,14 +189,107 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return C.unwrap(model).encode(x).mean((2, 3))
 
 
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): the patch encoder [CPC v2 §4]."""
+    return C.unwrap(model).backbone
+
+
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+@dataclass
+class Args(C.RunArgs):
+    """CPC v2's fields: the defaults are the ImageNet recipe; recipe() sets the CIFAR preset's
+    (named in each help text). Fine-tuning: C.RunArgs' (SimCLR v2's; none in the CPC code)."""
+
+    # --img-size 0 on ImageNet: 256 [CPC v1 §3.2: 256 px crops -> 7x7 grid of 64 px patches]
+    IMG_SIZES = {"imagenet": 256, "folder": 256, "stl10": 96}
+    arch: str = arg(
+        "resnet50", "patch encoder [CPC v2 §4: ResNet-50]; CIFAR resnet18", choices=C.ARCHS
+    )
+    epochs: int = ge0(200, "epochs [DEVIATION: the paper's count not verified here]; CIFAR 1000")
+    batch_size: int = gt0(
+        512, "GLOBAL batch [CPC v1 §3.2: 32 GPUs x 16; pl_bolts ImageNet: 3072]; CIFAR 64"
+    )
+    # lr: the pl_bolts docs results table (Adam 4e-5 at batch 3072 for its 54.82% ImageNet row, as
+    # for its CIFAR-10 row), not the parser comment "imagenet: 4e-4", which also disagrees with
+    # the table on CIFAR-10 (1e-5 vs 4e-5) and produced no reported number
+    lr: float = ge0(4e-5, "Adam lr, unscaled [ref: pl_bolts docs self_supervised.rst]; CIFAR 4e-5")
+    wd: float = ge0(1e-5, "Adam L2 on ALL params [ref: pl_bolts cpc_module configure_optimizers]")
+    betas: tuple = arg(
+        (0.8, 0.999), "Adam betas [ref: pl_bolts cpc_module configure_optimizers]", range="[0, 1)"
+    )
+    adam_eps: float = gt0(1e-7, "Adam eps [ref: pl_bolts cpc_module.py configure_optimizers]")
+    warmup_epochs: int = ge0(0, "linear warm-up, then a constant lr [ref: pl_bolts: no scheduler]")
+    patch_size: int = ge0(0, "patch side, stride = half (0: img/4) [CPC v1 §3.2: 64/32 of 256]")
+    aug: str = arg(
+        "crop",
+        "image aug: crop = random crop of the image resized x300/256 + flip [CPC v1 §3.2]; CIFAR "
+        "jitter = translate, colour jitter, gray [ref: pl_bolts CPCTrainTransformsCIFAR10]",
+        choices=("crop", "jitter"),
+    )
+    color_drop: bool = arg(True, "per patch keep 1 of 3 colour channels [CPC v2 §4.1 'RC']")
+    patch_flip: bool = arg(True, "per patch horizontal flip, p=0.5 [CPC v2 §4.1 'PA']")
+    patch_crop: bool = arg(True, "per patch random 15/16 sub-crop, padded back [CPC v1 §3.2]")
+    context_dim: int = gt0(256, "context network width [CPC v2 App. A pixelCNN: 256]")
+    context_blocks: int = ge0(5, "context residual blocks [CPC v2 App. A pixelCNN: 5]")
+    target_dim: int = gt0(64, "target/prediction dim [CPC v2 App. A: target_dim=64]")
+    emb_scale: float = gt0(0.1, "predictions x this (= 1/temperature) [CPC v2 App. A emb_scale]")
+    min_step: int = gt0(3, "first row offset predicted [CPC v2 App. A: steps_to_ignore=2]")
+    max_step: int = gt0(3, "last offset [CPC v2 App. A: steps_to_predict=3; v1 §3.2: up to 5]")
+    directions: int = arg(
+        4, "1: top-down (v1); 2: + bottom-up; 4: + left/right [CPC v2 §4.1]", choices=(1, 2, 4)
+    )
+    linear_epochs: int = ge0(90, "epochs [DEVIATION: CPC v2 protocol not verified]; CIFAR 100")
+    linear_lr: float = ge0(0.1, "linear lr per 256, cosine [DEVIATION: SimCLR README protocol]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [DEVIATION: SimCLR CIFAR protocol]")
+    linear_batch_size: int = gt0(1024, "global batch [DEVIATION: SimCLR-style]; CIFAR 512")
+    linear_nesterov: bool = arg(True, "Nesterov momentum 0.9 [ref: simclr model.py]")
+    linear_milestones: tuple = ge0((), "linear lr x0.1 epochs (empty: cosine) [ref: simclr]")
+    linear_decay: float = unit(0.1, "linear lr milestone factor, unused: cosine [ref: simclr]")
+    linear_epoch_lr: bool = arg(
+        False, "linear lr per step, cosine [ref: simclr model_util.learning_rate_schedule]"
+    )
+    linear_best: bool = arg(False, "linear top-1 of the last epoch [ref: simclr train_then_eval]")
+    linear_zero_init: bool = arg(
+        True, "zero-initialised linear head [ref: simclr README --zero_init_logits_layer=True]"
+    )
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (one version: CPC v2)."""
+        r = {}
+        if preset == "cifar":  # [ref: pl_bolts docs self_supervised.rst CPCv2 CIFAR-10 row]
+            # Adam 4e-5, batch 64, 1000 epochs, 8 px patches / stride 4 (patch_size 0 = 32 / 4)
+            r.update(arch="resnet18", batch_size=64, lr=4e-5, epochs=1000, aug="jitter")
+            # DEVIATION: ResNet-18 (GroupNorm) instead of pl_bolts' CPC-ResNet-101 (LayerNorm);
+            # CPC v2's per-patch augmentation kept (pl_bolts has none)
+            r.update(linear_epochs=100, linear_batch_size=512)
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
+        return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        C.check_pair(self, "betas", ordered=False)
+        if self.min_step > self.max_step:
+            C.fail(f"--min-step {self.min_step}: above --max-step {self.max_step}; pass <= it")
+        S = self.img_size
+        p = self.patch_size or S // 4
+        grid = (S - p) // (p // 2) + 1 if 2 <= p <= S else 0
+        if self.max_step >= grid:
+            why = f"{S} px images give a {grid}x{grid} patch grid, too small to predict rows"
+            what = f"--max-step < {grid}, a larger --img-size or a smaller --patch-size"
+            C.fail(f"--patch-size {p}: {why} {self.min_step}..{self.max_step} ahead; pass {what}")
+        C.check_patch(self, C.vit_patch(S), "--patch-size", p)
+
+
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -329,14 +298,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -352,8 +325,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -392,7 +366,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -401,7 +376,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -411,7 +386,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -432,16 +407,14 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 8. main(args) ========================================================================
 def cpc_augment(size: int, mean_std, aug: str) -> T.Compose:
     """Image-level augmentation before the patch grid; the per-patch part runs in the model."""
     if aug == "crop":  # 256 px crops of the image resized to 300 px, flip [CPC v1 §3.2]
@@ -456,10 +429,10 @@ def cpc_augment(size: int, mean_std, aug: str) -> T.Compose:
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
-    if not args.img_size and args.dataset in ("imagenet", "folder"):
-        args.img_size = 256  # [CPC v1 §3.2: 256 px crops -> 7x7 grid of 64 px patches]
-    views = lambda ms: C.MultiView([cpc_augment(args.img_size, ms, args.aug)])
-    data = C.build_data(args, views, normalize=True)  # sets the default img_size
+    # one view, mean/std-normalised; its ops (resize, plain crop, padded shift) have no batched
+    # twin: it runs on the CPU workers everywhere
+    ms = C.dataset_mean_std(args)
+    data = C.build_data(args, C.MultiView([cpc_augment(args.img_size, ms, args.aug)]), ms)
     args.patch_size = args.patch_size or args.img_size // 4
     C.prepare_run(args)
     model = CPC(args).to(device)  # no BatchNorm anywhere: nothing to synchronise

@@ -21,7 +21,7 @@ Run: torchrun --nproc_per_node=8 dino.py --preset imagenet --dataset imagenet --
 import copy
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from itertools import groupby
 
@@ -33,143 +33,8 @@ from torch import nn
 import common as C
 from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
-FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the DINO code"
-OPTS = ("adamw", "sgd", "lars")
 
-
-@dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    # defaults: the README's vanilla run ("Vanilla DINO training": ViT-S/16, 8 GPUs x 64, 100
-    # epochs, main_dino.py's defaults; 69.3% k-NN, 74.0% linear). The released 800-epoch ViT-S/16
-    # (77.0% linear) differs at least by --epochs 800 --batch-size 1024 --tau-t 0.07
-    # --tau-t-warmup-epochs 30 [§4.1] --n-local 10 --global-scale 0.25 1 --local-scale 0.05 0.25
-    # [its args.txt] --no-norm-last-layer [main_dino.py help: False for vit_small]
-    arch: str = arg(
-        "vit_small", "backbone [DINO §4.1; ref: README vanilla run --arch]", choices=C.ARCHS
-    )
-    patch_size: int = gt0(16, "ViT patch size [DINO §4.1 ViT-S/16; ref: --patch_size; CIFAR 4]")
-    epochs: int = ge0(100, "epochs [ref: README vanilla run, main_dino.py --epochs 100]")
-    batch_size: int = gt0(512, "GLOBAL batch [ref: README vanilla run: 8 GPUs x 64]")
-    optimizer: str = arg("adamw", "adamw [DINO §4.1]; sgd: README RN50 recipe", choices=OPTS)
-    lr: float = ge0(5e-4, "peak lr per 256, x B/256 [DINO §4.1; ref: --lr 0.0005]")
-    min_lr: float = ge0(1e-6, "final lr of the per-step cosine [ref: main_dino.py --min_lr]")
-    warmup_epochs: int = ge0(10, "lr warm-up epochs, np.linspace(0, lr) [ref: cosine_scheduler]")
-    wd: float = ge0(0.04, "initial wd, not on biases/norms [DINO §4.1; ref: --weight_decay]")
-    wd_end: float = ge0(0.4, "final wd of the per-step cosine [DINO §4.1; ref: --weight_decay_end]")
-    clip_grad: float = ge0(3.0, "per-parameter grad-norm clip (0: off) [ref: --clip_grad 3.0]")
-    freeze_last_layer: int = ge0(1, "epochs with the head's last layer frozen [ref: same flag]")
-    m: float = unit(0.996, "teacher EMA, -> 1 by cosine [DINO §3.1; ref: --momentum_teacher]")
-    tau_s: float = gt0(0.1, "student temperature [DINO §4.1; ref: DINOLoss student_temp]")
-    tau_t: float = gt0(0.04, "tau_t after warm-up [ref: --teacher_temp 0.04; paper/800 ep: .07]")
-    tau_t_warmup: float = gt0(0.04, "tau_t at epoch 0 [DINO §4.1; ref: --warmup_teacher_temp]")
-    tau_t_warmup_epochs: int = ge0(0, "tau_t linspace epochs [ref: code default 0; paper 30]")
-    center_m: float = unit(0.9, "centre EMA coefficient [DINO Eq. 4; ref: center_momentum 0.9]")
-    out_dim: int = gt0(65536, "head output dim K [DINO §3.1; ref: --out_dim 65536]")
-    hidden_dim: int = gt0(2048, "head MLP hidden dim [DINO App.; ref: DINOHead hidden_dim]")
-    bottleneck_dim: int = gt0(256, "head bottleneck dim [DINO App.; ref: DINOHead bottleneck_dim]")
-    head_bn: bool = arg(False, "BN in the head MLP [ref: --use_bn_in_head False, also for RN50]")
-    norm_last_layer: bool = arg(
-        True, "freeze weight-norm g at 1 [ref: --norm_last_layer True; 800-ep ViT-S: False]"
-    )
-    n_local: int = ge0(8, "local crops [ref: --local_crops_number 8; DINO Tab. 8 / 800 ep: 10]")
-    local_size: int = ge0(0, "local crop px (0: img_size x 96/224, min 8) [DINO §3.1: 96 px]")
-    global_scale: tuple = frac(
-        (0.4, 1.0), "global crop scale [ref: --global_crops_scale; RN50 .14]"
-    )
-    local_scale: tuple = frac((0.05, 0.4), "local crop scale [ref: --local_crops_scale; RN50 .14]")
-    blur: bool = arg(True, "blur 1.0 / 0.1 / 0.5 [ref: DataAugmentationDINO; off at CIFAR size]")
-    linear_epochs: int = ge0(100, "linear-eval epochs [ref: eval_linear.py --epochs 100]")
-    linear_lr: float = ge0(1e-3, "linear lr per 256 [ref: eval_linear.py --lr 0.001; RN50 .075]")
-    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: eval_linear.py weight_decay=0]")
-    linear_batch_size: int = gt0(256, "linear global batch [ref: README vanilla eval log: 256]")
-    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py: plain SGD 0.9]")
-    linear_milestones: tuple = ge0((), "linear lr x0.1 epochs (empty: cosine) [ref: eval_linear]")
-    linear_decay: float = unit(0.1, "milestone factor; unused: cosine [ref: eval_linear.py]")
-    linear_epoch_lr: bool = arg(True, "lr per epoch [ref: eval_linear.py CosineAnnealingLR]")
-    linear_best: bool = arg(True, "report the best epoch [ref: eval_linear.py best_acc]")
-    linear_zero_init: bool = arg(False, "classifier N(0, 0.01), bias 0 [ref: eval_linear.py]")
-    ft_recipe: str = arg("simclr_v2", f"fine-tuning recipe (C.FT_RECIPES) {FT}", choices=FTR)
-    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
-    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
-    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr x sqrt(batch) at 1% / 10% {FT}")
-    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr x sqrt(batch) at 1% / 10% {FT}")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
-
-    @staticmethod
-    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this preset / arch."""
-        arch = arch or ("resnet18" if preset == "cifar" else "vit_small")
-        r = {"knn_k": 20, "knn_t": 0.07} if preset == "imagenet" else {}  # [ref: eval_knn.py]
-        if not arch.startswith("vit"):  # convnets [ref: README "ResNet-50 and other convnets"]
-            r.update(global_scale=(0.14, 1.0), local_scale=(0.05, 0.14))
-        if preset == "imagenet" and not arch.startswith("vit"):  # README RN50 command: 8 x 64,
-            # 100 epochs, the code's other defaults (8 locals, tau_t 0.04 constant, clip 3.0)
-            r.update(optimizer="sgd", lr=0.03, wd=1e-4, wd_end=1e-4)
-            # the released RN50 linear-eval log trains at lr 0.3 [dino issue #131]: 0.075 per 256
-            # at eval_linear.py's batch 8 x 128; the same per-epoch cosine, best epoch
-            r.update(linear_lr=0.075, linear_batch_size=1024)
-        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/dino.yaml]: R18, 4096
-            # prototypes, teacher EMA 0.9995 (also the README's advice for batch 256), 1000 ep
-            r.update(arch="resnet18", batch_size=256, epochs=1000, out_dim=4096, m=0.9995)
-            r.update(patch_size=4, blur=False)  # no blur at 32 px; 8 locals (code default)
-            r.update(tau_t=0.07, tau_t_warmup_epochs=30)  # DINO §4.1: 0.04 -> 0.07 in 30 epochs
-            # DEVIATION: solo-learn uses LARS (lr 0.3, wd 1e-6) and 2 crops only; we keep
-            # DINO's AdamW + wd cosine and multi-crop with locals of img_size * 96 / 224 px
-            # DEVIATION: eval_linear.py's lr 0.001 suits ViT [CLS] features ("tweak the LR",
-            # README); the released RN50 eval log trains at 0.3 [dino issue #131]
-            r.update(linear_lr=0.1, linear_batch_size=512)
-            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
-        return r
-
-    def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it)."""
-        C.check_pair(self, "global_scale"), C.check_pair(self, "local_scale")
-        C.check_patch(self, self.patch_size, "--img-size", C.image_size(self))
-        if self.n_local:
-            C.check_patch(self, self.patch_size, "--local-size", C.local_size(self))
-
-
-# ==== 2. model: heads + DINO(nn.Module), all method state as persistent buffers =========
+# ==== 1. model: heads + DINO(nn.Module), all method state as persistent buffers ===========
 class DINOHead(nn.Module):
     """[ref: vision_transformer.DINOHead] Linear -> [BN] -> GELU -> Linear -> [BN] -> GELU ->
     Linear to the bottleneck (trunc-normal std 0.02, zero bias), l2-normalise, then a
@@ -184,8 +49,10 @@ class DINOHead(nn.Module):
             *[nn.Linear(hidden_dim, hidden_dim), *norm(hidden_dim), nn.GELU()],
             nn.Linear(hidden_dim, bottleneck_dim),
         )
-        for lin in (m for m in self.mlp if isinstance(m, nn.Linear)):
-            nn.init.trunc_normal_(lin.weight, std=0.02), nn.init.zeros_(lin.bias)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
         # v keeps nn.Linear's default init, as officially (the init above runs before it)
         wn = nn.utils.parametrizations.weight_norm  # weight = g * v / |v| per output row
         self.last_layer = wn(nn.Linear(bottleneck_dim, out_dim, bias=False))
@@ -246,7 +113,7 @@ class DINO(nn.Module):
     Teacher BN (ResNet) running stats are its own, from its train-mode forward, as officially.
     State: the centre c [1, K], identical on every rank."""
 
-    def __init__(self, args: Args):
+    def __init__(self, args: "Args"):
         super().__init__()
         if args.arch in C.VIT_SIZES:  # DINO's init and interpolation [ref]
             self.feat_dim, heads = C.VIT_SIZES[args.arch]
@@ -260,19 +127,13 @@ class DINO(nn.Module):
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)  # same init [ref]
         self.register_buffer("center", torch.zeros(1, args.out_dim))  # [1, K]
 
-    @property
-    def backbone(self) -> nn.Module:
-        """The evaluated and exported encoder: the TEACHER's [DINO §4.1; ref: eval_*.py
-        --checkpoint_key teacher]."""
-        return self.teacher.backbone
-
     def forward(self, views: list) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             t = self.teacher(views[:2])  # [2B, K]: the 2 global crops only [DINO §3.1]
         return self.student(views), t  # s: [V*B, K], all crops
 
 
-# ==== 3. loss: dino_loss(...) -> Tensor, pure, fp32 inside ================================
+# ==== 2. loss: dino_loss(...) -> Tensor, pure, fp32 inside ================================
 def dino_loss(
     s: list[torch.Tensor], t: list[torch.Tensor], center: torch.Tensor, tau_s: float, tau_t: float
 ) -> torch.Tensor:
@@ -295,7 +156,7 @@ def dino_loss(
         return torch.stack(terms).mean()
 
 
-# ==== 4. method state: @torch.no_grad() update_center / momentum_update / clip_and_freeze ==
+# ==== 3. method state: @torch.no_grad() update_center / momentum_update / clip_and_freeze =
 @torch.no_grad()
 def update_center(model: DINO, t: torch.Tensor, center_m: float):
     """c <- center_m * c + (1 - center_m) * mean of the teacher logits t [2B, K] (both global
@@ -320,14 +181,17 @@ def clip_and_freeze(student: MultiCrop, clip: float, freeze: bool):
     """On the unscaled gradients: each parameter's gradient clipped to norm <= clip on its own
     [ref: utils.clip_gradients], then the last layer's cancelled while frozen [ref:
     utils.cancel_gradients_last_layer]. Tensor math only: no host sync."""
-    for p in (p for p in student.parameters() if p.grad is not None and clip > 0):
-        p.grad.mul_((clip / (torch.linalg.vector_norm(p.grad) + 1e-6)).clamp(max=1.0))
-    for p in student.head.last_layer.parameters() if freeze else []:
-        p.grad = None
+    if clip > 0:
+        for p in student.parameters():
+            if p.grad is not None:
+                p.grad.mul_((clip / (torch.linalg.vector_norm(p.grad) + 1e-6)).clamp(max=1.0))
+    if freeze:
+        for p in student.head.last_layer.parameters():
+            p.grad = None
 
 
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     views, _, _ = batch
     net = C.unwrap(model)
     lr, wd, m, tau_t = (args.sched[k][step] for k in ("lr", "wd", "m", "tau_t"))
@@ -354,14 +218,136 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return C.unwrap(model).teacher.backbone(x)
 
 
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): the TEACHER's backbone, the encoder
+    the paper evaluates [DINO §4.1; ref: eval_*.py --checkpoint_key teacher]."""
+    return C.unwrap(model).teacher.backbone
+
+
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+OPTS = ("adamw", "sgd", "lars")
+
+
+@dataclass
+class Args(C.RunArgs):
+    """DINO's fields: the defaults are the README's vanilla ImageNet run (ViT-S/16); recipe()
+    sets the convnets' and the CIFAR preset's (named in each help text). Fine-tuning: C.RunArgs'
+    defaults, SimCLR v2's protocol [SimCLRv2 §4]: none in the DINO code."""
+
+    # defaults: the README's vanilla run ("Vanilla DINO training": ViT-S/16, 8 GPUs x 64, 100
+    # epochs, main_dino.py's defaults; 69.3% k-NN, 74.0% linear). The released 800-epoch ViT-S/16
+    # (77.0% linear) differs at least by --epochs 800 --batch-size 1024 --tau-t 0.07
+    # --tau-t-warmup-epochs 30 [§4.1] --n-local 10 --global-scale 0.25 1 --local-scale 0.05 0.25
+    # [its args.txt] --no-norm-last-layer [main_dino.py help: False for vit_small]
+    arch: str = arg(
+        "vit_small",
+        "backbone [DINO §4.1; ref: README vanilla run --arch]; CIFAR resnet18",
+        choices=C.ARCHS,
+    )
+    patch_size: int = gt0(16, "ViT patch size [DINO §4.1 ViT-S/16; ref: --patch_size]; CIFAR 4")
+    epochs: int = ge0(
+        100, "epochs [ref: README vanilla run, main_dino.py --epochs 100]; CIFAR 1000"
+    )
+    batch_size: int = gt0(512, "GLOBAL batch [ref: README vanilla run: 8 GPUs x 64]; CIFAR 256")
+    optimizer: str = arg("adamw", "adamw [DINO §4.1]; sgd: README RN50 recipe", choices=OPTS)
+    lr: float = ge0(5e-4, "peak lr per 256, x B/256 [DINO §4.1; ref: --lr 0.0005]")
+    min_lr: float = ge0(1e-6, "final lr of the per-step cosine [ref: main_dino.py --min_lr]")
+    warmup_epochs: int = ge0(10, "lr warm-up epochs, np.linspace(0, lr) [ref: cosine_scheduler]")
+    wd: float = ge0(0.04, "initial wd, not on biases/norms [DINO §4.1; ref: --weight_decay]")
+    wd_end: float = ge0(0.4, "final wd of the per-step cosine [DINO §4.1; ref: --weight_decay_end]")
+    clip_grad: float = ge0(3.0, "per-parameter grad-norm clip (0: off) [ref: --clip_grad 3.0]")
+    freeze_last_layer: int = ge0(1, "epochs with the head's last layer frozen [ref: same flag]")
+    m: float = unit(
+        0.996, "teacher EMA, -> 1 by cosine [DINO §3.1; ref: --momentum_teacher]; CIFAR 0.9995"
+    )
+    tau_s: float = gt0(0.1, "student temperature [DINO §4.1; ref: DINOLoss student_temp]")
+    tau_t: float = gt0(
+        0.04, "tau_t after warm-up [ref: --teacher_temp 0.04; paper/800 ep: .07]; CIFAR 0.07"
+    )
+    tau_t_warmup: float = gt0(0.04, "tau_t at epoch 0 [DINO §4.1; ref: --warmup_teacher_temp]")
+    tau_t_warmup_epochs: int = ge0(
+        0, "tau_t linspace epochs [ref: code default 0; paper 30]; CIFAR 30"
+    )
+    center_m: float = unit(0.9, "centre EMA coefficient [DINO Eq. 4; ref: center_momentum 0.9]")
+    out_dim: int = gt0(65536, "head output dim K [DINO §3.1; ref: --out_dim 65536]; CIFAR 4096")
+    hidden_dim: int = gt0(2048, "head MLP hidden dim [DINO App.; ref: DINOHead hidden_dim]")
+    bottleneck_dim: int = gt0(256, "head bottleneck dim [DINO App.; ref: DINOHead bottleneck_dim]")
+    head_bn: bool = arg(False, "BN in the head MLP [ref: --use_bn_in_head False, also for RN50]")
+    norm_last_layer: bool = arg(
+        True, "freeze weight-norm g at 1 [ref: --norm_last_layer True; 800-ep ViT-S: False]"
+    )
+    n_local: int = ge0(8, "local crops [ref: --local_crops_number 8; DINO Tab. 8 / 800 ep: 10]")
+    local_size: int = ge0(0, "local crop px (0: img_size x 96/224, min 8) [DINO §3.1: 96 px]")
+    global_scale: tuple = frac(
+        (0.4, 1.0), "global crop scale [ref: --global_crops_scale; RN50 .14]; CIFAR 0.14 1"
+    )
+    local_scale: tuple = frac(
+        (0.05, 0.4), "local crop scale [ref: --local_crops_scale; RN50 .14]; CIFAR 0.05 0.14"
+    )
+    blur: bool = arg(
+        True, "blur 1.0 / 0.1 / 0.5 [ref: DataAugmentationDINO]; off on CIFAR (its size)"
+    )
+    linear_epochs: int = ge0(100, "linear-eval epochs [ref: eval_linear.py --epochs 100]")
+    linear_lr: float = ge0(
+        1e-3, "linear lr per 256 [ref: eval_linear.py --lr 0.001; RN50 .075]; CIFAR 0.1"
+    )
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: eval_linear.py weight_decay=0]")
+    linear_batch_size: int = gt0(
+        256, "linear global batch [ref: README vanilla eval log: 256]; CIFAR 512"
+    )
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py: plain SGD 0.9]")
+    linear_milestones: tuple = ge0((), "linear lr x0.1 epochs (empty: cosine) [ref: eval_linear]")
+    linear_decay: float = unit(0.1, "milestone factor; unused: cosine [ref: eval_linear.py]")
+    linear_epoch_lr: bool = arg(True, "lr per epoch [ref: eval_linear.py CosineAnnealingLR]")
+    linear_best: bool = arg(True, "report the best epoch [ref: eval_linear.py best_acc]")
+    linear_zero_init: bool = arg(False, "classifier N(0, 0.01), bias 0 [ref: eval_linear.py]")
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset / arch."""
+        arch = arch or ("resnet18" if preset == "cifar" else "vit_small")
+        r = {}
+        if preset == "imagenet":  # [ref: eval_knn.py]
+            r.update(knn_k=20, knn_t=0.07)
+        if not arch.startswith("vit"):  # convnets [ref: README "ResNet-50 and other convnets"]
+            r.update(global_scale=(0.14, 1.0), local_scale=(0.05, 0.14))
+        if preset == "imagenet" and not arch.startswith("vit"):  # README RN50 command: 8 x 64,
+            # 100 epochs, the code's other defaults (8 locals, tau_t 0.04 constant, clip 3.0)
+            r.update(optimizer="sgd", lr=0.03, wd=1e-4, wd_end=1e-4)
+            # the released RN50 linear-eval log trains at lr 0.3 [dino issue #131]: 0.075 per 256
+            # at eval_linear.py's batch 8 x 128; the same per-epoch cosine, best epoch
+            r.update(linear_lr=0.075, linear_batch_size=1024)
+        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/dino.yaml]: R18, 4096
+            # prototypes, teacher EMA 0.9995 (also the README's advice for batch 256), 1000 ep
+            r.update(arch="resnet18", batch_size=256, epochs=1000, out_dim=4096, m=0.9995)
+            r.update(patch_size=4, blur=False)  # no blur at 32 px; 8 locals (code default)
+            r.update(tau_t=0.07, tau_t_warmup_epochs=30)  # DINO §4.1: 0.04 -> 0.07 in 30 epochs
+            # DEVIATION: solo-learn uses LARS (lr 0.3, wd 1e-6) and 2 crops only; we keep
+            # DINO's AdamW + wd cosine and multi-crop with locals of img_size * 96 / 224 px
+            # DEVIATION: eval_linear.py's lr 0.001 suits ViT [CLS] features ("tweak the LR",
+            # README); the released RN50 eval log trains at 0.3 [dino issue #131]
+            r.update(linear_lr=0.1, linear_batch_size=512)
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
+        return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        C.check_pair(self, "global_scale")
+        C.check_pair(self, "local_scale")
+        C.check_patch(self, self.patch_size, "--img-size", self.img_size)
+        if self.n_local:
+            C.check_patch(self, self.patch_size, "--local-size", self.local_size)
+
+
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -370,14 +356,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -393,8 +383,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -433,7 +424,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -442,7 +434,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -452,7 +444,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -473,35 +465,30 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 8. main(args) ========================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
-
     # global 1: blur 1.0; global 2: blur 0.1 + solarize 0.2; locals: blur 0.5; jitter (0.4, 0.4,
-    # 0.2, 0.1) p=0.8, grayscale 0.2, bicubic crops [DINO §4.1; ref: DataAugmentationDINO]
-    def views(ms):  # build_data calls this after filling in the default img_size
-        args.local_size = C.local_size(args)
-        kw = {"jitter": (0.4, 0.4, 0.2, 0.1), "bicubic": True}
-        g = partial(C.augmentation, args.img_size, ms, scale=tuple(args.global_scale), **kw)
-        local = {"scale": tuple(args.local_scale), "blur_p": 0.5 * args.blur}
-        loc = C.augmentation(args.local_size, ms, **local, **kw)
-        glob = [g(blur_p=1.0 * args.blur), g(blur_p=0.1 * args.blur, solarize_p=0.2)]
-        return C.MultiView(glob + [loc] * args.n_local)
-
-    data = C.build_data(args, views, normalize=True)  # ImageNet mean/std [ref: main_dino.py]
+    # 0.2, 0.1) p=0.8, grayscale 0.2, bicubic crops [DINO §4.1; ref: DataAugmentationDINO]. On a
+    # GPU (--pipeline auto) C.BatchAugment runs this recipe batched on the device.
+    ms = C.dataset_mean_std(args)  # mean/std-normalised, ImageNet's [ref: main_dino.py]
+    kw = {"jitter": (0.4, 0.4, 0.2, 0.1), "bicubic": True}
+    g = partial(C.augmentation, args.img_size, ms, scale=tuple(args.global_scale), **kw)
+    local = {"scale": tuple(args.local_scale), "blur_p": 0.5 * args.blur}
+    loc = C.augmentation(args.local_size, ms, **local, **kw)
+    glob = [g(blur_p=1.0 * args.blur), g(blur_p=0.1 * args.blur, solarize_p=0.2)]
+    data = C.build_data(args, C.MultiView(glob + [loc] * args.n_local), ms)
     C.prepare_run(args)
     model = C.convert_sync_bn(DINO(args)).to(device)  # student and teacher BN [ref]
-    if args.compile:  # fit() compiles model.backbone, the teacher's
+    if args.compile:  # fit() compiles encoder(model), the teacher's
         model.student.backbone.compile()
     lr, spe, T = args.lr * args.batch_size / 256, args.steps_per_epoch, args.total_steps
     W = args.tau_t_warmup_epochs  # tau_t: linspace(warm-up, final, W) per EPOCH, then final

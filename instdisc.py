@@ -21,7 +21,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,119 +30,13 @@ from torch import nn
 import common as C
 from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
-FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the InstDisc code"
 
-
-@dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    arch: str = arg(
-        "resnet50", "backbone [ref: README ResNet-50 model; main.py default R18]", choices=C.ARCHS
-    )
-    epochs: int = ge0(200, "epochs [ref: main.py --epochs 200]")
-    batch_size: int = gt0(256, "GLOBAL batch [ref: main.py -b 256; cifar.py 128]")
-    lr: float = ge0(0.03, "SGD lr, not scaled with the batch [ref: main.py --lr 0.03, README]")
-    wd: float = ge0(1e-4, "weight decay, all params [ref: main.py --wd 1e-4; cifar.py 5e-4]")
-    lr_milestones: tuple = ge0(
-        (120, 160),
-        "x0.1 lr at these epochs, set per epoch [ref: main.py, cifar.py adjust_learning_rate]",
-    )
-    warmup_epochs: int = ge0(0, "linear warm-up epochs [ref: none in main.py, cifar.py]")
-    tau: float = gt0(0.07, "temperature [InstDisc §3.1; ref: --nce-t 0.07; cifar.py 0.1]")
-    nce_k: int = ge0(4096, "noise rows K; 0: exact softmax over the bank [ref: main.py --nce-k]")
-    bank_m: float = arg(  # m = 1: the bank would never change
-        0.5, "bank momentum: v <- norm(m v + (1-m) f) [§3.3; ref: --nce-m 0.5]", range="[0, 1)"
-    )
-    dim: int = gt0(128, "embedding dim [InstDisc §3.1; ref: main.py --low-dim 128]")
-    crop_min: float = frac(0.2, "min crop scale [ref: main.py RandomResizedCrop scale=(0.2, 1)]")
-    aug: str = arg(
-        "imagenet",
-        "imagenet: gray, jitter, flip [ref: main.py]; cifar: jitter, gray, no flip [ref: cifar.py]",
-        choices=("imagenet", "cifar"),
-    )
-    linear_epochs: int = ge0(
-        100, "linear-eval epochs (DEVIATION: lemniscate has no probe; moco main_lincls.py's)"
-    )
-    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
-    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
-    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: moco main_lincls.py]")
-    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: moco main_lincls.py: plain 0.9]")
-    linear_milestones: tuple = ge0((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
-    linear_decay: float = unit(0.1, "linear lr factor per milestone [ref: moco main_lincls.py]")
-    linear_epoch_lr: bool = arg(
-        True, "linear lr set once per epoch [ref: moco main_lincls.py adjust_learning_rate]"
-    )
-    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: main_lincls.py best_acc1]")
-    linear_zero_init: bool = arg(
-        False, "zero-init classifier; off: N(0, 0.01), bias 0 [ref: main_lincls.py fc init]"
-    )
-    ft_recipe: str = arg("simclr_v2", f"fine-tuning recipe (C.FT_RECIPES) {FT}", choices=FTR)
-    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
-    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
-    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr x sqrt(batch) at 1% / 10% {FT}")
-    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr x sqrt(batch) at 1% / 10% {FT}")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
-
-    @staticmethod
-    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this preset (InstDisc has one version)."""
-        r = {}
-        if preset == "cifar":  # [ref: lemniscate cifar.py + README "--nce-k 0 --nce-t 0.1"]
-            r.update(arch="resnet18", batch_size=128, wd=5e-4, tau=0.1, nce_k=0, aug="cifar")
-            # lr 0.03, 200 epochs, x0.1 at 120 and 160 (lr * 0.1 ** ((epoch - 80) // 40)): as above
-            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
-        return r
-
-    def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it); --nce-k
-        against the number of images waits for the data (main)."""
-
-
-# ==== 2. model: heads + InstDisc(nn.Module), all method state as persistent buffers =========
+# ==== 1. model: heads + InstDisc(nn.Module), all method state as persistent buffers =======
 class InstDisc(nn.Module):
     """backbone -> Linear(feat, 128) -> l2 norm, no MLP [ref: models/resnet.py fc + l2norm]. The
     memory bank holds one row per training image; z is the NCE normaliser."""
 
-    def __init__(self, args: Args, n: int):
+    def __init__(self, args: "Args", n: int):
         super().__init__()
         self.tau, self.k = args.tau, args.nce_k
         self.backbone, self.feat_dim = C.build_backbone(args.arch, args.img_size)
@@ -170,7 +64,7 @@ class InstDisc(nn.Module):
         return nce_loss(f, self.bank, idx, self.tau, noise, self.z_host), f
 
 
-# ==== 3. loss: nce_loss(...) -> Tensor, pure, fp32 inside =================================
+# ==== 2. loss: nce_loss(...) -> Tensor, pure, fp32 inside =================================
 def nce_scores(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, noise, tau: float):
     """s = v.f / tau for the positive row bank[idx] (column 0) and the noise rows bank[noise]
     [ref: NCEAverage.py forward: idx.select(1, 0).copy_(y), bmm(weight, x) / T] -> [B, 1 + K]."""
@@ -206,7 +100,7 @@ def nce_loss(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float,
         return -(pos + noise_term).mean()
 
 
-# ==== 4. method state: @torch.no_grad() update_bank / estimate_z ============================
+# ==== 3. method state: @torch.no_grad() update_bank / estimate_z ==========================
 @torch.no_grad()
 def update_bank(model: InstDisc, f: torch.Tensor, idx: torch.Tensor, bank_m: float):
     """v_i <- normalise(bank_m * v_i + (1 - bank_m) * f_i) [InstDisc §3.3; ref: NCEAverage.py
@@ -226,8 +120,8 @@ def estimate_z(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, noise, ta
     return math.exp(log_z.item())  # float64 on the host: no overflow at small tau
 
 
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x,), _, idx = batch
     net = C.unwrap(model)
     lr = args.sched["lr"][step]
@@ -237,7 +131,8 @@ def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
     grad_norm = C.optimizer_step(loss, optimizer, scaler)
     update_bank(net, f, idx, args.bank_m)  # after the loss: the positive was the stored row
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
-    stats.update({"nce_z": net.z.clone()} if net.k else {})
+    if net.k:
+        stats["nce_z"] = net.z.clone()
     return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(f)}
 
 
@@ -246,41 +141,93 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return C.unwrap(model).backbone(x)
 
 
-def embed(model, x: torch.Tensor) -> torch.Tensor:
-    """The 128-d l2-normalised embedding f, what the official kNN reads [ref: test.py net(x)]."""
-    net = C.unwrap(model)
-    return F.normalize(net.projector(net.backbone(x)), dim=1)
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): the backbone, without the fc layer."""
+    return C.unwrap(model).backbone
 
 
-@torch.no_grad()
-def paper_knn(model, data, args) -> dict:
-    """The paper's evaluation [InstDisc §3.4; ref: test.py kNN(K=200, sigma=nce_t)]: weighted
-    kNN of the test images' 128-d embeddings, top-1 in %, against (bank_knn_top1) the memory
-    BANK rows, as main.py's final kNN (recompute_memory=0), and (embed_knn_top1) the training
-    images' embeddings recomputed under the test transform in eval(), cifar.py's final "last
-    accuracy" (recompute_memory=1). Labels of the training images from the dataset."""
-    net, base = C.unwrap(model), data.train.dataset
-    ys = base.tensors[1] if isinstance(base, C.ArrayImages) else getattr(base, "targets", None)
-    ys = torch.as_tensor(base.labels if ys is None else ys)[torch.tensor(data.train.indices)]
-    ys, t = ys.to(net.bank.device), args.tau  # sigma = the training temperature
-    net.eval()
-    test, test_y = C.extract(lambda x: embed(net, x), data.test, args)
-    recomputed = C.knn_eval(lambda x: embed(net, x), data, replace(args, knn_t=t))
-    net.train()
-    known = ys >= 0  # STL-10's unlabeled images have label -1
-    scores = C.knn_predict(test, net.bank[known], ys[known], data.num_classes, args.knn_k, t)
-    bank_top1 = (scores.argmax(1) == test_y).float().mean().item() * 100
-    return {"bank_knn_top1": bank_top1, "embed_knn_top1": recomputed, "k": args.knn_k, "t": t}
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+@dataclass
+class Args(C.RunArgs):
+    """InstDisc's fields: the defaults are the paper's ImageNet recipe; recipe() sets the CIFAR
+    preset's (named in each help text); fine-tuning: C.RunArgs' (none in the InstDisc code)."""
+
+    arch: str = arg(
+        "resnet50",
+        "backbone [ref: README ResNet-50 model; main.py default R18]; CIFAR resnet18",
+        choices=C.ARCHS,
+    )
+    epochs: int = ge0(200, "epochs [ref: main.py --epochs 200]")
+    batch_size: int = gt0(256, "GLOBAL batch [ref: main.py -b 256]; CIFAR 128 [ref: cifar.py]")
+    lr: float = ge0(0.03, "SGD lr, not scaled with the batch [ref: main.py --lr 0.03, README]")
+    wd: float = ge0(
+        1e-4, "weight decay, all params [ref: main.py --wd 1e-4]; CIFAR 5e-4 [ref: cifar.py]"
+    )
+    lr_milestones: tuple = ge0(
+        (120, 160),
+        "x0.1 lr at these epochs, set per epoch [ref: main.py, cifar.py adjust_learning_rate]",
+    )
+    warmup_epochs: int = ge0(0, "linear warm-up epochs [ref: none in main.py, cifar.py]")
+    tau: float = gt0(
+        0.07, "temperature [InstDisc §3.1; ref: --nce-t 0.07]; CIFAR 0.1 [ref: cifar.py]"
+    )
+    nce_k: int = ge0(
+        4096,
+        "noise rows K; 0: exact softmax over the bank [ref: main.py --nce-k]; CIFAR 0 "
+        "[ref: README]",
+    )
+    bank_m: float = arg(  # m = 1: the bank would never change
+        0.5, "bank momentum: v <- norm(m v + (1-m) f) [§3.3; ref: --nce-m 0.5]", range="[0, 1)"
+    )
+    dim: int = gt0(128, "embedding dim [InstDisc §3.1; ref: main.py --low-dim 128]")
+    crop_min: float = frac(0.2, "min crop scale [ref: main.py RandomResizedCrop scale=(0.2, 1)]")
+    aug: str = arg(
+        "imagenet",
+        "imagenet: gray, jitter, flip [ref: main.py]; cifar: jitter, gray, no flip [ref: cifar.py]"
+        "; CIFAR cifar",
+        choices=("imagenet", "cifar"),
+    )
+    linear_epochs: int = ge0(
+        100, "linear-eval epochs (DEVIATION: lemniscate has no probe; moco main_lincls.py's)"
+    )
+    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: moco main_lincls.py]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: moco main_lincls.py: plain 0.9]")
+    linear_milestones: tuple = ge0((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
+    linear_decay: float = unit(0.1, "linear lr factor per milestone [ref: moco main_lincls.py]")
+    linear_epoch_lr: bool = arg(
+        True, "linear lr set once per epoch [ref: moco main_lincls.py adjust_learning_rate]"
+    )
+    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: main_lincls.py best_acc1]")
+    linear_zero_init: bool = arg(
+        False, "zero-init classifier; off: N(0, 0.01), bias 0 [ref: main_lincls.py fc init]"
+    )
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (InstDisc has one version)."""
+        r = {}
+        if preset == "cifar":  # [ref: lemniscate cifar.py + README "--nce-k 0 --nce-t 0.1"]
+            r.update(arch="resnet18", batch_size=128, wd=5e-4, tau=0.1, nce_k=0, aug="cifar")
+            # lr 0.03, 200 epochs, x0.1 at 120 and 160 (lr * 0.1 ** ((epoch - 80) // 40)): as above
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
+        return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it); --nce-k
+        against the number of images waits for the data (main)."""
 
 
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -289,14 +236,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -312,8 +263,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -352,7 +304,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -361,7 +314,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -371,7 +324,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -392,28 +345,55 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 7. the paper's kNN: the 128-d embedding against the memory bank =====================
+def embed(model, x: torch.Tensor) -> torch.Tensor:
+    """The 128-d l2-normalised embedding f, what the official kNN reads [ref: test.py net(x)]."""
+    net = C.unwrap(model)
+    return F.normalize(net.projector(net.backbone(x)), dim=1)
+
+
+@torch.no_grad()
+def paper_knn(model, data, args) -> dict:
+    """The paper's evaluation [InstDisc §3.4; ref: test.py kNN(K=200, sigma=nce_t)]: weighted
+    kNN of the test images' 128-d embeddings, top-1 in %, against (bank_knn_top1) the memory
+    BANK rows, as main.py's final kNN (recompute_memory=0), and (embed_knn_top1) the training
+    images' embeddings recomputed under the test transform in eval(), cifar.py's final "last
+    accuracy" (recompute_memory=1). Labels of the training images from the dataset."""
+    net, base = C.unwrap(model), data.train.dataset
+    ys = base.tensors[1] if isinstance(base, C.ArrayImages) else getattr(base, "targets", None)
+    ys = torch.as_tensor(base.labels if ys is None else ys)[torch.tensor(data.train.indices)]
+    ys, t = ys.to(net.bank.device), args.tau  # sigma = the training temperature
+    net.eval()
+    test, test_y = C.extract(lambda x: embed(net, x), data.test, args)
+    recomputed = C.knn_eval(lambda x: embed(net, x), data, replace(args, knn_t=t))
+    net.train()
+    known = ys >= 0  # STL-10's unlabeled images have label -1
+    scores = C.knn_predict(test, net.bank[known], ys[known], data.num_classes, args.knn_k, t)
+    bank_top1 = (scores.argmax(1) == test_y).float().mean().item() * 100
+    return {"bank_knn_top1": bank_top1, "embed_knn_top1": recomputed, "k": args.knn_k, "t": t}
+
+
+# ==== 8. main(args) ========================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
-    scale = (args.crop_min, 1.0)  # args.img_size is resolved inside build_data, read it late
+    # one view per image; mean/std-normalised [ref: main.py; DEVIATION: cifar.py's CIFAR std
+    # is (0.2023, 0.1994, 0.2010), common.py's the exact (0.2470, 0.2435, 0.2616)]. On a GPU
+    # (--pipeline auto) C.BatchAugment runs this recipe batched on the device.
+    ms, scale = C.dataset_mean_std(args), (args.crop_min, 1.0)
     if args.aug == "imagenet":  # gray 0.2, then jitter 0.4 always, flip [ref: main.py] = MoCo v1
-        aug = lambda ms: C.moco_augment(args.img_size, ms, "v1", scale)
+        aug = C.moco_augment(args.img_size, ms, "v1", scale)
     else:  # jitter first, then gray, NO flip [ref: cifar.py: RandomHorizontalFlip commented out]
         knobs = {"jitter": (0.4,) * 4, "jitter_p": 1.0, "flip_p": 0.0}
-        aug = lambda ms: C.augmentation(args.img_size, ms, scale=scale, **knobs)
-    # one view per image; mean/std-normalised [ref: main.py; DEVIATION: cifar.py's CIFAR std
-    # is (0.2023, 0.1994, 0.2010), common.py's the exact (0.2470, 0.2435, 0.2616)]
-    data = C.build_data(args, lambda ms: C.MultiView([aug(ms)]), normalize=True)
+        aug = C.augmentation(args.img_size, ms, scale=scale, **knobs)
+    data = C.build_data(args, C.MultiView([aug]), ms)
     if not 0 <= args.nce_k < len(data.train):
         C.fail(
             f"--nce-k {args.nce_k} is not in [0, {len(data.train)}) (the training images); "
@@ -432,7 +412,8 @@ def main(args: Args):
     if args.knn_every and data.test is not None:  # the paper's kNN, against the memory bank
         record = paper_knn(model, data, args)
         if args.is_main:
-            print(line := json.dumps(record))
+            line = json.dumps(record)
+            print(line)
             with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as out:
                 out.write(line + "\n")
 

@@ -19,7 +19,7 @@ Run: torchrun --nproc_per_node=8 invaspread.py --preset imagenet --dataset image
 import json
 import os
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,108 +28,12 @@ from torch import nn
 import common as C
 from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
-FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the InvaSpread code"
 
-
-@dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    # The official code has only the CIFAR-10 / STL-10 setting: the defaults below are it.
-    arch: str = arg("resnet18", "backbone [ref: demo_seen.py ResNet18]", choices=C.ARCHS)
-    epochs: int = ge0(301, "epochs [ref: demo_seen.py range(start_epoch, start_epoch + 301)]")
-    batch_size: int = gt0(128, "GLOBAL batch, images [ref: demo_seen.py --batch-size 128]")
-    lr: float = ge0(0.03, "SGD lr, not scaled with the batch [ref: demo_seen.py --lr; README]")
-    wd: float = ge0(5e-4, "weight decay, all params [ref: demo_seen.py optim.SGD]")
-    lr_milestones: tuple = ge0((120, 160, 200), "lr steps [ref: adjust_learning_rate]")
-    lr_factors: tuple = unit((0.1, 0.05, 0.01), "lr x these from each step [ref: idem]")
-    warmup_epochs: int = ge0(0, "linear warm-up epochs [ref: demo_seen.py has none]")
-    tau: float = gt0(0.1, "temperature [ref: demo_seen.py --batch-t 0.1; README 0.05-0.1]")
-    dim: int = gt0(128, "embedding dim [ref: demo_seen.py --low-dim 128]")
-    crop_min: float = frac(0.2, "min crop scale [ref: demo_seen.py RandomResizedCrop (0.2, 1)]")
-    linear_epochs: int = ge0(
-        100, "linear-eval epochs (DEVIATION: the official repo has no probe; moco main_lincls.py's)"
-    )
-    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
-    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
-    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: moco main_lincls.py]")
-    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: moco main_lincls.py: plain 0.9]")
-    linear_milestones: tuple = ge0((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
-    linear_decay: float = unit(0.1, "linear lr factor per milestone [ref: moco main_lincls.py]")
-    linear_epoch_lr: bool = arg(
-        True, "linear lr set once per epoch [ref: moco main_lincls.py adjust_learning_rate]"
-    )
-    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: main_lincls.py best_acc1]")
-    linear_zero_init: bool = arg(
-        False, "zero-init classifier; off: N(0, 0.01), bias 0 [ref: main_lincls.py fc init]"
-    )
-    ft_recipe: str = arg("simclr_v2", f"fine-tuning recipe (C.FT_RECIPES) {FT}", choices=FTR)
-    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
-    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
-    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr x sqrt(batch) at 1% / 10% {FT}")
-    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr x sqrt(batch) at 1% / 10% {FT}")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
-
-    @staticmethod
-    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above: none. The defaults ARE the official CIFAR-10
-        recipe [ref: demo_seen.py]; there is no ImageNet recipe, so --preset imagenet keeps these
-        values (the same augmentation recipe at 224 px, ImageNet stem and mean/std); CIFAR's
-        fine-tuning batch aside (DEVIATION: C.FT_CIFAR_BATCH)."""
-        return {"ft_batch_size": C.FT_CIFAR_BATCH} if preset == "cifar" else {}
-
-    def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it)."""
-        if self.batch_size < 2:  # the negatives are the other images of the global batch
-            C.fail(f"--batch-size {self.batch_size}: one image has no negatives; pass >= 2")
-        if len(self.lr_factors) != len(self.lr_milestones):
-            n, ms = len(self.lr_milestones), " ".join(map(str, self.lr_factors))
-            C.fail(f"--lr-factors {ms}: not one factor per --lr-milestones epoch ({n}); pass {n}")
-
-
-# ==== 2. model: heads + InvaSpread(nn.Module), all method state as persistent buffers =====
+# ==== 1. model: heads + InvaSpread(nn.Module), all method state as persistent buffers =====
 class InvaSpread(nn.Module):
     """backbone -> Linear(feat, 128) -> l2 norm [ref: models/resnet_cifar.py linear + l2norm]."""
 
-    def __init__(self, args: Args):
+    def __init__(self, args: "Args"):
         super().__init__()
         self.backbone, self.feat_dim = C.build_backbone(args.arch, args.img_size)
         self.projector = nn.Linear(self.feat_dim, args.dim)
@@ -142,7 +46,7 @@ class InvaSpread(nn.Module):
         return invaspread_loss(z1, z2, self.tau), z1
 
 
-# ==== 3. loss: invaspread_loss(...) -> Tensor, pure, fp32 inside ==========================
+# ==== 2. loss: invaspread_loss(...) -> Tensor, pure, fp32 inside ==========================
 def log1mexp(a: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(a)) for a <= 0, accurate near 0 and at -inf (-> 0)."""
     return torch.where(a > -0.6931, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
@@ -172,9 +76,11 @@ def invaspread_loss(f1: torch.Tensor, f2: torch.Tensor, tau: float) -> torch.Ten
         return -(log_p.gather(1, pos_idx[:, None])[:, 0] + spread).mean()
 
 
-# ==== 4. method state: none (InvaSpread keeps no state beyond its parameters) ============
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+# ==== 3. method state: none (InvaSpread keeps no state beyond its parameters) =============
+
+
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x1, x2), _, _ = batch
     lr = args.sched["lr"][step]
     C.set_lr(optimizer, lr)
@@ -190,32 +96,71 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return C.unwrap(model).backbone(x)
 
 
-def embed(model, x: torch.Tensor) -> torch.Tensor:
-    """The 128-d l2-normalised embedding, what the official kNN reads [ref: utils.py net(x)]."""
-    net = C.unwrap(model)
-    return F.normalize(net.projector(net.backbone(x)), dim=1)
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): the backbone, without the 128-d head."""
+    return C.unwrap(model).backbone
 
 
-@torch.no_grad()
-def paper_knn(model, data, args) -> dict:
-    """The paper's evaluation [InvaSpread §4.1; ref: utils.py kNN(K=200, sigma=batch_t)]:
-    weighted kNN of the test images' 128-d embeddings against the training images' embeddings
-    recomputed under the test transform, in eval(). Top-1 in %."""
-    net = C.unwrap(model)
-    net.eval()
-    top1 = C.knn_eval(lambda x: embed(net, x), data, replace(args, knn_t=args.tau))
-    net.train()
-    return {"embed_knn_top1": top1, "k": args.knn_k, "t": args.tau}
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+@dataclass
+class Args(C.RunArgs):
+    """InvaSpread's fields. The official code has only the CIFAR-10 / STL-10 setting: the defaults
+    below are it; fine-tuning: C.RunArgs' protocol, SimCLR v2's (none in the InvaSpread code)."""
+
+    arch: str = arg("resnet18", "backbone [ref: demo_seen.py ResNet18]", choices=C.ARCHS)
+    epochs: int = ge0(301, "epochs [ref: demo_seen.py range(start_epoch, start_epoch + 301)]")
+    batch_size: int = gt0(128, "GLOBAL batch, images [ref: demo_seen.py --batch-size 128]")
+    lr: float = ge0(0.03, "SGD lr, not scaled with the batch [ref: demo_seen.py --lr; README]")
+    wd: float = ge0(5e-4, "weight decay, all params [ref: demo_seen.py optim.SGD]")
+    lr_milestones: tuple = ge0((120, 160, 200), "lr steps [ref: adjust_learning_rate]")
+    lr_factors: tuple = unit((0.1, 0.05, 0.01), "lr x these from each step [ref: idem]")
+    warmup_epochs: int = ge0(0, "linear warm-up epochs [ref: demo_seen.py has none]")
+    tau: float = gt0(0.1, "temperature [ref: demo_seen.py --batch-t 0.1; README 0.05-0.1]")
+    dim: int = gt0(128, "embedding dim [ref: demo_seen.py --low-dim 128]")
+    crop_min: float = frac(0.2, "min crop scale [ref: demo_seen.py RandomResizedCrop (0.2, 1)]")
+    linear_epochs: int = ge0(
+        100, "linear-eval epochs (DEVIATION: the official repo has no probe; moco main_lincls.py's)"
+    )
+    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: moco main_lincls.py, the closest]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: moco main_lincls.py]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: moco main_lincls.py]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: moco main_lincls.py: plain 0.9]")
+    linear_milestones: tuple = ge0((60, 80), "linear lr x0.1 epochs [ref: moco main_lincls.py]")
+    linear_decay: float = unit(0.1, "linear lr factor per milestone [ref: moco main_lincls.py]")
+    linear_epoch_lr: bool = arg(
+        True, "linear lr set once per epoch [ref: moco main_lincls.py adjust_learning_rate]"
+    )
+    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: main_lincls.py best_acc1]")
+    linear_zero_init: bool = arg(
+        False, "zero-init classifier; off: N(0, 0.01), bias 0 [ref: main_lincls.py fc init]"
+    )
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above: none. The defaults ARE the official CIFAR-10
+        recipe [ref: demo_seen.py]; there is no ImageNet recipe, so --preset imagenet keeps these
+        values (the same augmentation recipe at 224 px, ImageNet stem and mean/std); CIFAR's
+        fine-tuning batch aside (DEVIATION: C.FT_CIFAR_BATCH)."""
+        return {"ft_batch_size": C.FT_CIFAR_BATCH} if preset == "cifar" else {}
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        if self.batch_size < 2:  # the negatives are the other images of the global batch
+            C.fail(f"--batch-size {self.batch_size}: one image has no negatives; pass >= 2")
+        if len(self.lr_factors) != len(self.lr_milestones):
+            n, ms = len(self.lr_milestones), " ".join(map(str, self.lr_factors))
+            C.fail(f"--lr-factors {ms}: not one factor per --lr-milestones epoch ({n}); pass {n}")
 
 
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -224,14 +169,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -247,8 +196,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -287,7 +237,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -296,7 +247,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -306,7 +257,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -327,25 +278,56 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 7. the paper's evaluation: kNN on the 128-d embedding ===============================
+def embed(model, x: torch.Tensor) -> torch.Tensor:
+    """The 128-d l2-normalised embedding, what the official kNN reads [ref: utils.py net(x)]."""
+    net = C.unwrap(model)
+    return F.normalize(net.projector(net.backbone(x)), dim=1)
+
+
+@torch.no_grad()
+def paper_knn(model, data, args) -> dict:
+    """The paper's evaluation [InvaSpread §4.1; ref: utils.py kNN(K=200, sigma=batch_t)]:
+    weighted kNN of the test images' 128-d embeddings against the training images' embeddings
+    recomputed under the test transform, in eval(). Top-1 in %."""
+    net = C.unwrap(model)
+    net.eval()
+    top1 = C.knn_eval(lambda x: embed(net, x), data, replace(args, knn_t=args.tau))
+    net.train()
+    return {"embed_knn_top1": top1, "k": args.knn_k, "t": args.tau}
+
+
+def log_paper_knn(model, data, args):
+    """After fit: the paper's kNN (paper_knn), one more record in out-dir/metrics.jsonl."""
+    if not args.knn_every or data.test is None:
+        return
+    record = paper_knn(model, data, args)
+    if args.is_main:
+        text = json.dumps(record)
+        print(text)
+        with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as out:
+            out.write(text + "\n")
+
+
+# ==== 8. main(args) ========================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
     # the SAME random recipe for both views: crop (0.2, 1), jitter 0.4 always, then gray 0.2,
     # flip [ref: demo_seen.py transform_train, datasets/cifar.py img1/img2]; DEVIATION: CIFAR
-    # std (0.2470, 0.2435, 0.2616) from common.py, the official uses (0.2023, 0.1994, 0.2010)
+    # std (0.2470, 0.2435, 0.2616) from common.py, the official uses (0.2023, 0.1994, 0.2010).
+    # On a GPU (--pipeline auto) C.BatchAugment runs this recipe batched on the device.
+    ms = C.dataset_mean_std(args)
     knobs = {"scale": (args.crop_min, 1.0), "jitter": (0.4,) * 4, "jitter_p": 1.0}
-    aug = lambda ms: C.augmentation(args.img_size, ms, **knobs)
-    data = C.build_data(args, lambda ms: C.MultiView([aug(ms), aug(ms)]), normalize=True)
+    aug = C.augmentation(args.img_size, ms, **knobs)
+    data = C.build_data(args, C.MultiView([aug, aug]), ms)
     C.prepare_run(args)
     model = InvaSpread(args).to(device)  # per-process BN (the official: per-GPU DataParallel)
     spe, T = args.steps_per_epoch, args.total_steps
@@ -357,12 +339,7 @@ def main(args: Args):
     # wd on all params [ref: demo_seen.py optim.SGD(net.parameters(), ...)]
     optimizer = torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.wd, **fused)
     fit(model, optimizer, data, args)
-    if args.knn_every and data.test is not None:  # the paper's kNN, on the 128-d embedding
-        record = paper_knn(model, data, args)
-        if args.is_main:
-            print(line := json.dumps(record))
-            with open(os.path.join(args.out_dir, "metrics.jsonl"), "a") as out:
-                out.write(line + "\n")
+    log_paper_knn(model, data, args)  # the paper's kNN, on the 128-d embedding
 
 
 if __name__ == "__main__":

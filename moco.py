@@ -23,7 +23,7 @@ import copy
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -34,156 +34,8 @@ from torch import nn
 import common as C
 from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
-FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the MoCo code"
-OPTS, SCHED = ("sgd", "lars", "adamw"), ("step", "cosine-epoch", "cosine")
-AUGS = ("v1", "v2", "asym")
 
-
-@dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    version: str = arg("v2", "v1 [MoCo]; v2 [MoCo v2]; v3 [MoCo v3]", choices=("v1", "v2", "v3"))
-    arch: str = arg("resnet50", "backbone [MoCo §4; v3 also vit_small/base]", choices=C.ARCHS)
-    epochs: int = ge0(200, "epochs [MoCo §4 Training; v3 R50 100, ref: moco-v3 CONFIG.md]")
-    batch_size: int = gt0(256, "GLOBAL batch [MoCo §4 Training; v3 4096, ref: CONFIG.md]")
-    lr: float = ge0(0.03, "lr per 256 [MoCo §4; v3 LARS 0.6 / ViT AdamW 1.5e-4, CONFIG.md]")
-    wd: float = ge0(1e-4, "weight decay, all params with sgd [MoCo §4; v3 1e-6 / ViT 0.1]")
-    optimizer: str = arg(
-        "sgd", "sgd [MoCo §4]; v3 lars (R50) / adamw (ViT) [MoCo v3 §4]", choices=OPTS
-    )
-    schedule: str = arg(
-        "step", "step [MoCo §4]; v2 cosine-epoch [ref: --cos]; v3 cosine", choices=SCHED
-    )
-    lr_milestones: tuple = ge0((120, 160), "epochs of the x0.1 lr steps [MoCo §4 Training]")
-    warmup_epochs: int = ge0(0, "linear warm-up epochs [v3: 10 R50 / 40 ViT, ref: CONFIG.md]")
-    tau: float = gt0(0.07, "temperature [MoCo §3.3: 0.07; v2 0.2; v3 1.0 R50 / 0.2 ViT]")
-    m: float = unit(0.999, "key-encoder momentum [MoCo §3.2, §4.1; v3 0.99 -> 1 by cosine]")
-    m_cos: bool = arg(False, "m -> 1 by 1 - (1 - m)(1 + cos(pi t / T)) / 2 [MoCo v3 §4]")
-    queue_size: int = ge0(
-        65536, "queue K, a multiple of the global batch [MoCo §4.1; ref: --moco-k]"
-    )
-    dim: int = gt0(128, "embedding dim [MoCo §3.3; v3 256]")
-    hidden_dim: int = gt0(4096, "v3 projector/predictor hidden dim [ref: moco-v3 --moco-mlp-dim]")
-    bn_splits: int = ge0(0, "v1/v2: BN groups per process (0: 8 alone, 1 in DDP) [ref: colab]")
-    aug: str = arg("v1", "v1 [MoCo §3.3], v2 aug+ [MoCo v2], asym [MoCo v3]", choices=AUGS)
-    crop_min: float = frac(0.2, "min crop scale [ref: main_moco.py 0.2; moco-v3 CONFIG.md R50 0.2]")
-    blur: bool = arg(True, "blur in v2/asym aug [MoCo v2 §2; off at CIFAR size, ref: colab]")
-    patch_size: int = gt0(16, "ViT patch size [MoCo v3 §4; CIFAR 4]")
-    stop_grad_conv1: bool = arg(True, "v3 ViT: frozen random patch projection [MoCo v3 §5.3]")
-    stem_padding: int = ge0(
-        1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
-    )
-    zero_init_residual: bool = arg(
-        True, "v3: zero last BN gamma per block [ref: moco-v3 main_moco.py; solo-learn: off]"
-    )
-    linear_epochs: int = ge0(100, "linear-eval epochs [ref: main_lincls.py; v3 90]")
-    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: main_lincls.py; v3 0.1 R50 / 3 ViT]")
-    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: main_lincls.py]")
-    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: main_lincls.py; v3 1024]")
-    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: main_lincls.py: plain 0.9]")
-    linear_milestones: tuple = ge0((60, 80), "linear lr x0.1 epochs [ref: main_lincls.py]")
-    linear_decay: float = unit(0.1, "linear lr factor per milestone [ref: main_lincls.py: x0.1]")
-    linear_epoch_lr: bool = arg(
-        True, "linear lr set once per epoch [ref: main_lincls.py adjust_learning_rate(epoch)]"
-    )
-    linear_best: bool = arg(
-        True, "linear top-1 of the best epoch [ref: main_lincls.py keeps best_acc1, model_best]"
-    )
-    linear_zero_init: bool = arg(False, "linear head N(0, 0.01), bias 0 [ref: main_lincls.py]")
-    lars_solo: bool = arg(
-        False,
-        "solo-learn's LARS (eta 0.02, trust capped at 1/lr) and warm-up from 3e-5, which its lrs "
-        "were tuned with [ref: solo-learn solo/utils/lars.py, lr_scheduler.py, mocov3.yaml]",
-    )
-    ft_recipe: str = arg("simclr_v2", f"fine-tuning recipe (C.FT_RECIPES) {FT}", choices=FTR)
-    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
-    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
-    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr x sqrt(batch) at 1% / 10% {FT}")
-    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr x sqrt(batch) at 1% / 10% {FT}")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
-
-    @staticmethod
-    def recipe(version: str = "v2", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this version / preset / arch. Each
-        combination takes its fields from the one source its comment cites (plus 32 px sizes)."""
-        vit, cifar, r = arch.startswith("vit"), preset == "cifar", {}
-        if version == "v2":  # [ref: moco README "--mlp --moco-t 0.2 --aug-plus --cos"]
-            r = {"tau": 0.2, "aug": "v2", "schedule": "cosine-epoch"}
-        if cifar and version != "v3":  # [ref: moco colab CIFAR-10 demo: R18, batch 512, lr 0.06,
-            # wd 5e-4, K 4096, m 0.99, cos, RandomResizedCrop(32) scale 0.08, no blur; v2: tau 0.2]
-            r.update(arch="resnet18", epochs=200, batch_size=512, wd=5e-4, crop_min=0.08)
-            r.update(blur=False, queue_size=4096, m=0.99, schedule="cosine-epoch", aug="v2")
-            r.update(patch_size=4)  # a ViT at 32 px
-            r["tau"] = 0.1 if version == "v1" else 0.2
-        if version == "v3":  # R50 100 ep [ref: moco-v3 CONFIG.md, main_moco.py, main_lincls.py]
-            r = {"epochs": 100, "batch_size": 4096, "queue_size": 0, "dim": 256}
-            r.update(optimizer="lars", lr=0.6, wd=1e-6, schedule="cosine", warmup_epochs=10)
-            r.update(tau=1.0, m=0.99, m_cos=True, aug="asym", linear_milestones=())
-            r.update(linear_epochs=90, linear_lr=0.1, linear_batch_size=1024)
-        if version == "v3" and vit:  # ViT 300 ep, AdamW [MoCo v3 §4; ref: CONFIG.md ViT-S/B]
-            r.update(epochs=300, optimizer="adamw", lr=1.5e-4, wd=0.1, warmup_epochs=40)
-            r.update(tau=0.2, crop_min=0.08, linear_lr=3.0)  # crop: main_moco.py default
-        if version == "v3" and vit and cifar:  # CONFIG.md ViT-S 1-node batch; 32 px: patch 4,
-            r.update(batch_size=1024, patch_size=4, blur=False)  # no blur [as solo-learn cifar]
-        if version == "v3" and cifar and not vit:  # [ref: solo-learn pretrain/cifar/mocov3.yaml]
-            r.update(arch="resnet18", epochs=1000, batch_size=256, lr=0.3, wd=1e-6, tau=0.2)
-            r.update(lars_solo=True, crop_min=0.08, blur=False)  # asymmetric.yaml: no blur
-            r.update(stem_padding=2, zero_init_residual=False)  # solo-learn base.py, resnet.py
-        if cifar:
-            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
-        return r
-
-    def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it); the
-        batch per process against --bn-splits waits for the world size (main)."""
-        if self.queue_size % (B := self.batch_size):
-            k, why = B * max(1, self.queue_size // B), f"not a multiple of the global batch {B}"
-            C.fail(f"--queue-size {self.queue_size}: {why}; pass a multiple of it, e.g. {k}")
-        if self.version == "v3" and self.batch_size < 2:
-            C.fail(f"--batch-size {self.batch_size}: the v3 heads' BatchNorm needs >= 2; pass >= 2")
-        C.check_patch(self, self.patch_size, "--img-size", C.image_size(self))
-
-
-# ==== 2. model: heads + MoCo(nn.Module), all method state as persistent buffers =========
+# ==== 1. model: heads + MoCo(nn.Module), all method state as persistent buffers ===========
 class SplitBatchNorm(nn.BatchNorm2d):
     """BN over `num_splits` contiguous chunks of the batch [ref: moco colab SplitBatchNorm]: one
     process reproduces the per-GPU BN of num_splits GPUs (and, with the key permutation of
@@ -199,9 +51,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
         chunks = x.chunk(self.num_splits)
         with torch.no_grad():  # each running stat <- the mean of the chunks' (var: unbiased)
             for stat, f in ((self.running_mean, torch.mean), (self.running_var, torch.var)):
-                stat.lerp_(
-                    torch.stack([f(c.float(), (0, 2, 3)) for c in chunks]).mean(0), self.momentum
-                )
+                avg = torch.stack([f(c.float(), (0, 2, 3)) for c in chunks]).mean(0)
+                stat.lerp_(avg, self.momentum)
         bn = lambda c: F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
         return torch.cat([bn(c) for c in chunks])
 
@@ -228,15 +79,17 @@ def mocov3_vit_init(vit: C.ViT):
         if isinstance(m, nn.Linear):
             fan_out = m.out_features // 3 if name.endswith("qkv") else m.out_features
             a = math.sqrt(6 / (fan_out + m.in_features))
-            nn.init.uniform_(m.weight, -a, a), nn.init.zeros_(m.bias)
+            nn.init.uniform_(m.weight, -a, a)
+            nn.init.zeros_(m.bias)
     pe, d = vit.patch_embed, vit.patch_embed.out_channels
     a = math.sqrt(6 / (pe.in_channels * math.prod(pe.kernel_size) + d))
-    nn.init.uniform_(pe.weight, -a, a), nn.init.zeros_(pe.bias)
+    nn.init.uniform_(pe.weight, -a, a)
+    nn.init.zeros_(pe.bias)
     nn.init.normal_(vit.cls_token, std=1e-6)  # positions: C.sincos_pos_embed, fixed
 
 
 class MoCo(nn.Module):
-    def __init__(self, args: Args, bn_splits: int = 1):
+    def __init__(self, args: "Args", bn_splits: int = 1):
         super().__init__()
         self.version, self.tau = args.version, args.tau
         v3, vit = args.version == "v3", args.arch.startswith("vit")
@@ -301,7 +154,7 @@ def shuffled_keys(key_encoder, x: torch.Tensor) -> torch.Tensor:
     return k_all[torch.argsort(perm)].view(w, -1, k_all.shape[1])[r]  # [B, D], this rank's
 
 
-# ==== 3. loss: info_nce_loss(...) -> Tensor, pure, fp32 inside ============================
+# ==== 2. loss: info_nce_loss(...) -> Tensor, pure, fp32 inside ============================
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue, tau: float) -> torch.Tensor:
     """InfoNCE [MoCo Eq. 1]. q, k: [B, D] l2-normalised queries and keys of this process.
     queue [K, D]: logits [l_pos, q @ queue.T], positive at index 0 (v1/v2). queue None: the keys
@@ -319,7 +172,7 @@ def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue, tau: float) -> torch.
         return F.cross_entropy(logits, labels)
 
 
-# ==== 4. method state: @torch.no_grad() momentum_update / enqueue ==========================
+# ==== 3. method state: @torch.no_grad() momentum_update / enqueue =========================
 @torch.no_grad()
 def momentum_update(model: MoCo, m: float):
     """key encoder <- m * key encoder + (1 - m) * query encoder, parameters only: the key
@@ -339,8 +192,8 @@ def enqueue(model: MoCo, k: torch.Tensor):
     model.queue_ptr.copy_((model.queue_ptr + len(k)) % len(model.queue))
 
 
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x1, x2), _, _ = batch
     net = C.unwrap(model)
     lr, m = args.sched["lr"][step], args.sched["m"][step]
@@ -360,14 +213,134 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return C.unwrap(model).backbone(x)
 
 
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): the query backbone [MoCo §4.1]."""
+    return C.unwrap(model).backbone
+
+
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+OPTS, SCHED = ("sgd", "lars", "adamw"), ("step", "cosine-epoch", "cosine")
+VERSIONS, AUGS = ("v1", "v2", "v3"), ("v1", "v2", "asym")
+
+
+@dataclass
+class Args(C.RunArgs):
+    """MoCo's fields: the defaults are the paper's ImageNet v1 recipe; recipe() sets v2's (the
+    default version), v3's and the CIFAR preset's (named in each help text). Fine-tuning: C.RunArgs'
+    protocol, SimCLR v2's [SimCLRv2 §4]: none in the MoCo code."""
+
+    version: str = arg("v2", "v1 [MoCo]; v2 [MoCo v2]; v3 [MoCo v3]", choices=VERSIONS)
+    arch: str = arg(
+        "resnet50", "backbone [MoCo §4; v3 also vit_small/base]; CIFAR resnet18", choices=C.ARCHS
+    )
+    epochs: int = ge0(200, "epochs [MoCo §4 Training; v3 R50 100, ref: moco-v3 CONFIG.md]")
+    batch_size: int = gt0(256, "GLOBAL batch [MoCo §4 Training; v3 4096, CONFIG.md]; CIFAR 512")
+    lr: float = ge0(0.03, "lr per 256 [MoCo §4; v3 LARS 0.6 / ViT AdamW 1.5e-4, CONFIG.md]")
+    wd: float = ge0(1e-4, "weight decay, all params (sgd) [MoCo §4; v3 1e-6 / ViT 0.1]; CIFAR 5e-4")
+    optimizer: str = arg(
+        "sgd", "sgd [MoCo §4]; v3 lars (R50) / adamw (ViT) [MoCo v3 §4]", choices=OPTS
+    )
+    schedule: str = arg(
+        "step", "step [MoCo §4]; v2, CIFAR cosine-epoch [ref: --cos]; v3 cosine", choices=SCHED
+    )
+    lr_milestones: tuple = ge0((120, 160), "epochs of the x0.1 lr steps [MoCo §4 Training]")
+    warmup_epochs: int = ge0(0, "linear warm-up epochs [v3: 10 R50 / 40 ViT, ref: CONFIG.md]")
+    tau: float = gt0(0.07, "temperature [MoCo §3.3: 0.07; v2 0.2; v3 1.0 R50 / 0.2 ViT]; CIFAR 0.2")
+    m: float = unit(0.999, "key-encoder momentum [MoCo §3.2, §4.1; v3 0.99 -> 1]; CIFAR 0.99")
+    m_cos: bool = arg(False, "m -> 1 by 1 - (1 - m)(1 + cos(pi t / T)) / 2 [MoCo v3 §4]")
+    queue_size: int = ge0(
+        65536, "queue K, a multiple of the global batch [MoCo §4.1; ref: --moco-k]; CIFAR 4096"
+    )
+    dim: int = gt0(128, "embedding dim [MoCo §3.3; v3 256]")
+    hidden_dim: int = gt0(4096, "v3 projector/predictor hidden dim [ref: moco-v3 --moco-mlp-dim]")
+    bn_splits: int = ge0(0, "v1/v2: BN groups per process (0: 8 alone, 1 in DDP) [ref: colab]")
+    aug: str = arg(
+        "v1", "v1 [MoCo §3.3], v2 aug+ [MoCo v2], asym [MoCo v3]; CIFAR v2", choices=AUGS
+    )
+    crop_min: float = frac(
+        0.2, "min crop scale [ref: main_moco.py 0.2; moco-v3 CONFIG.md R50 0.2]; CIFAR 0.08"
+    )
+    blur: bool = arg(True, "blur in v2/asym aug [MoCo v2 §2]; off on CIFAR (its size) [ref: colab]")
+    patch_size: int = gt0(16, "ViT patch size [MoCo v3 §4]; CIFAR 4")
+    stop_grad_conv1: bool = arg(True, "v3 ViT: frozen random patch projection [MoCo v3 §5.3]")
+    stem_padding: int = ge0(
+        1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]"
+    )
+    zero_init_residual: bool = arg(
+        True, "v3: zero last BN gamma per block [ref: moco-v3 main_moco.py; solo-learn: off]"
+    )
+    linear_epochs: int = ge0(100, "linear-eval epochs [ref: main_lincls.py; v3 90]")
+    linear_lr: float = ge0(30.0, "linear lr per 256 [ref: main_lincls.py; v3 0.1 R50 / 3 ViT]")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [ref: main_lincls.py]")
+    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: main_lincls.py; v3 1024]")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: main_lincls.py: plain 0.9]")
+    linear_milestones: tuple = ge0((60, 80), "linear lr x0.1 epochs [ref: main_lincls.py]")
+    linear_decay: float = unit(0.1, "linear lr factor per milestone [ref: main_lincls.py: x0.1]")
+    linear_epoch_lr: bool = arg(
+        True, "linear lr set once per epoch [ref: main_lincls.py adjust_learning_rate(epoch)]"
+    )
+    linear_best: bool = arg(
+        True, "linear top-1 of the best epoch [ref: main_lincls.py keeps best_acc1, model_best]"
+    )
+    linear_zero_init: bool = arg(False, "linear head N(0, 0.01), bias 0 [ref: main_lincls.py]")
+    lars_solo: bool = arg(
+        False,
+        "solo-learn's LARS (eta 0.02, trust capped at 1/lr) and warm-up from 3e-5, which its lrs "
+        "were tuned with [ref: solo-learn solo/utils/lars.py, lr_scheduler.py, mocov3.yaml]",
+    )
+
+    @staticmethod
+    def recipe(version: str = "v2", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this version / preset / arch. Each
+        combination takes its fields from the one source its comment cites (plus 32 px sizes)."""
+        vit, cifar, r = arch.startswith("vit"), preset == "cifar", {}
+        if version == "v2":  # [ref: moco README "--mlp --moco-t 0.2 --aug-plus --cos"]
+            r = {"tau": 0.2, "aug": "v2", "schedule": "cosine-epoch"}
+        if cifar and version != "v3":  # [ref: moco colab CIFAR-10 demo: R18, batch 512, lr 0.06,
+            # wd 5e-4, K 4096, m 0.99, cos, RandomResizedCrop(32) scale 0.08, no blur; v2: tau 0.2]
+            r.update(arch="resnet18", epochs=200, batch_size=512, wd=5e-4, crop_min=0.08)
+            r.update(blur=False, queue_size=4096, m=0.99, schedule="cosine-epoch", aug="v2")
+            r.update(patch_size=4)  # a ViT at 32 px
+            r["tau"] = 0.1 if version == "v1" else 0.2
+        if version == "v3":  # R50 100 ep [ref: moco-v3 CONFIG.md, main_moco.py, main_lincls.py]
+            r = {"epochs": 100, "batch_size": 4096, "queue_size": 0, "dim": 256}
+            r.update(optimizer="lars", lr=0.6, wd=1e-6, schedule="cosine", warmup_epochs=10)
+            r.update(tau=1.0, m=0.99, m_cos=True, aug="asym", linear_milestones=())
+            r.update(linear_epochs=90, linear_lr=0.1, linear_batch_size=1024)
+        if version == "v3" and vit:  # ViT 300 ep, AdamW [MoCo v3 §4; ref: CONFIG.md ViT-S/B]
+            r.update(epochs=300, optimizer="adamw", lr=1.5e-4, wd=0.1, warmup_epochs=40)
+            r.update(tau=0.2, crop_min=0.08, linear_lr=3.0)  # crop: main_moco.py default
+        if version == "v3" and vit and cifar:  # CONFIG.md ViT-S 1-node batch; 32 px: patch 4,
+            r.update(batch_size=1024, patch_size=4, blur=False)  # no blur [as solo-learn cifar]
+        if version == "v3" and cifar and not vit:  # [ref: solo-learn pretrain/cifar/mocov3.yaml]
+            r.update(arch="resnet18", epochs=1000, batch_size=256, lr=0.3, wd=1e-6, tau=0.2)
+            r.update(lars_solo=True, crop_min=0.08, blur=False)  # asymmetric.yaml: no blur
+            r.update(stem_padding=2, zero_init_residual=False)  # solo-learn base.py, resnet.py
+        if cifar:
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
+        return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it); the
+        batch per process against --bn-splits waits for the world size (main)."""
+        B = self.batch_size
+        if self.queue_size % B:
+            k, why = B * max(1, self.queue_size // B), f"not a multiple of the global batch {B}"
+            C.fail(f"--queue-size {self.queue_size}: {why}; pass a multiple of it, e.g. {k}")
+        if self.version == "v3" and self.batch_size < 2:
+            C.fail(f"--batch-size {self.batch_size}: the v3 heads' BatchNorm needs >= 2; pass >= 2")
+        C.check_patch(self, self.patch_size, "--img-size", self.img_size)
+
+
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -376,14 +349,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -399,8 +376,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -439,7 +417,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -448,7 +427,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -458,7 +437,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -479,16 +458,14 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 8. main(args) ========================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
@@ -501,14 +478,14 @@ def main(args: Args):
             f"batch per process {args.batch_size_per_gpu} is not divisible by --bn-splits "
             f"{bn_splits}; change --batch-size or --bn-splits"
         )
-    scale = (args.crop_min, 1.0)  # args.img_size is resolved inside build_data, read it late
+    # On a GPU (--pipeline auto) C.BatchAugment runs these recipes batched on the device.
+    mean_std, scale = C.dataset_mean_std(args), (args.crop_min, 1.0)
     if args.aug == "asym":  # two recipes: blur 1.0 / 0.1, solarize 0 / 0.2 [MoCo v3 §4]
-        views = lambda ms: C.byol_augment(args.img_size, ms, scale, args.blur)
+        views = C.byol_augment(args.img_size, mean_std, scale, args.blur)
     else:  # the same recipe for query and key
-        views = lambda ms: C.MultiView(
-            [C.moco_augment(args.img_size, ms, args.aug, scale, args.blur)] * 2
-        )
-    data = C.build_data(args, views, normalize=True)  # mean/std-normalised [ref: main_moco.py]
+        aug = C.moco_augment(args.img_size, mean_std, args.aug, scale, args.blur)
+        views = C.MultiView([aug, aug])
+    data = C.build_data(args, views, mean_std)  # mean/std-normalised [ref: main_moco.py]
     C.prepare_run(args)
     model = MoCo(args, bn_splits if args.version != "v3" else 1)
     if args.version == "v3":  # SyncBN everywhere in v3 [MoCo v3 §4]; v1/v2 keep per-GPU BN

@@ -121,9 +121,7 @@ class Args(C.RunArgs):
     """SimCLR's fields: the defaults are the paper's ImageNet v1 recipe; recipe() sets v2's and
     the CIFAR preset's (named in each help text)."""
 
-    version: str = arg(
-        "v1", "v1 [SimCLR]; v2: 3-layer head, wd 1e-4 [SimCLRv2 §2]", choices=VERSIONS
-    )
+    version: str = arg("v1", "v1 [SimCLR]; v2 [SimCLRv2 §2]", choices=VERSIONS)
     arch: str = arg("resnet50", "backbone [SimCLR §3]; CIFAR resnet18", choices=C.ARCHS)
     epochs: int = ge0(100, "epochs [SimCLR §2.3 default setting: 100; 1000 in Tab. 6]; CIFAR 1000")
     batch_size: int = gt0(4096, "GLOBAL batch [SimCLR §2.3 default setting]; CIFAR 512")
@@ -149,18 +147,14 @@ class Args(C.RunArgs):
         "linear warm-up from lr 0, then cosine [SimCLR §2.3; ref: model_util.learning_rate_"
         "schedule]; v2 40 = 5% of 800 [SimCLRv2 §3.1; ref: simclr issue #77]; CIFAR 10",
     )
-    tau: float = gt0(
-        0.1, "NT-Xent temperature [SimCLR Tab. 5; ref: README --temperature]; CIFAR 0.5"
-    )
+    tau: float = gt0(0.1, "NT-Xent temperature [SimCLR Tab. 5; ref: --temperature]; CIFAR 0.5")
     proj_layers: int = gt0(2, "projector layers (v1 2, v2 3) [ref: model_util.projection_head]")
     proj_dim: int = gt0(128, "projector output dim [SimCLR §2.3; ref: --proj_out_dim]")
     color_s: float = arg(  # 2.5: ColorJitter's hue 0.2 s <= 0.5
         1.0, "colour jitter strength s [SimCLR App. A]; CIFAR 0.5", range="[0, 2.5]"
     )
     blur: bool = arg(True, "Gaussian blur p=0.5 [SimCLR App. A]; off on CIFAR (its size)")
-    linear_epochs: int = ge0(
-        90, "linear-eval epochs [ref: README ImageNet linear-eval command]; CIFAR 100"
-    )
+    linear_epochs: int = ge0(90, "linear-eval epochs [ref: README ImageNet command]; CIFAR 100")
     linear_lr: float = ge0(
         0.1, "linear-eval lr x B/256, cosine per step [ref: README; learning_rate_schedule]"
     )

@@ -19,7 +19,7 @@ Run: torchrun --nproc_per_node=8 simsiam.py --preset imagenet --dataset imagenet
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,111 +28,8 @@ from torch import nn
 import common as C
 from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
-FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]: none in the SimSiam code"
-LINEAR = (  # the linear-eval optimizer: the paper's SGD variant, as section 6 is SGD only
-    "DEVIATION: official LARS (apex LARC, trust 0.001, no clip) at batch 4096, lr 0.1 x B/256 "
-    "(paper text 0.02) [ref: README, main_lincls.py --lars]; here main_lincls.py without --lars "
-    "at -b 256 --lr 30, the SGD variant of [SimSiam App. A] (~1 point lower there)"
-)
 
-
-@dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    arch: str = arg("resnet50", "backbone [SimSiam §3 Baseline settings]", choices=C.ARCHS)
-    epochs: int = ge0(100, "epochs [SimSiam §3 Baseline settings; ref: main_simsiam.py]")
-    batch_size: int = gt0(512, "GLOBAL batch [SimSiam §3; ref: main_simsiam.py --batch-size]")
-    lr: float = ge0(0.05, "SGD lr per 256, x batch/256 [SimSiam §3; ref: main_simsiam.py --lr]")
-    wd: float = ge0(1e-4, "weight decay on ALL params incl. BN/bias [SimSiam App. A; ref: --wd]")
-    warmup_epochs: int = ge0(
-        0, "linear warm-up x cosine, not on a fixed predictor lr [SimSiam §3: none]"
-    )
-    fix_pred_lr: bool = arg(
-        True, "predictor lr fixed at the base lr [SimSiam Tab. 1; ref: README --fix-pred-lr]"
-    )
-    proj_layers: int = gt0(3, "projector layers [SimSiam §3: 3; App. D CIFAR: 2]")
-    proj_hidden: int = gt0(2048, "projector hidden width [SimSiam §3: 2048-d; ref: builder.py]")
-    dim: int = gt0(2048, "z and p dim d [SimSiam §3, App. B; ref: main_simsiam.py --dim]")
-    pred_dim: int = gt0(512, "predictor hidden (bottleneck) dim [SimSiam §3; ref: --pred-dim]")
-    crop_min: float = frac(0.2, "min crop scale [SimSiam App. A; ref: main_simsiam.py]")
-    blur: bool = arg(True, "Gaussian blur p=0.5 [SimSiam App. A; App. D: off on CIFAR]")
-    linear_epochs: int = ge0(90, "linear-eval epochs [SimSiam App. A; ref: main_lincls.py]")
-    linear_lr: float = ge0(30.0, f"linear-eval SGD lr per 256, cosine. {LINEAR}")
-    linear_wd: float = ge0(0.0, "linear-eval weight decay [SimSiam App. A; ref: main_lincls.py]")
-    linear_batch_size: int = gt0(256, f"linear-eval global batch. {LINEAR}")
-    linear_nesterov: bool = arg(False, "Nesterov momentum [SimSiam App. A: plain momentum 0.9]")
-    linear_milestones: tuple = ge0((), "linear lr decay epochs (empty: cosine) [SimSiam App. A]")
-    linear_decay: float = unit(0.1, "lr factor per milestone (unused: cosine) [ref: main_lincls]")
-    linear_epoch_lr: bool = arg(
-        True, "lr set once per epoch [ref: main_lincls.py adjust_learning_rate, per epoch]"
-    )
-    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: main_lincls.py best_acc1]")
-    linear_zero_init: bool = arg(
-        False, "classifier N(0, 0.01), bias 0 [ref: main_lincls.py fc.weight.data.normal_]"
-    )
-    ft_recipe: str = arg("simclr_v2", f"fine-tuning recipe (C.FT_RECIPES) {FT}", choices=FTR)
-    ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
-    ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}")
-    ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr x sqrt(batch) at 1% / 10% {FT}")
-    ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr x sqrt(batch) at 1% / 10% {FT}")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
-
-    @staticmethod
-    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this preset (SimSiam has no versions)."""
-        r = {}
-        if preset == "cifar":  # [SimSiam App. D: CIFAR ResNet-18, 2-layer projector, no blur]
-            r.update(arch="resnet18", epochs=800, batch_size=512, lr=0.03, wd=5e-4)
-            r.update(proj_layers=2, blur=False)
-            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
-        return r
-
-    def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it)."""
-        if self.batch_size < 2:
-            C.fail(f"--batch-size {self.batch_size}: BatchNorm needs >= 2 samples; pass >= 2")
-
-
-# ==== 2. model: heads + SimSiam(nn.Module), all method state as persistent buffers =========
+# ==== 1. model: heads + SimSiam(nn.Module), all method state as persistent buffers ========
 def projection_mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
     """[ref: builder.py encoder.fc] (Linear without bias -> BN -> ReLU) x (layers - 1) -> Linear
     -> BN without affine. Hidden width 2048 [SimSiam §3] (builder.py: the backbone width, also
@@ -162,7 +59,7 @@ def prediction_mlp(dim: int, hidden: int) -> nn.Sequential:
 
 
 class SimSiam(nn.Module):
-    def __init__(self, args: Args):
+    def __init__(self, args: "Args"):
         super().__init__()
         # zero-init of each block's last BN gamma [SimSiam App. A; ref: builder.py]
         self.backbone, self.feat_dim = C.build_backbone(
@@ -179,7 +76,7 @@ class SimSiam(nn.Module):
         return simsiam_loss(p1, p2, z1, z2), z1
 
 
-# ==== 3. loss: simsiam_loss(...) -> Tensor, pure, fp32 inside ============================
+# ==== 2. loss: simsiam_loss(...) -> Tensor, pure, fp32 inside =============================
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor):
     """[SimSiam Eq. 4] -(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2, mean over this process's B rows
     (= the global mean once DDP averages gradients). The stop-gradient lives here: z gets its
@@ -190,11 +87,11 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
         return -(cos12.mean() + cos21.mean()) / 2
 
 
-# ==== 4. method state: none (no momentum encoder, queue or bank: the stop-gradient suffices) ==
+# ==== 3. method state: none (no momentum encoder, queue or bank: the stop-gradient suffices) ==
 
 
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x1, x2), _, _ = batch
     lr = args.sched["lr"][step]
     C.set_lr(optimizer, lr)  # a group with "fixed_lr" (the predictor) keeps its lr
@@ -210,14 +107,88 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return C.unwrap(model).backbone(x)
 
 
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): the backbone [SimSiam App. A]."""
+    return C.unwrap(model).backbone
+
+
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+LINEAR = (  # the linear-eval optimizer: the paper's SGD variant, as section 6 is SGD only
+    "DEVIATION: official LARS (apex LARC, trust 0.001, no clip) at batch 4096, lr 0.1 x B/256 "
+    "(paper text 0.02) [ref: README, main_lincls.py --lars]; here main_lincls.py without --lars "
+    "at -b 256 --lr 30, the SGD variant of [SimSiam App. A] (~1 point lower there)"
+)
+
+
+@dataclass
+class Args(C.RunArgs):
+    """SimSiam's fields: the defaults are the paper's ImageNet recipe; recipe() sets the CIFAR
+    preset's (named in each help text). Fine-tuning: C.RunArgs' protocol, SimCLR v2's [SimCLRv2
+    §4; ref: simclr README fine-tune command]: none in the SimSiam code."""
+
+    arch: str = arg(
+        "resnet50", "backbone [SimSiam §3 Baseline settings]; CIFAR resnet18", choices=C.ARCHS
+    )
+    epochs: int = ge0(100, "epochs [SimSiam §3 Baseline settings; ref: main_simsiam.py]; CIFAR 800")
+    batch_size: int = gt0(512, "GLOBAL batch [SimSiam §3; ref: main_simsiam.py --batch-size]")
+    lr: float = ge0(
+        0.05, "SGD lr per 256, x batch/256 [SimSiam §3; ref: main_simsiam.py --lr]; CIFAR 0.03"
+    )
+    wd: float = ge0(
+        1e-4, "weight decay on ALL params incl. BN/bias [SimSiam App. A; ref: --wd]; CIFAR 5e-4"
+    )
+    warmup_epochs: int = ge0(
+        0, "linear warm-up x cosine, not on a fixed predictor lr [SimSiam §3: none]"
+    )
+    fix_pred_lr: bool = arg(
+        True, "predictor lr fixed at the base lr [SimSiam Tab. 1; ref: README --fix-pred-lr]"
+    )
+    proj_layers: int = gt0(3, "projector layers [SimSiam §3: 3]; CIFAR 2 [SimSiam App. D]")
+    proj_hidden: int = gt0(2048, "projector hidden width [SimSiam §3: 2048-d; ref: builder.py]")
+    dim: int = gt0(2048, "z and p dim d [SimSiam §3, App. B; ref: main_simsiam.py --dim]")
+    pred_dim: int = gt0(512, "predictor hidden (bottleneck) dim [SimSiam §3; ref: --pred-dim]")
+    crop_min: float = frac(0.2, "min crop scale [SimSiam App. A; ref: main_simsiam.py]")
+    blur: bool = arg(True, "Gaussian blur p=0.5 [SimSiam App. A]; off on CIFAR [SimSiam App. D]")
+    linear_epochs: int = ge0(90, "linear-eval epochs [SimSiam App. A; ref: main_lincls.py]")
+    linear_lr: float = ge0(30.0, f"linear-eval SGD lr per 256, cosine. {LINEAR}")
+    linear_wd: float = ge0(0.0, "linear-eval weight decay [SimSiam App. A; ref: main_lincls.py]")
+    linear_batch_size: int = gt0(256, f"linear-eval global batch. {LINEAR}")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [SimSiam App. A: plain momentum 0.9]")
+    linear_milestones: tuple = ge0((), "linear lr decay epochs (empty: cosine) [SimSiam App. A]")
+    linear_decay: float = unit(0.1, "lr factor per milestone (unused: cosine) [ref: main_lincls]")
+    linear_epoch_lr: bool = arg(
+        True, "lr set once per epoch [ref: main_lincls.py adjust_learning_rate, per epoch]"
+    )
+    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: main_lincls.py best_acc1]")
+    linear_zero_init: bool = arg(
+        False, "classifier N(0, 0.01), bias 0 [ref: main_lincls.py fc.weight.data.normal_]"
+    )
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (SimSiam has no versions)."""
+        r = {}
+        if preset == "cifar":  # [SimSiam App. D: CIFAR ResNet-18, 2-layer projector, no blur]
+            r.update(arch="resnet18", epochs=800, batch_size=512, lr=0.03, wd=5e-4)
+            r.update(proj_layers=2, blur=False)
+            r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
+        return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        if self.batch_size < 2:
+            C.fail(f"--batch-size {self.batch_size}: BatchNorm needs >= 2 samples; pass >= 2")
+
+
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -226,14 +197,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -249,8 +224,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -289,7 +265,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -298,7 +275,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -308,7 +285,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -329,22 +306,21 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 8. main(args) ========================================================================
 def build_optimizer(model: SimSiam, lr: float, args: Args) -> torch.optim.SGD:
     """SGD momentum 0.9, wd on every parameter [SimSiam App. A; ref: main_simsiam.py]; with
     --fix-pred-lr the predictor is its own group whose lr C.set_lr leaves at `lr`."""
     enc = [p for m in (model.backbone, model.projector) for p in m.parameters() if p.requires_grad]
     pred = {"params": [p for p in model.predictor.parameters() if p.requires_grad]}
-    pred.update({"fixed_lr": lr} if args.fix_pred_lr else {})
+    if args.fix_pred_lr:
+        pred["fixed_lr"] = lr
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     return torch.optim.SGD([{"params": enc}, pred], lr, momentum=0.9, weight_decay=args.wd, **fused)
 
@@ -352,9 +328,11 @@ def build_optimizer(model: SimSiam, lr: float, args: Args) -> torch.optim.SGD:
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
-    # the same MoCo v2 recipe for both views [SimSiam App. A; ref: main_simsiam.py]
-    aug = lambda ms: C.moco_augment(args.img_size, ms, "v2", (args.crop_min, 1.0), args.blur)
-    data = C.build_data(args, lambda ms: C.MultiView([aug(ms)] * 2), normalize=True)
+    # the same MoCo v2 recipe for both views [SimSiam App. A; ref: main_simsiam.py]. On a GPU
+    # (--pipeline auto) C.BatchAugment runs this recipe batched on the device.
+    ms = C.dataset_mean_std(args)
+    aug = C.moco_augment(args.img_size, ms, "v2", (args.crop_min, 1.0), args.blur)
+    data = C.build_data(args, C.MultiView([aug, aug]), ms)
     C.prepare_run(args)
     model = C.convert_sync_bn(SimSiam(args)).to(device)  # SyncBN everywhere [SimSiam §3]
     lr, spe, T = args.lr * args.batch_size / 256, args.steps_per_epoch, args.total_steps

@@ -18,7 +18,7 @@ Run: torchrun --nproc_per_node=8 swav.py --preset imagenet --dataset imagenet --
 # ==== 0. imports ===========================================================================
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby
 
 import torch
@@ -29,134 +29,8 @@ from torch import nn
 import common as C
 from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ranges
 
-# ==== 1. config: Args dataclass (shared block, method block, derived-at-runtime block) =====
-PRESETS, AMP, FTR = ("imagenet", "cifar"), ("auto", "bf16", "fp16", "off"), tuple(C.FT_RECIPES)
 
-
-@dataclass
-class Args:
-    # -- shared block (identical in every method file) --
-    preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
-    dataset: str = arg("cifar10", "training data", choices=C.DATASETS)
-    data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
-    img_size: int = ge0(0, "input size (0: 224 imagenet/folder, 96 stl10, 32 cifar/synthetic)")
-    subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
-    workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=C.PIPELINES,
-    )
-    out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
-    resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
-    amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMP)
-    compile: bool = arg(False, "torch.compile the backbone")
-    device: str = arg("", "cuda / cpu (default: cuda if available)")
-    log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
-    max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
-    knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
-    knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
-    knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
-    knn_subset: int = ge0(0, "kNN bank and test set: first N images only (0: all)")
-    linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
-    finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
-    finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # -- method block --
-    arch: str = arg("resnet50", "backbone [SwAV §4; ref: src/resnet50.py]", choices=C.ARCHS)
-    zero_init_residual: bool = arg(False, "zero-init last BN gamma per block [ref: resnet50.py]")
-    epochs: int = ge0(800, "epochs [SwAV Tab. 1, 75.3%; ref: scripts/swav_800ep_pretrain.sh]")
-    batch_size: int = gt0(4096, "GLOBAL batch [SwAV §4.1; ref: 64 GPUs x --batch_size 64]")
-    lr: float = ge0(4.8, "ABSOLUTE lr, not scaled by B [ref: --base_lr 4.8; bs256 scripts 0.6]")
-    final_lr: float = ge0(0.0048, "cosine ends here [ref: --final_lr, 800ep script]")
-    warmup_epochs: int = ge0(
-        10, "warm-up epochs, np.linspace(start_warmup, lr), then cosine per step [ref: scripts]"
-    )
-    start_warmup: float = ge0(0.3, "warm-up starts at this lr [ref: --start_warmup 0.3]")
-    wd: float = ge0(1e-6, "weight decay on ALL params incl. biases/BN [ref: --wd, SGD + LARC]")
-    tau: float = gt0(0.1, "softmax temperature [SwAV Eq. 2; ref: --temperature]")
-    eps: float = gt0(0.05, "Sinkhorn entropy weight [SwAV §3.1; ref: --epsilon]")
-    sinkhorn_iters: int = gt0(
-        3, "Sinkhorn-Knopp iterations [SwAV §3.1; ref: --sinkhorn_iterations]"
-    )
-    dim: int = gt0(128, "z dim [SwAV §4.1; ref: --feat_dim]")
-    hidden_dim: int = gt0(2048, "projector hidden dim [ref: hidden_mlp 2048]")
-    n_prototypes: int = gt0(3000, "number of prototypes K [SwAV §4.1; ref: --nmb_prototypes]")
-    queue_length: int = ge0(0, "queue of z, global, a multiple of B (0: none) [ref: 4096 runs: 0]")
-    epoch_queue_starts: int = ge0(15, "the queue fills from this epoch [ref: --epoch_queue_starts]")
-    freeze_prototypes_niters: int = ge0(313, "no prototype update for N steps [ref: main_swav.py]")
-    n_local: int = ge0(6, "local crops (+ 2 global, both assigned) [SwAV §3.2; ref: --nmb_crops]")
-    local_size: int = ge0(0, "local crop px (0: img_size x 96/224, min 8) [ref: --size_crops 96]")
-    global_scale: tuple = frac((0.14, 1.0), "global crop scale [ref: --min/max_scale_crops]")
-    local_scale: tuple = frac((0.05, 0.14), "local crop scale [ref: --min/max_scale_crops]")
-    blur: bool = arg(True, "blur p=0.5 on every crop [ref: multicropdataset.py; off at CIFAR]")
-    linear_epochs: int = ge0(100, "linear-eval epochs [ref: eval_linear.py --epochs]")
-    linear_lr: float = ge0(0.3, "linear lr at batch 256 (8 x 32) [ref: eval_linear.py --lr]")
-    linear_wd: float = ge0(1e-6, "linear-eval weight decay [ref: eval_linear.py --wd]")
-    linear_batch_size: int = gt0(256, "linear-eval global batch [ref: eval_linear.py 32 x 8]")
-    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py --nesterov]")
-    linear_milestones: tuple = ge0(
-        (), "linear lr decay epochs (empty: cosine) [ref: eval_linear.py --scheduler_type cosine]"
-    )
-    linear_decay: float = unit(0.1, "lr factor per milestone [ref: eval_linear.py --gamma]")
-    linear_epoch_lr: bool = arg(
-        True, "lr set once per epoch [ref: eval_linear.py CosineAnnealingLR, step per epoch]"
-    )
-    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: eval_linear.py best_acc]")
-    linear_zero_init: bool = arg(
-        False, "classifier N(0, 0.01), bias 0, no BN [ref: eval_linear.py RegLog, use_bn False]"
-    )
-    ft_recipe: str = arg("swav", "fine-tuning recipe [ref: eval_semisup.py]", choices=FTR)
-    ft_epochs: tuple = gt0((20, 20), "fine-tuning epochs at 1% / 10% [ref: eval_semisup.py]")
-    ft_batch_size: int = gt0(256, "fine-tuning global batch [ref: eval_semisup.py 32 x 8]")
-    ft_lr: tuple = ge0((0.02, 0.01), "backbone lr x batch/256 at 1% / 10% [ref: README --lr]")
-    ft_head_lr: tuple = ge0((5.0, 0.2), "head lr x batch/256 [ref: README --lr_last_layer]")
-    # -- derived at runtime (not flags) --
-    rank: int = arg(0, "", derived=True)
-    world_size: int = arg(1, "", derived=True)
-    local_rank: int = arg(0, "", derived=True)
-    is_main: bool = arg(True, "", derived=True)
-    batch_size_per_gpu: int = arg(0, "", derived=True)
-    steps_per_epoch: int = arg(0, "", derived=True)
-    total_steps: int = arg(0, "", derived=True)
-    sched: dict = field(default_factory=dict, metadata={"derived": True})
-
-    @staticmethod
-    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this preset (SwAV has one version)."""
-        r = {}
-        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar-multicrop/swav.yaml]
-            r.update(arch="resnet18", batch_size=256, epochs=1000)  # wd 1e-6 as ImageNet
-            # lr as the official batch-256 recipe (0.6 -> 0.0006) [ref: swav_400ep_bs256 script;
-            # solo-learn 0.6 / min_lr 0.0006]; solo's 10 warm-up epochs start from ~0
-            # DEVIATION: solo-learn's LARS has eta 0.02 + lr clipping and skips biases/BN; ours
-            # keeps the official LARC (0.001, every parameter)
-            r.update(lr=0.6, final_lr=0.0006, warmup_epochs=10, start_warmup=0.0)
-            # queue 3840 from epoch 50; prototypes frozen 2 epochs = 2 x 195 steps [ref: solo-learn]
-            r.update(queue_length=3840, epoch_queue_starts=50, freeze_prototypes_niters=390)
-            # crops 2 x 32 (0.2, 1) + 6 local (0.08, 0.5) [ref: cifar-multicrop augmentations/
-            # swav.yaml, local 18 px]; DEVIATION: local side 3/7 of img_size as SwAV's 96/224
-            # (14 px), SwAV's jitter on every crop, no blur at 32 px (solo: 0 global, 0.1 local)
-            r.update(global_scale=(0.2, 1.0), local_scale=(0.08, 0.5), blur=False)
-            # no official CIFAR linear protocol: eval_linear.py's at batch 512 as the others
-            r.update(linear_batch_size=512)
-        return r
-
-    def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it)."""
-        if self.queue_length % (B := self.batch_size):  # the official code cuts it to k
-            k, why = self.queue_length // B * B or B, f"not a multiple of the global batch {B}"
-            C.fail(f"--queue-length {self.queue_length}: {why}; pass a multiple, e.g. {k}")
-        C.check_pair(self, "global_scale"), C.check_pair(self, "local_scale")
-        patch = C.vit_patch(size := C.image_size(self))
-        C.check_patch(self, patch, "--img-size", size)
-        if self.n_local:
-            C.check_patch(self, patch, "--local-size", C.local_size(self))
-
-
-# ==== 2. model: heads + SwAV(nn.Module), all method state as persistent buffers =========
+# ==== 1. model: heads + SwAV(nn.Module), all method state as persistent buffers ===========
 class SwAV(nn.Module):
     """backbone -> projector Linear(+bias) -> BN -> ReLU -> Linear(+bias) -> l2-normalise = z ->
     prototypes (Linear, no bias, rows kept unit-norm) = scores [ref: resnet50.py projection_head,
@@ -165,7 +39,7 @@ class SwAV(nn.Module):
 
     per_rank = ("queue",)
 
-    def __init__(self, args: Args):
+    def __init__(self, args: "Args"):
         super().__init__()
         self.backbone, self.feat_dim = C.build_backbone(
             args.arch, args.img_size, args.zero_init_residual
@@ -193,7 +67,7 @@ class SwAV(nn.Module):
         return z, self.prototypes(z)
 
 
-# ==== 3. loss: sinkhorn(...) codes, swav_loss(...) -> Tensor, pure, fp32 inside ============
+# ==== 2. loss: sinkhorn(...) codes, swav_loss(...) -> Tensor, pure, fp32 inside ===========
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:
     """Sinkhorn-Knopp codes [SwAV §3.1; ref: main_swav.py distributed_sinkhorn]. scores [B, K]
@@ -235,7 +109,7 @@ def swav_loss(scores: list[torch.Tensor], q: list[torch.Tensor], tau: float) -> 
         return loss / len(q)
 
 
-# ==== 4. method state: @torch.no_grad() normalize_prototypes / enqueue ======================
+# ==== 3. method state: @torch.no_grad() normalize_prototypes / enqueue ====================
 @torch.no_grad()
 def normalize_prototypes(model: SwAV):
     """Prototype rows back to unit norm, in place, before every step's forward [SwAV §4.1; ref:
@@ -253,7 +127,7 @@ def enqueue(queue: torch.Tensor, z: torch.Tensor):
     queue[:, :b] = z
 
 
-# ==== 5. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
 class LARC(torch.optim.Optimizer):
     """apex LARC (trust 0.001, clip False) around SGD momentum 0.9 [ref: main_swav.py; apex
     parallel/LARC.py], on EVERY parameter (biases and BN too, unlike C.LARS): where |p| and |g|
@@ -276,7 +150,7 @@ class LARC(torch.optim.Optimizer):
                 p.add_(buf.mul_(g["momentum"]).add_(d), alpha=-g["lr"])
 
 
-def lr_schedule(args: Args) -> list:
+def lr_schedule(args: "Args") -> list:
     """Per-step lr [ref: main_swav.py lr_schedule]: np.linspace(start_warmup, lr, w) over w =
     warmup_epochs x steps_per_epoch steps (lr reached AT the last warm-up step), then final +
     (lr - final)(1 + cos(pi t / n)) / 2 for t = 0 .. n - 1, n = total - w."""
@@ -284,7 +158,7 @@ def lr_schedule(args: Args) -> list:
     return C.cosine_schedule(args.lr, args.final_lr, args.total_steps, w, args.start_warmup, True)
 
 
-def train_step(model, batch, optimizer, scaler, step: int, args: Args) -> dict:
+def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     views, _, _ = batch
     net, B = C.unwrap(model), len(views[0])
     lr = args.sched["lr"][step]
@@ -323,14 +197,110 @@ def features(model, x: torch.Tensor) -> torch.Tensor:
     return C.unwrap(model).backbone(x)
 
 
-# ==== 6. boilerplate: train loop, checkpoint, export, kNN, linear eval (identical text) =====
+def encoder(model) -> nn.Module:
+    """What fit exports (backbone.pth, torchvision names): the backbone [ref: eval_linear.py]."""
+    return C.unwrap(model).backbone
+
+
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+@dataclass
+class Args(C.RunArgs):
+    """SwAV's fields: the defaults are the official ImageNet recipe (800 epochs, batch 4096);
+    recipe() sets the CIFAR preset's (named in each help text)."""
+
+    arch: str = arg("resnet50", "net [SwAV §4; ref: resnet50.py]; CIFAR resnet18", choices=C.ARCHS)
+    zero_init_residual: bool = arg(False, "zero-init last BN gamma per block [ref: resnet50.py]")
+    epochs: int = ge0(800, "epochs [SwAV Tab. 1, 75.3%; ref: swav_800ep_pretrain.sh]; CIFAR 1000")
+    batch_size: int = gt0(4096, "GLOBAL batch [SwAV §4.1; ref: 64 GPUs x 64]; CIFAR 256")
+    lr: float = ge0(4.8, "ABSOLUTE lr, not x B [ref: --base_lr 4.8; bs256 scripts 0.6]; CIFAR 0.6")
+    final_lr: float = ge0(0.0048, "cosine ends here [ref: --final_lr, 800ep script]; CIFAR 0.0006")
+    warmup_epochs: int = ge0(10, "linspace from start_warmup, then cosine [ref: scripts]; CIFAR 10")
+    start_warmup: float = ge0(0.3, "warm-up starts at this lr [ref: --start_warmup 0.3]; CIFAR 0")
+    wd: float = ge0(1e-6, "weight decay on ALL params incl. biases/BN [ref: --wd, SGD + LARC]")
+    tau: float = gt0(0.1, "softmax temperature [SwAV Eq. 2; ref: --temperature]")
+    eps: float = gt0(0.05, "Sinkhorn entropy weight [SwAV §3.1; ref: --epsilon]")
+    sinkhorn_iters: int = gt0(3, "Sinkhorn iterations [SwAV §3.1; ref: --sinkhorn_iterations]")
+    dim: int = gt0(128, "z dim [SwAV §4.1; ref: --feat_dim]")
+    hidden_dim: int = gt0(2048, "projector hidden dim [ref: hidden_mlp 2048]")
+    n_prototypes: int = gt0(3000, "number of prototypes K [SwAV §4.1; ref: --nmb_prototypes]")
+    queue_length: int = ge0(0, "z queue, global, k x B (0: none) [ref: 4096 runs: 0]; CIFAR 3840")
+    epoch_queue_starts: int = ge0(15, "queue fills from then [ref: --epoch_queue_starts]; CIFAR 50")
+    freeze_prototypes_niters: int = ge0(313, "frozen N steps [ref: main_swav.py]; CIFAR 390")
+    n_local: int = ge0(6, "local crops (+ 2 global, both assigned) [SwAV §3.2; ref: --nmb_crops]")
+    local_size: int = ge0(0, "local crop px (0: img_size x 96/224, min 8) [ref: --size_crops 96]")
+    global_scale: tuple = frac((0.14, 1.0), "scale [ref: --min/max_scale_crops]; CIFAR 0.2 1.0")
+    local_scale: tuple = frac((0.05, 0.14), "scale [ref: --min/max_scale_crops]; CIFAR 0.08 0.5")
+    blur: bool = arg(True, "blur p=0.5 on every crop [ref: multicropdataset.py]; off on CIFAR")
+    linear_epochs: int = ge0(100, "linear-eval epochs [ref: eval_linear.py --epochs]")
+    linear_lr: float = ge0(0.3, "linear lr at batch 256 (8 x 32) [ref: eval_linear.py --lr]")
+    linear_wd: float = ge0(1e-6, "linear-eval weight decay [ref: eval_linear.py --wd]")
+    linear_batch_size: int = gt0(256, "global batch [ref: eval_linear.py 32 x 8]; CIFAR 512")
+    linear_nesterov: bool = arg(False, "Nesterov momentum [ref: eval_linear.py --nesterov]")
+    linear_milestones: tuple = ge0(
+        (), "linear lr decay epochs (empty: cosine) [ref: eval_linear.py --scheduler_type cosine]"
+    )
+    linear_decay: float = unit(0.1, "lr factor per milestone [ref: eval_linear.py --gamma]")
+    linear_epoch_lr: bool = arg(True, "lr once per epoch [ref: eval_linear.py CosineAnnealingLR]")
+    linear_best: bool = arg(True, "report the best epoch's top-1 [ref: eval_linear.py best_acc]")
+    linear_zero_init: bool = arg(
+        False, "classifier N(0, 0.01), bias 0, no BN [ref: eval_linear.py RegLog, use_bn False]"
+    )
+    ft_optimizer: str = arg("sgd", "SGD [ref: eval_semisup.py]", choices=C.FT_OPTS)
+    ft_lr_scaling: str = arg("linear", "lr x batch/256 [ref: eval_semisup.py]", choices=C.SCALINGS)
+    ft_epochs: tuple = gt0((20, 20), "fine-tuning epochs at 1% / 10% [ref: eval_semisup.py]")
+    ft_batch_size: int = gt0(256, "fine-tuning global batch [ref: eval_semisup.py 32 x 8]")
+    ft_lr: tuple = ge0((0.02, 0.01), "backbone lr x batch/256 at 1% / 10% [ref: README --lr]")
+    ft_head_lr: tuple = ge0((5.0, 0.2), "head lr x batch/256 [ref: README --lr_last_layer]")
+    ft_milestones: tuple = ge0((12, 16), "lr x --ft-decay from [ref: eval_semisup.py MultiStepLR]")
+    ft_decay: float = unit(0.2, "lr factor per milestone [ref: eval_semisup.py MultiStepLR]")
+    ft_epoch_lr: bool = arg(True, "lr set once per epoch [ref: eval_semisup.py]")
+    ft_head_init: str = arg("torch", "nn.Linear's init [ref: eval_semisup.py]", choices=C.HEADS)
+    ft_best: bool = arg(True, "top-1 of the best epoch [ref: eval_semisup.py best_acc]")
+
+    @staticmethod
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
+        """Fields that differ from the defaults above for this preset (SwAV has one version)."""
+        r = {}
+        if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar-multicrop/swav.yaml]
+            r.update(arch="resnet18", batch_size=256, epochs=1000)  # wd 1e-6 as ImageNet
+            # lr as the official batch-256 recipe (0.6 -> 0.0006) [ref: swav_400ep_bs256 script;
+            # solo-learn 0.6 / min_lr 0.0006]; solo's 10 warm-up epochs start from ~0
+            # DEVIATION: solo-learn's LARS has eta 0.02 + lr clipping and skips biases/BN; ours
+            # keeps the official LARC (0.001, every parameter)
+            r.update(lr=0.6, final_lr=0.0006, warmup_epochs=10, start_warmup=0.0)
+            # queue 3840 from epoch 50; prototypes frozen 2 epochs = 2 x 195 steps [ref: solo-learn]
+            r.update(queue_length=3840, epoch_queue_starts=50, freeze_prototypes_niters=390)
+            # crops 2 x 32 (0.2, 1) + 6 local (0.08, 0.5) [ref: cifar-multicrop augmentations/
+            # swav.yaml, local 18 px]; DEVIATION: local side 3/7 of img_size as SwAV's 96/224
+            # (14 px), SwAV's jitter on every crop, no blur at 32 px (solo: 0 global, 0.1 local)
+            r.update(global_scale=(0.2, 1.0), local_scale=(0.08, 0.5), blur=False)
+            # no official CIFAR linear protocol: eval_linear.py's at batch 512 as the others
+            r.update(linear_batch_size=512)
+        return r
+
+    def check(self):
+        """The limits over several fields, after each field's range (C.parse_args calls it)."""
+        B = self.batch_size
+        if self.queue_length % B:  # the official code cuts it to k
+            k, why = self.queue_length // B * B or B, f"not a multiple of the global batch {B}"
+            C.fail(f"--queue-length {self.queue_length}: {why}; pass a multiple, e.g. {k}")
+        C.check_pair(self, "global_scale")
+        C.check_pair(self, "local_scale")
+        patch = C.vit_patch(self.img_size)
+        C.check_patch(self, patch, "--img-size", self.img_size)
+        if self.n_local:
+            C.check_patch(self, patch, "--local-size", self.local_size)
+
+
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
     --linear-cached: features of un-augmented images, computed once (fast; a DEVIATION)."""
     device, w, B = torch.device(args.device), args.world_size, C.linear_batch_size(data, args)
     head = nn.Linear(feat_dim, data.num_classes).to(device)
-    nn.init.normal_(head.weight, std=0.01), nn.init.zeros_(head.bias)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
     if args.linear_zero_init:
         nn.init.zeros_(head.weight)
     lr, kw = args.linear_lr * B / 256, {"weight_decay": args.linear_wd}
@@ -339,14 +309,18 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
         feats, labels = C.extract(fn, data.train_eval, args)
         n_batches = len(feats) // B
     else:
-        n_batches = len(loader := C.make_loader(data.train_linear, args, B // w))
+        loader = C.make_loader(data.train_linear, args, B // w)
+        n_batches = len(loader)
     E, ms = args.linear_epochs, args.linear_milestones
-    per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
-    per_epoch = per_epoch if ms else C.cosine_schedule(lr, 0.0, E)  # step decay or cosine
+    if ms:  # x decay per milestone passed, set once per epoch
+        per_epoch = [lr * args.linear_decay ** sum(e >= m for m in ms) for e in range(E)]
+    else:
+        per_epoch = C.cosine_schedule(lr, 0.0, E)
     sched = [v for v in per_epoch for _ in range(n_batches)]  # the lr set once per epoch
     if not (ms or args.linear_epoch_lr):  # cosine per step
         sched = C.cosine_schedule(lr, 0.0, E * n_batches)
-    test, test_y, acc = *C.extract(fn, data.test, args), []
+    test, test_y = C.extract(fn, data.test, args)
+    acc = []
     for epoch in C.progress(range(E), "linear probe epochs", args):
         if args.linear_cached:  # one permutation on every rank, each takes its column
             perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(epoch))
@@ -362,8 +336,9 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
             C.set_lr(opt, sched[epoch * n_batches + i])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x.float()), y).backward()
-            for p in head.parameters() if w > 1 else []:  # mean over processes, as DDP would
-                torch.distributed.all_reduce(p.grad.div_(w))
+            if w > 1:  # mean over processes, as DDP would
+                for p in head.parameters():
+                    torch.distributed.all_reduce(p.grad.div_(w))
             opt.step()
         with torch.no_grad():  # test top-1/top-5 after every epoch
             hit = head(test).topk(min(5, data.num_classes), dim=1).indices == test_y[:, None]
@@ -402,7 +377,8 @@ def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
+    paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -411,7 +387,7 @@ def fit(model, optimizer, data, args):
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.backbone.compile()
+        encoder(model).compile()
     ddp = model
     if args.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -421,7 +397,7 @@ def fit(model, optimizer, data, args):
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
     end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 < end and args.knn_every:
+    if step == 0 and end > 0 and args.knn_every:
         evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
     finite, stop = torch.ones((), dtype=torch.bool, device=device), False
     while step < end:
@@ -442,28 +418,24 @@ def fit(model, optimizer, data, args):
         epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
         if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
             evaluate(model, data, args, logger, step, final=False)
-    if args.is_main:  # torchvision-format weights of the encoder the paper evaluates, exported
-        # before the final evaluation: an evaluation that fails keeps them
-        C.save_checkpoint(
-            os.path.join(args.out_dir, "backbone.pth"), C.unwrap(model).backbone.state_dict()
-        )
+    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
+        # evaluation that fails keeps them
+        C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. main(args) ========================================================================
+# ==== 8. main(args) ========================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
-
-    def views(ms):  # build_data calls this after filling in the default img_size
-        args.local_size = C.local_size(args)
-        kw = {"jitter": (0.8, 0.8, 0.8, 0.2), "blur_p": 0.5 * args.blur}  # [ref: multicrop]
-        g = C.augmentation(args.img_size, ms, scale=tuple(args.global_scale), **kw)
-        loc = C.augmentation(args.local_size, ms, scale=tuple(args.local_scale), **kw)
-        return C.multicrop_augment(g, loc, 2, args.n_local)
-
-    data = C.build_data(args, views, normalize=True)
+    # 2 global + n_local local crops, mean/std-normalised [ref: multicrop]. On a GPU (--pipeline
+    # auto) C.BatchAugment runs this recipe batched on the device.
+    ms = C.dataset_mean_std(args)
+    kw = {"jitter": (0.8, 0.8, 0.8, 0.2), "blur_p": 0.5 if args.blur else 0.0}
+    g = C.augmentation(args.img_size, ms, scale=tuple(args.global_scale), **kw)
+    loc = C.augmentation(args.local_size, ms, scale=tuple(args.local_scale), **kw)
+    data = C.build_data(args, C.multicrop_augment(g, loc, 2, args.n_local), ms)
     C.prepare_run(args)
     # SyncBN everywhere, global (DEVIATION: the 4096 runs synced apex BN in groups of 8 GPUs)
     model = C.convert_sync_bn(SwAV(args)).to(device)

@@ -290,7 +290,7 @@ def finetune(row: str, a) -> dict:
         rec = next((r for r in read_metrics(out_dir(cmd)) if "finetune_top1" in r), {})
         res["commands"].append(shlex.join(["python", *cmd]))
         if rec:  # the recipe as run, e.g. "simclr_v1, batch 256"
-            res["recipe"] = f"{rec['finetune_recipe']}, batch {rec['finetune_batch']}"
+            res["recipe"] = f"{rec['finetune_optimizer']}, batch {rec['finetune_batch']}"
         res[f"{f} {kind}"] = {k: rec.get(f"finetune_{k}") for k in ("top1", "top5", "images")}
         res[f"{f} {kind}"]["wall_s"] = info["wall_s"]
         if info["returncode"] and not res["error"]:
@@ -367,7 +367,7 @@ def finetune_table(results: list[dict]) -> list[str]:
     head = " | ".join(f"{round(f * 100)}% {k}" for f in FRACTIONS for k in ("init", "trained"))
     lines = [
         "Fine-tuning: the encoder and a new linear head on 1% / 10% of the training labels "
-        "(class-balanced from the seed), each method's --ft-recipe; top-1 on the test images.",
+        "(class-balanced from the seed), each method's --ft-* protocol; top-1 on the test images.",
         "",
         f"| row | recipe | {head} | wall (4 runs) |",
         "|---|---|" + "---|" * (2 * len(FRACTIONS) + 1),

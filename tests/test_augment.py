@@ -25,6 +25,14 @@ import swav
 N = 4000  # samples for the distribution checks
 
 
+def twin(**kw) -> C.BatchAugment:  # the batched twin of augmentation(32, **kw)
+    return C.BatchAugment(C.augmentation(32, None, **kw))
+
+
+def twins(data) -> list:  # the batched twins of a dataset's views, as train_loader builds them
+    return [C.BatchAugment(t) for t in data.train.transform]
+
+
 def images(b=8, h=32, w=32, seed=0):
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
@@ -75,8 +83,8 @@ def test_additive_brightness_equals_the_cpu_op():
 def test_additive_brightness_offsets_are_uniform_on_both_paths(monkeypatch):
     aug = C.simclr_augment(32, None, 1.0, False, additive=True)
     jit = [t for t in aug.transforms if isinstance(t, T.RandomApply)][0].transforms[0]
-    assert isinstance(jit, C.AdditiveColorJitter) and aug.batched.o.additive_brightness
-    p = aug.batched.sample(*sizes(N), torch.Generator().manual_seed(0))
+    assert isinstance(jit, C.AdditiveColorJitter) and C.BatchAugment(aug).o.additive_brightness
+    p = C.BatchAugment(aug).sample(*sizes(N), torch.Generator().manual_seed(0))
     on = p["jitter"][:, 1:3].ne(1).any(1)  # jitter applied (contrast/saturation moved)
     v = p["jitter"][on, 0]
     assert -0.8 <= v.min() < -0.79 and 0.79 < v.max() <= 0.8 and v.mean().abs() < 0.05
@@ -137,7 +145,7 @@ def test_crop_equals_crop_then_resize(bicubic):
 
 def test_identity_parameters_give_the_input_back():
     x = images()
-    aug = C.BatchAugment(32, None, blur_p=0.5, solarize_p=0.2, gray_first=True)
+    aug = twin(blur_p=0.5, solarize_p=0.2, gray_first=True)
     p = aug.sample(*sizes(8))
     p.update(box=torch.tensor([[0.0, 0.0, 32.0, 32.0]] * 8), flip=torch.zeros(8, dtype=bool))
     p.update(jitter=torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 8), gray=torch.zeros(8, dtype=bool))
@@ -174,7 +182,7 @@ def test_crop_fallback_is_torchvisions_centre_crop():
 
 def test_parameter_ranges_probabilities_and_order():
     kw = {"jitter": (0.4, 0.3, 0.2, 0.1), "jitter_p": 0.8, "gray_p": 0.2, "blur_p": 0.5}
-    p = C.BatchAugment(32, None, solarize_p=0.2, **kw).sample(*sizes(N), torch.Generator())
+    p = twin(solarize_p=0.2, **kw).sample(*sizes(N), torch.Generator())
     f, on = p["jitter"], (p["jitter"] != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(1)
     for k, (lo, hi) in enumerate([(0.6, 1.4), (0.7, 1.3), (0.8, 1.2), (-0.1, 0.1)]):
         v = f[on, k]
@@ -184,14 +192,14 @@ def test_parameter_ranges_probabilities_and_order():
     assert rate(p["sigma"] > 0, 0.5) and rate(p["solarize"], 0.2)
     s = p["sigma"][p["sigma"] > 0]
     assert 0.1 <= s.min() < 0.12 and 1.98 < s.max() <= 2.0
-    assert not C.BatchAugment(32, flip_p=0.0).sample(*sizes(N))["flip"].any()
+    assert not twin(flip_p=0.0).sample(*sizes(N))["flip"].any()
     perms = {tuple(r) for r in p["order"].tolist()}
     counts = torch.unique(p["order"], dim=0, return_counts=True)[1].float()
     assert len(perms) == 24 and counts.std() / counts.mean() < 0.25  # all 24 orders, uniform
 
 
 def test_samples_are_independent_and_seeded():
-    aug, hw = C.BatchAugment(32, None, **{"blur_p": 0.5}), sizes(N)
+    aug, hw = twin(blur_p=0.5), sizes(N)
     p = aug.sample(*hw, torch.Generator().manual_seed(3))
     cols = torch.cat([p["jitter"], p["box"], p["sigma"][:, None], p["flip"][:, None]], 1).float()
     corr = torch.corrcoef(torch.cat([cols[:-1], cols[1:]], 1).T)  # each sample vs the next
@@ -211,8 +219,8 @@ def loader_args(tmp_path, *flags):
 
 
 def build(args):
-    aug = lambda ms: C.MultiView([C.moco_augment(16, ms, "v2", blur=True)] * 2)
-    return C.build_data(args, aug, normalize=True)
+    ms = C.dataset_mean_std(args)
+    return C.build_data(args, C.MultiView([C.moco_augment(16, ms, "v2", blur=True)] * 2), ms)
 
 
 @pytest.mark.parametrize("world,rank", [(1, 0), (2, 1)])
@@ -220,7 +228,7 @@ def test_device_loader_has_make_loaders_shards_and_order(tmp_path, world, rank):
     args = loader_args(tmp_path)
     data = build(args)
     args.world_size, args.rank, args.batch_size_per_gpu = world, rank, 16 // world
-    dev, ref = C.DeviceLoader(data.train, args, 8), C.make_loader(data.train, args, 8)
+    dev, ref = C.DeviceLoader(data.train, twins(data), args, 8), C.make_loader(data.train, args, 8)
     assert len(dev) == len(ref)
     for epoch in (0, 1):
         dev.sampler.set_epoch(epoch), ref.sampler.set_epoch(epoch)
@@ -232,7 +240,8 @@ def test_device_loader_has_make_loaders_shards_and_order(tmp_path, world, rank):
 
 def test_device_loader_resumes_mid_epoch_exactly(tmp_path):
     args = loader_args(tmp_path)
-    dev = C.DeviceLoader(build(args).train, args, 16)
+    data = build(args)
+    dev = C.DeviceLoader(data.train, twins(data), args, 16)
     dev.sampler.set_epoch(1)
     full = list(dev)
     dev.sampler.set_epoch(1, skip=2 * 16)
@@ -251,7 +260,7 @@ def test_device_loader_decodes_an_image_folder(tmp_path):
     args = loader_args(tmp_path / "run", "--dataset", "folder", "--data-dir", tmp_path / "img")
     args.subset, args.batch_size, args.batch_size_per_gpu = 0, 4, 4
     data = build(args)
-    dev = C.DeviceLoader(data.train, args, 4)
+    dev = C.DeviceLoader(data.train, twins(data), args, 4)
     dev.sampler.set_epoch(0)
     batches = list(dev)
     assert len(batches) == 2 and batches[0][0][0].shape == (4, 3, 16, 16)
@@ -373,7 +382,10 @@ def test_broken_files_are_skipped_counted_and_replaced(tmp_path, pipeline, worke
     data = build(args)
     base = data.train.dataset
     assert isinstance(base, C.ImageFiles) and len(base) == 11
-    loader = (C.DeviceLoader if pipeline == "device" else C.make_loader)(data.train, args, 4)
+    if pipeline == "device":
+        loader = C.DeviceLoader(data.train, twins(data), args, 4)
+    else:
+        loader = C.make_loader(data.train, args, 4)
     loader.sampler.set_epoch(0)
     seen = {}
     for views, y, i in loader:

@@ -472,10 +472,13 @@ def test_vit_tiny_shapes_and_options():
     torch.testing.assert_close(frozen.pos_embed[0, 1:], grid)
 
 
-def test_unknown_arch_fails_in_one_line():
-    with pytest.raises(SystemExit) as e:
+def test_unknown_arch_fails_in_one_line(capsys):
+    """The building block raises (Part 1 has no CLI); the command line refuses it in one line."""
+    with pytest.raises(ValueError, match="resnet9000"):
         C.build_backbone("resnet9000", 32)
-    _assert_one_line_error(e, "resnet9000")
+    with pytest.raises(SystemExit) as e:
+        C.parse_args(simclr.Args, ["--arch", "resnet9000"])
+    assert e.value.code == 2 and "--arch: invalid choice: 'resnet9000'" in capsys.readouterr().err
 
 
 def test_sincos_pos_embed():
@@ -692,7 +695,7 @@ def _simclr_args(monkeypatch, *argv):
 
 
 def _two_views(args):
-    return lambda ms: C.MultiView([C.simclr_augment(args.img_size, ms, 0.5, False)] * 2)
+    return C.MultiView([C.simclr_augment(args.img_size, None, 0.5, False)] * 2)
 
 
 def test_build_data_synthetic(monkeypatch):
@@ -702,7 +705,7 @@ def test_build_data_synthetic(monkeypatch):
     )
     assert args.world_size == 1 and args.rank == 0 and args.batch_size_per_gpu == 16
     assert args.amp == "off"
-    data = C.build_data(args, _two_views(args), normalize=False)
+    data = C.build_data(args, _two_views(args), None)
     assert args.steps_per_epoch == 4 and args.total_steps == 4 * args.epochs
     assert len(data.train) == 64 and data.num_classes == 10
     views, y, idx = data.train[5]
@@ -717,7 +720,7 @@ def test_build_data_missing_npz_dir(monkeypatch, tmp_path):
     missing = str(tmp_path / "nowhere")
     args = _simclr_args(monkeypatch, "--dataset", "cifar10-npz", "--data-dir", missing)
     with pytest.raises(SystemExit) as e:
-        C.build_data(args, _two_views(args), normalize=False)
+        C.build_data(args, _two_views(args), None)
     _assert_one_line_error(e, "--data-dir")
 
 
@@ -726,7 +729,7 @@ def test_build_data_batch_larger_than_dataset(monkeypatch):
         monkeypatch, "--dataset", "synthetic", "--subset", "8", "--batch-size", "16"
     )
     with pytest.raises(SystemExit) as e:
-        C.build_data(args, _two_views(args), normalize=False)
+        C.build_data(args, _two_views(args), None)
     _assert_one_line_error(e, "--batch-size")
 
 

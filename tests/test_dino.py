@@ -129,7 +129,7 @@ def test_head_teacher_and_weight_norm(tmp_path):
     teacher = list(model.teacher.parameters())
     assert teacher and not any(p.requires_grad for p in teacher)
     assert all(torch.equal(a, b) for a, b in zip(model.student.parameters(), teacher))
-    assert model.backbone is model.teacher.backbone  # evaluated and exported: the teacher
+    assert dino.encoder(model) is model.teacher.backbone  # evaluated and exported: the teacher
     keys = model.state_dict().keys()
     assert "center" in keys and "student.head.last_layer.parametrizations.weight.original1" in keys
     other, _ = tiny_model(tmp_path / "b")

@@ -43,7 +43,8 @@ def test_labelled_subset_is_class_balanced_seeded_and_the_same_for_every_method(
         args.finetune_fraction = 0.1
         args.seed = seed
         C.setup_ddp(args)
-        data = C.build_data(args, lambda ms: C.eval_transform(16, ms), module is byol)
+        ms = C.dataset_mean_std(args) if module is byol else None
+        data = C.build_data(args, C.eval_transform(16, ms), ms)
         ds = data.train_linear
         picks.append(C.labelled_subset(ds, args))
         y = ds.dataset.tensors[1][ds.indices]
@@ -162,12 +163,20 @@ def test_fewer_labelled_images_than_one_batch_make_one_batch(tmp_path, capsys):
     assert records(tmp_path / "a")[-1] == records(tmp_path / "b")[-1]
 
 
+# SwAV's protocol [ref: swav eval_semisup.py], as swav.py's Args set it
+SWAV_FT = ["--ft-optimizer", "sgd", "--ft-lr-scaling", "linear", "--ft-milestones", 12, 16]
+SWAV_FT += ["--ft-decay", 0.2, "--ft-epoch-lr", "--ft-head-init", "torch", "--ft-best"]
+# Barlow Twins' [ref: barlowtwins evaluate.py]: BN per process
+BARLOW_FT = ["--ft-optimizer", "sgd", "--ft-lr-scaling", "linear", "--ft-epoch-lr"]
+BARLOW_FT += ["--no-ft-sync-bn", "--ft-head-init", "normal", "--ft-best"]
+
+
 @pytest.mark.parametrize("recipe", ["simclr_v2", "swav"])
 def test_finetune_resumes_exactly(tmp_path, monkeypatch, recipe):
     """2 epochs straight == 1 epoch, killed after its finetune.pth, + a rerun: the same network,
     optimizer state, per-epoch test accuracies (SwAV reports the best epoch) and record. From
     the random init (--epochs 0: the baseline row)."""
-    flags = [*RUN, "--epochs", 0, *FT, "--version", "v2", "--ft-recipe", recipe]
+    flags = [*RUN, "--epochs", 0, *FT, "--version", "v2", *(SWAV_FT if recipe == "swav" else [])]
     simclr.main(tiny_args(simclr, tmp_path / "a", *flags))
     save = C.save_checkpoint
 
@@ -230,7 +239,7 @@ def test_finetune_two_processes_equal_one(tmp_path):
     scale = max(v.abs().max().item() for v in ref["net"].values() if v.is_floating_point())
     for k, v in ref["net"].items():
         torch.testing.assert_close(ranks[0]["net"][k], v, rtol=1e-4, atol=1e-5 * scale, msg=k)
-    local = [*flags, "--ft-recipe", "barlow_twins"]
+    local = [*flags, *BARLOW_FT]
     ranks = spawn(_finetune_on_ranks, 2, tmp_path, str(tmp_path / "local"), local)
     acc = lambda r: (r["res"]["finetune_top1"], r["res"]["finetune_top5"])
     assert acc(ranks[0]) == acc(ranks[1])

@@ -200,7 +200,7 @@ def test_presets():
 
 def test_step_schedule_and_cifar_augmentation(tmp_path, monkeypatch):
     seen, build = [], C.build_data
-    spy = lambda args, views, normalize: seen.append(views(None)) or build(args, views, normalize)
+    spy = lambda args, views, mean_std: seen.append(views) or build(args, views, mean_std)
     monkeypatch.setattr(C, "build_data", spy)
     flags = ["--subset", 32, "--batch-size", 16, "--epochs", 3, "--max-steps", 1]
     args = tiny_args(instdisc, tmp_path, *flags, "--lr-milestones", 1, 2)
@@ -208,10 +208,10 @@ def test_step_schedule_and_cifar_augmentation(tmp_path, monkeypatch):
     assert args.sched["lr"] == pytest.approx([0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003])
     (view,) = seen[0]  # one view; cifar.py: jitter before gray, no flip
     ops = [type(t).__name__ for t in view.transforms]
-    assert ops == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "ToTensor"]
+    assert ops == ["RandomResizedCrop", "RandomApply", "RandomGrayscale", "ToTensor", "Normalize"]
     jitter = view.transforms[1]  # always applied, (0.4, 0.4, 0.4, 0.4)
     assert jitter.p == 1.0 and type(jitter.transforms[0]).__name__ == "ColorJitter"
-    assert jitter.transforms[0].hue == (-0.4, 0.4) and view.batched.o.flip_p == 0.0
+    assert jitter.transforms[0].hue == (-0.4, 0.4) and C.BatchAugment(view).o.flip_p == 0.0
 
 
 # ==== distributed, resume, end to end =======================================================

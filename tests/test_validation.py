@@ -165,10 +165,10 @@ def test_colour_strength_bound_is_colorjitters_hue():
 
 def test_cmc_width_bound_keeps_a_channel_in_every_layer():
     lo, x = spec_of("cmc", "width")[0], torch.rand(2, 1, 8, 8)
-    assert MODULES["cmc"].encoder("smallcnn", 8, 1, lo)[0](x).shape[0] == 2
+    assert MODULES["cmc"].view_encoder("smallcnn", 8, 1, lo)[0](x).shape[0] == 2
     with warnings.catch_warnings(), pytest.raises(RuntimeError):
         warnings.simplefilter("ignore")  # torch: zero-element init is a no-op
-        MODULES["cmc"].encoder("smallcnn", 8, 1, lo * 0.99)[0](x)
+        MODULES["cmc"].view_encoder("smallcnn", 8, 1, lo * 0.99)[0](x)
 
 
 # ==== the shipped recipes pass =============================================================
