@@ -16,7 +16,7 @@ Run: torchrun --nproc_per_node=8 barlow_twins.py --preset imagenet --dataset ima
      python barlow_twins.py                      (CIFAR-10 preset, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import os
 import warnings
 from dataclasses import dataclass
@@ -126,7 +126,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 FT = "[ref: README semi-supervised command (1%); the same at 10%]"
 
 
@@ -235,7 +235,7 @@ class Args(C.RunArgs):
             C.fail(f"--batch-size {self.batch_size}: no std over one sample; pass >= 2")
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -368,7 +368,7 @@ def fit(model, optimizer, data, args):
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 def build_optimizer(model: BarlowTwins, args: Args) -> C.LARS:
     """LARS on two groups: weights (ndim > 1: wd and trust ratio) at x lr, biases and BN (1-D:
     neither) at x lr_biases [ref: main.py main_worker param_weights / param_biases, LARS

@@ -17,7 +17,7 @@ Run: torchrun --nproc_per_node=8 cmc.py --preset imagenet --dataset imagenet --d
      python cmc.py                      (CIFAR-10 preset, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import math
 import os
 import warnings
@@ -194,7 +194,7 @@ def estimate_z(s_l: torch.Tensor, s_ab: torch.Tensor, n: int) -> torch.Tensor:
     return (lme.double() + math.log(n)).exp()
 
 
-# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
 def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x,), _, idx = batch  # one RGB crop per image: both views come from it
     net = C.unwrap(model)
@@ -222,7 +222,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 @dataclass
 class Args(C.RunArgs):
     """CMC's fields: ImageNet defaults, recipe() the CIFAR preset's; fine-tuning: C.RunArgs'."""
@@ -289,7 +289,7 @@ class Args(C.RunArgs):
         against the number of images waits for the data (main)."""
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -422,7 +422,7 @@ def fit(model, optimizer, data, args):
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)

@@ -17,7 +17,7 @@ Run: torchrun --nproc_per_node=8 cpc.py --preset imagenet --dataset imagenet --d
      python cpc.py                      (CIFAR-10 preset, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import os
 import warnings
 from dataclasses import dataclass
@@ -171,7 +171,7 @@ def other_ranks(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([everyone[: r * b], everyone[(r + 1) * b :]])
 
 
-# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
 def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x,), _, _ = batch
     lr = args.sched["lr"][step]
@@ -194,7 +194,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 @dataclass
 class Args(C.RunArgs):
     """CPC v2's fields: the defaults are the ImageNet recipe; recipe() sets the CIFAR preset's
@@ -281,7 +281,7 @@ class Args(C.RunArgs):
         C.check_patch(self, C.vit_patch(S), "--patch-size", p)
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -414,7 +414,7 @@ def fit(model, optimizer, data, args):
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 def cpc_augment(size: int, mean_std, aug: str) -> T.Compose:
     """Image-level augmentation before the patch grid; the per-patch part runs in the model."""
     if aug == "crop":  # 256 px crops of the image resized to 300 px, flip [CPC v1 §3.2]

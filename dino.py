@@ -17,7 +17,7 @@ Run: torchrun --nproc_per_node=8 dino.py --preset imagenet --dataset imagenet --
      python dino.py                      (CIFAR-10 preset, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import copy
 import os
 import warnings
@@ -190,7 +190,7 @@ def clip_and_freeze(student: MultiCrop, clip: float, freeze: bool):
             p.grad = None
 
 
-# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
 def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     views, _, _ = batch
     net = C.unwrap(model)
@@ -224,7 +224,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).teacher.backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 OPTS = ("adamw", "sgd", "lars")
 
 
@@ -339,7 +339,7 @@ class Args(C.RunArgs):
             C.check_patch(self, self.patch_size, "--local-size", self.local_size)
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -472,7 +472,7 @@ def fit(model, optimizer, data, args):
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)

@@ -16,7 +16,7 @@ Run: torchrun --nproc_per_node=8 instdisc.py --preset imagenet --dataset imagene
      python instdisc.py                      (CIFAR-10 preset, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import json
 import math
 import os
@@ -120,7 +120,7 @@ def estimate_z(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, noise, ta
     return math.exp(log_z.item())  # float64 on the host: no overflow at small tau
 
 
-# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
 def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x,), _, idx = batch
     net = C.unwrap(model)
@@ -146,7 +146,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 @dataclass
 class Args(C.RunArgs):
     """InstDisc's fields: the defaults are the paper's ImageNet recipe; recipe() sets the CIFAR
@@ -219,7 +219,7 @@ class Args(C.RunArgs):
         against the number of images waits for the data (main)."""
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -380,7 +380,7 @@ def paper_knn(model, data, args) -> dict:
     return {"bank_knn_top1": bank_top1, "embed_knn_top1": recomputed, "k": args.knn_k, "t": t}
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)

@@ -15,7 +15,7 @@ Run: torchrun --nproc_per_node=8 invaspread.py --preset imagenet --dataset image
      python invaspread.py                      (CIFAR-10 preset, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import json
 import os
 import warnings
@@ -101,7 +101,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 @dataclass
 class Args(C.RunArgs):
     """InvaSpread's fields. The official code has only the CIFAR-10 / STL-10 setting: the defaults
@@ -152,7 +152,7 @@ class Args(C.RunArgs):
             C.fail(f"--lr-factors {ms}: not one factor per --lr-milestones epoch ({n}); pass {n}")
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -316,7 +316,7 @@ def log_paper_knn(model, data, args):
             out.write(text + "\n")
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)

@@ -18,7 +18,7 @@ Run: torchrun --nproc_per_node=8 moco.py --preset imagenet --dataset imagenet --
      python moco.py                      (CIFAR-10 preset, v2, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import copy
 import math
 import os
@@ -192,7 +192,7 @@ def enqueue(model: MoCo, k: torch.Tensor):
     model.queue_ptr.copy_((model.queue_ptr + len(k)) % len(model.queue))
 
 
-# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
 def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x1, x2), _, _ = batch
     net = C.unwrap(model)
@@ -218,7 +218,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 OPTS, SCHED = ("sgd", "lars", "adamw"), ("step", "cosine-epoch", "cosine")
 VERSIONS, AUGS = ("v1", "v2", "v3"), ("v1", "v2", "asym")
 
@@ -332,7 +332,7 @@ class Args(C.RunArgs):
         C.check_patch(self, self.patch_size, "--img-size", self.img_size)
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -465,7 +465,7 @@ def fit(model, optimizer, data, args):
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)

@@ -15,7 +15,7 @@ Run: torchrun --nproc_per_node=8 simclr.py --preset imagenet --dataset imagenet 
      python simclr.py                      (CIFAR-10 preset, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import json
 import math
 import os
@@ -67,7 +67,7 @@ class SimCLR(nn.Module):
         return nt_xent_loss(z1, z2, self.tau), z1
 
 
-# ==== 2. loss: nt_xent_loss(...) -> Tensor, pure, fp32 inside ============================
+# ==== 2. loss: nt_xent_loss(...) -> Tensor, pure, fp32 inside =============================
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
     """NT-Xent [SimCLR Eq. 1]. z1, z2: this process's [B, D] projections of the two views. Both
     are l2-normalised and gathered WITH gradient from all processes; each of the 2B local anchors
@@ -86,10 +86,10 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor
         return 2 * F.cross_entropy(logits, pos_idx)  # mean over 2B anchors = (a + b) / 2
 
 
-# ==== 3. method state: none (SimCLR keeps no state beyond its parameters) ================
+# ==== 3. method state: none (SimCLR keeps no state beyond its parameters) =================
 
 
-# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
 def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x1, x2), _, _ = batch
     lr = args.sched["lr"][step]
@@ -111,7 +111,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 VERSIONS = ("v1", "v2")
 FT = "[ref: README fine-tune command]"
 
@@ -232,7 +232,7 @@ class Args(C.RunArgs):
             C.fail(f"--ft-proj-layers {k}: {why}; pass < --proj-layers {self.proj_layers}")
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -365,7 +365,7 @@ def fit(model, optimizer, data, args):
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 7. SimCLR v2's self-distillation ======================================================
+# ==== 7. SimCLR v2's self-distillation ====================================================
 def distill_loss(student_logits, teacher_logits, tau: float) -> torch.Tensor:
     """Self-distillation [SimCLRv2 Eq. 2]: cross-entropy of the student's softmax(logits / tau)
     against the teacher's, mean over the batch, x tau^2 [ref: tf2/colabs distillation colab
@@ -409,7 +409,7 @@ def distill(model, data, args) -> dict:
     return {"distill_top1": top1, "distill_top5": top5, "distill_loss": out["loss"]}
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)

@@ -15,7 +15,7 @@ Run: torchrun --nproc_per_node=8 simsiam.py --preset imagenet --dataset imagenet
      python simsiam.py                      (CIFAR-10 preset, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import math
 import os
 import warnings
@@ -90,7 +90,7 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
 # ==== 3. method state: none (no momentum encoder, queue or bank: the stop-gradient suffices) ==
 
 
-# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
 def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict:
     (x1, x2), _, _ = batch
     lr = args.sched["lr"][step]
@@ -112,7 +112,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 LINEAR = (  # the linear-eval optimizer: the paper's SGD variant, as section 6 is SGD only
     "DEVIATION: official LARS (apex LARC, trust 0.001, no clip) at batch 4096, lr 0.1 x B/256 "
     "(paper text 0.02) [ref: README, main_lincls.py --lars]; here main_lincls.py without --lars "
@@ -180,7 +180,7 @@ class Args(C.RunArgs):
             C.fail(f"--batch-size {self.batch_size}: BatchNorm needs >= 2 samples; pass >= 2")
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -313,7 +313,7 @@ def fit(model, optimizer, data, args):
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 def build_optimizer(model: SimSiam, lr: float, args: Args) -> torch.optim.SGD:
     """SGD momentum 0.9, wd on every parameter [SimSiam App. A; ref: main_simsiam.py]; with
     --fix-pred-lr the predictor is its own group whose lr C.set_lr leaves at `lr`."""

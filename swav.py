@@ -15,7 +15,7 @@ Run: torchrun --nproc_per_node=8 swav.py --preset imagenet --dataset imagenet --
      python swav.py                      (CIFAR-10 preset, one process)
 """
 
-# ==== 0. imports ===========================================================================
+# ==== 0. imports ==========================================================================
 import os
 import warnings
 from dataclasses import dataclass
@@ -127,7 +127,7 @@ def enqueue(queue: torch.Tensor, z: torch.Tensor):
     queue[:, :b] = z
 
 
-# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ========
+# ==== 4. train_step(model, batch, optimizer, scaler, step, args) -> dict[str, float] ======
 class LARC(torch.optim.Optimizer):
     """apex LARC (trust 0.001, clip False) around SGD momentum 0.9 [ref: main_swav.py; apex
     parallel/LARC.py], on EVERY parameter (biases and BN too, unlike C.LARS): where |p| and |g|
@@ -202,7 +202,7 @@ def encoder(model) -> nn.Module:
     return C.unwrap(model).backbone
 
 
-# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ==============
+# ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 @dataclass
 class Args(C.RunArgs):
     """SwAV's fields: the defaults are the official ImageNet recipe (800 epochs, batch 4096);
@@ -292,7 +292,7 @@ class Args(C.RunArgs):
             C.check_patch(self, patch, "--local-size", self.local_size)
 
 
-# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ================
+# ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
 def linear_probe(fn, feat_dim: int, data, args) -> dict:
     """Linear eval: frozen features (fn under no_grad on an eval() model), only a linear layer
     trains, SGD with the paper's protocol (args.linear_*), gradients averaged over processes.
@@ -425,7 +425,7 @@ def fit(model, optimizer, data, args):
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
-# ==== 8. main(args) ========================================================================
+# ==== 8. main(args) =======================================================================
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
