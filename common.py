@@ -1,16 +1,14 @@
 """cleanssl common.py - the only module the method files share, in two parts.
 
-PART 1, the building blocks a method is made of: gathers across processes and global BatchNorm,
-the augmentation recipes (torchvision), the backbones (ResNet, ViT, a small CNN) and optimisation
-(LARS, schedules, EMA, the optimizer step, autocast, the collapse monitor). Copy this file up to
-the PART 2 banner to use the methods' building blocks in your own trainer: it imports only the
-standard library, torch, torchvision, einops, numpy and PIL, and uses nothing of Part 2.
+PART 1, the building blocks: gathers and global BatchNorm, augmentation recipes, backbones (ResNet,
+ViT, a small CNN), optimisation (LARS, schedules, EMA, optimizer step, autocast, collapse monitor).
+It imports only the standard library, torch, torchvision, einops, numpy and PIL and uses nothing of
+Part 2: copy it (up to the PART 2 banner) to use the building blocks in your own trainer.
 
 PART 2, the run: data and the device pipeline, checkpoints, resume, SIGTERM and the out-dir lock,
-evaluation (features, kNN, linear-probe helpers, fine-tuning), the CLI (RunArgs: the flags every
-method file shares) and logging."""
+evaluation (features, kNN, linear probe, fine-tuning), the CLI (RunArgs) and logging."""
 
-# ==== 1.0 imports ==========================================================================
+# ==== 1.0 imports =========================================================================
 import math
 import random
 from functools import partial
@@ -27,7 +25,7 @@ from einops import rearrange
 from PIL import Image, ImageFilter
 
 
-# ==== 1.1 processes: gathers and global BatchNorm ==========================================
+# ==== 1.1 processes: gathers and global BatchNorm =========================================
 def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -102,9 +100,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def convert_sync_bn(module: nn.Module) -> nn.Module:
     """Every BatchNorm -> BatchNorm over the global batch (a no-op in one process)."""
-    if get_world_size() == 1 or dist.get_backend() == "nccl":
-        return module if get_world_size() == 1 else nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return global_bn(module)
+    if get_world_size() > 1 and dist.get_backend() == "nccl":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return global_bn(module) if get_world_size() > 1 else module
 
 
 def global_bn(module: nn.Module, sync: bool = True) -> nn.Module:
@@ -124,7 +122,7 @@ def global_bn(module: nn.Module, sync: bool = True) -> nn.Module:
     return module
 
 
-# ==== 1.2 augmentation recipes (torchvision) ================================================
+# ==== 1.2 augmentation recipes (torchvision) ==============================================
 def gaussian_blur(img):
     """Gaussian blur, sigma ~ U(0.1, 2.0) [SimCLR App. A; ref: moco/loader.py GaussianBlur]."""
     return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
@@ -221,7 +219,7 @@ def multicrop_augment(global_tf, local_tf, n_global: int = 2, n_local: int = 6) 
     return MultiView([global_tf] * n_global + [local_tf] * n_local)
 
 
-# ==== 1.3 backbones ========================================================================
+# ==== 1.3 backbones =======================================================================
 ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base", "smallcnn")
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # dim, heads
 
@@ -322,22 +320,20 @@ class ViT(nn.Module):
         return self.norm(self.blocks(x + pos))[:, 0]
 
 
-# ==== 1.4 optimisation =====================================================================
+# ==== 1.4 optimisation ====================================================================
 class LARS(torch.optim.Optimizer):
     """LARS [You et al. 2017; ref: moco-v3 optimizer.py]: for ndim > 1, d = g + wd*w scaled by
     eta*|w|/|d|; 1-D params (biases, norms): no decay, no adaptation. m <- mu*m + d; w -= lr*m.
-    solo=True is solo-learn's variant [ref: solo-learn solo/utils/lars.py], which its CIFAR lrs
-    were tuned with: trust eta*|w|/(|g| + wd*|w| + 1e-8), and with clip_lr the trust is capped
-    at 1/lr (a step never exceeds plain SGD's); exclude_bias_n_norm as here. classic=True is
-    the "classic" momentum of SimCLR's LARS [ref: simclr lars_optimizer.py classic_momentum]:
-    m <- mu*m + lr*d; w -= m (past steps keep the lr they were taken with). A parameter group
-    with "adapt": False is not adapted (the fine-tuning head [ref: simclr model_util.py])."""
+    solo=True: solo-learn's variant, which its CIFAR lrs were tuned with [ref: solo/utils/lars.py]:
+    trust eta*|w|/(|g| + wd*|w| + 1e-8), capped at 1/lr by clip_lr (a step never exceeds plain
+    SGD's). classic=True: SimCLR's "classic" momentum [ref: simclr lars_optimizer.py]: m <- mu*m +
+    lr*d; w -= m (past steps keep their lr). A group with "adapt": False is not adapted (the
+    fine-tuning head [ref: simclr model_util.py])."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw):
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
-        kw = {"clip_lr": False, "solo": False, "classic": False, "adapt": True, **kw}
-        kw["trust_coefficient"] = trust_coefficient
-        super().__init__(params, {**defaults, **kw})
+        d = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "clip_lr": False}
+        d.update(solo=False, classic=False, adapt=True)
+        super().__init__(params, {**d, **kw, "trust_coefficient": trust_coefficient})
 
     @torch.no_grad()
     def step(self, closure=None):  # foreach ops: a few kernels per group, not per parameter
@@ -376,9 +372,7 @@ def param_groups(modules, wd: float) -> list[dict]:
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def cosine_schedule(
-    base, final, total_steps: int, warmup_steps=0, warmup_start=0.0, linspace=False
-):
+def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0, linspace=False):
     """Per-step values: linear warm-up from warmup_start at step 0, base coming at step w [ref:
     moco-v3 main_moco.py adjust_learning_rate, simclr model_util.learning_rate_schedule, byol
     schedules.py, barlowtwins main.py] or, linspace=True, already at step w - 1 as
@@ -440,9 +434,9 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
 
 
 # ==========================================================================================
-# ==== PART 2: the run. Data, the device pipeline, checkpoints, evaluation, CLI, logging =====
+# ==== PART 2: the run. Data, the device pipeline, checkpoints, evaluation, CLI, logging ===
 # ==========================================================================================
-# ==== 2.0 imports ==========================================================================
+# ==== 2.0 imports =========================================================================
 import argparse
 import atexit
 import contextlib
@@ -483,7 +477,7 @@ def end_bars():
         bar.close()
 
 
-# ==== 2.1 processes ========================================================================
+# ==== 2.1 processes =======================================================================
 def setup_ddp(args) -> torch.device:
     """torchrun env -> NCCL (cuda) / gloo (cpu) group, else one process; fills args' derived."""
     args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -496,31 +490,27 @@ def setup_ddp(args) -> torch.device:
     resolve_sizes(args)  # Args built in code, not by parse_args
     args.rank, args.world_size, args.is_main = get_rank(), get_world_size(), get_rank() == 0
     args.device = f"cuda:{args.local_rank}" if cuda else (args.device or "cpu")
-    w = args.world_size
-    if args.batch_size % w:
-        fail(f"--batch-size {args.batch_size} is not divisible by world size {w}; pass a multiple")
-    args.batch_size_per_gpu = args.batch_size // w
-    if args.finetune_fraction and args.ft_batch_size % w:
-        b = args.ft_batch_size
-        fail(f"--ft-batch-size {b} is not divisible by world size {w}; pass a multiple")
+    w, b, fb = args.world_size, args.batch_size, args.ft_batch_size
+    if b % w:
+        fail(f"--batch-size {b} is not divisible by world size {w}; pass a multiple")
+    if args.finetune_fraction and fb % w:
+        fail(f"--ft-batch-size {fb} is not divisible by world size {w}; pass a multiple")
+    args.batch_size_per_gpu = b // w
     args.amp = {"auto": "bf16" if args.device.startswith("cuda") else "off"}.get(args.amp, args.amp)
     return torch.device(args.device)
 
 
 @torch.no_grad()
 def sync_buffers(model: nn.Module):
-    """Every rank takes rank 0's buffers (not the `per_rank` ones), as DDP's default
-    broadcast_buffers does before each forward in the official code. Per-GPU BN statistics (MoCo
-    v1/v2 shuffle-BN, CMC, ...) drift apart between ranks; training reads only batch statistics,
-    and rank 0's running statistics are the same with or without the broadcasts, so doing it
-    before every checkpoint (and hence evaluation and export) gives the official model with one
-    broadcast per epoch instead of one per step."""
+    """Every rank takes rank 0's buffers (not the `per_rank` ones), as the official code's DDP does
+    before each forward. Per-GPU BN statistics (MoCo shuffle-BN, CMC, ...) drift apart, but training
+    reads only batch ones and rank 0's are unchanged by broadcasts: one per checkpoint (hence before
+    evaluation, export) gives the official model at one broadcast per epoch, not per step."""
     net = unwrap(model)
-    if get_world_size() > 1:
-        own = set(getattr(net, "per_rank", ()))
-        for name, b in net.named_buffers():
-            if name not in own:
-                dist.broadcast(b, 0)
+    own = set(getattr(net, "per_rank", ()))
+    for name, b in net.named_buffers():
+        if get_world_size() > 1 and name not in own:
+            dist.broadcast(b, 0)
 
 
 # ==== 2.2 data ============================================================================
@@ -603,10 +593,9 @@ def open_rgb(path) -> Image.Image:
 
 
 class ImageFiles(torchvision.datasets.ImageFolder):
-    """ImageFolder that never stops a run on a bad file: every format PIL reads (JPEG, PNG, BMP,
-    TIFF, WebP, ...) in any mode -> RGB; a file that cannot be decoded (truncated, empty, not
-    an image) is marked in `bad` (shared memory: the loader's workers mark it too) and replaced
-    by the next decodable file, so batches keep their size. skipped() lists the marked files."""
+    """ImageFolder that never stops a run on a bad file: any format and mode PIL reads -> RGB; an
+    undecodable file (truncated, empty, not an image) is marked in `bad` (shared memory: workers
+    mark it too; skipped() lists them) and replaced by the next decodable one (same batch size)."""
 
     def __init__(self, root: str):
         super().__init__(root, loader=open_rgb)
@@ -698,9 +687,8 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def worker_sigterm(training: torch.Tensor, worker_id: int):
-    """A DataLoader worker's SIGTERM: ignored while its run trains (`training`, in shared memory:
-    catch_sigterm), for a scheduler signals every process and the run saves first; else the
-    worker ends at once and quietly (e.g. multiprocessing's clean-up as the run exits)."""
+    """A worker's SIGTERM: ignored while the run trains (`training`), as a scheduler signals every
+    process and the run saves first; else it ends at once, quietly (multiprocessing's clean-up)."""
     signal.signal(signal.SIGTERM, lambda signum, frame: None if training else os._exit(0))
 
 
@@ -708,23 +696,18 @@ def make_loader(ds, args, batch_size: int, train: bool = True, collate=None):
     """Disjoint shard per rank, reshuffled by set_epoch, drop_last; own generator (exact resume).
     Workers outlive a SIGTERM while the run trains (worker_sigterm)."""
     sampler = ResumableSampler(ds, args.world_size, args.rank, train, args.seed, drop_last=train)
-    kw = {
-        "num_workers": args.workers,
-        "persistent_workers": args.workers > 0,
-        "collate_fn": collate,
-        "worker_init_fn": partial(worker_sigterm, training_flag()),
-    }
+    kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, collate_fn=collate)
     kw.update(pin_memory=args.device.startswith("cuda"), generator=torch.Generator())
+    kw["worker_init_fn"] = partial(worker_sigterm, training_flag())
     return torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, drop_last=train, **kw)
 
 
 def eval_transform(size: int, mean_std=None, train: bool = False) -> T.Compose:
     """train (linear probe): random resized crop + flip [MoCo main_lincls.py]; test: resize
-    256/224 + centre crop at ImageNet scale, the plain image at CIFAR scale."""
+    256/224 + square centre crop at ImageNet scale, the plain image at CIFAR scale."""
     if train:
         return to_tensor([T.RandomResizedCrop(size), T.RandomHorizontalFlip()], mean_std)
-    ops = [T.Resize(size * 8 // 7 if size > 64 else size), T.CenterCrop(size)]  # square
-    tf = to_tensor(ops, mean_std)
+    tf = to_tensor([T.Resize(size * 8 // 7 if size > 64 else size), T.CenterCrop(size)], mean_std)
     tf.batched = partial(eval_batch, size=size, mean_std=mean_std)  # for in-memory data
     return tf
 
@@ -745,11 +728,11 @@ def normalize(x: torch.Tensor, mean_std=None) -> torch.Tensor:
     return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(*mean_std))], 1)
 
 
-# ==== 2.3 the device pipeline: batched twins of the recipes, device-resident data ============
+# ==== 2.3 the device pipeline: batched twins of the recipes, device-resident data =========
 def rrc_boxes(h, w, scale, ratio=(3 / 4, 4 / 3), g=None, tries: int = 10) -> torch.Tensor:
-    """T.RandomResizedCrop.get_params for a batch of images of heights h, widths w ([B] float):
-    `tries` draws of area ~ U(scale) * h * w and log-ratio ~ U(log ratio), the first that fits,
-    else the centre crop with the ratio clamped; position uniform. -> [B, 4] (x0, y0, x1, y1)."""
+    """T.RandomResizedCrop.get_params for images of heights h, widths w ([B] float): `tries` draws
+    of area ~ U(scale) * h * w and log-ratio ~ U(log ratio), the first that fits, else the centre
+    crop with the ratio clamped; position uniform. -> [B, 4] (x0, y0, x1, y1)."""
     B, dev, lr = len(h), h.device, (math.log(ratio[0]), math.log(ratio[1]))
     area = torch.empty(B, tries, device=dev).uniform_(*scale, generator=g) * (h * w)[:, None]
     r = torch.empty(B, tries, device=dev).uniform_(*lr, generator=g).exp()
@@ -757,9 +740,8 @@ def rrc_boxes(h, w, scale, ratio=(3 / 4, 4 / 3), g=None, tries: int = 10) -> tor
     fits = (cw > 0) & (cw <= w[:, None]) & (ch > 0) & (ch <= h[:, None])
     first = fits.int().argmax(1, keepdim=True)  # the first fitting try (0 when none fits)
     cw, ch, found = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0], fits.any(1)
-    wide, tall = w / h > ratio[1], w / h < ratio[0]  # fallback: whole image, ratio clamped
-    fw = torch.where(wide, (h * ratio[1]).round(), w)
-    fh = torch.where(tall, (w / ratio[0]).round(), h)
+    fw = torch.where(w / h > ratio[1], (h * ratio[1]).round(), w)  # none fits: the whole image
+    fh = torch.where(w / h < ratio[0], (w / ratio[0]).round(), h)  # with its ratio clamped
     cw, ch = torch.where(found, cw, fw), torch.where(found, ch, fh)
     u = torch.rand(B, 2, device=dev, generator=g)
     x0 = torch.where(found, (u[:, 0] * (w - cw + 1)).floor(), ((w - cw) / 2).floor())
@@ -771,17 +753,12 @@ def gray(x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 1, H, W], torc
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def blend(a, b, f) -> torch.Tensor:  # f [B, 1, 1, 1]: torchvision's _blend
-    return (f * a + (1.0 - f) * b).clamp(0.0, 1.0)
-
-
 def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Rotate the hue by f [B] turns: RGB -> HSV, h + f mod 1, -> RGB (torchvision's formulas)."""
     r, g_, b = x.unbind(1)
     v, vmin = x.amax(1), x.amin(1)
     c = v - vmin
-    s = c / torch.where(c == 0, torch.ones_like(v), v)
-    cd = torch.where(c == 0, torch.ones_like(c), c)
+    s, cd = c / torch.where(c == 0, 1.0, v), torch.where(c == 0, 1.0, c)  # grey: no 0 / 0
     rc, gc, bc = (v - r) / cd, (v - g_) / cd, (v - b) / cd
     h = (v == r) * (bc - gc) + ((v == g_) & (v != r)) * (2.0 + rc - bc)
     h = h + ((v != g_) & (v != r)) * (4.0 + gc - rc)
@@ -807,10 +784,9 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float =
 
 
 def crop_resize(x: torch.Tensor, box: torch.Tensor, size: int, bicubic=False) -> torch.Tensor:
-    """Boxes [B, 4] (x0, y0, x1, y1 in pixels) of x [B, C, H, W] -> [B, C, size, size]: the same
-    samples as cropping then resizing (align_corners=False, clamped inside the box); when a crop
-    shrinks, the mean of s x s samples per output pixel, s = ceil(image side / size), a box
-    filter against aliasing (where torchvision's antialias uses a triangle)."""
+    """Boxes [B, 4] (x0, y0, x1, y1 in pixels) of x [B, C, H, W] -> [B, C, size, size]: the samples
+    of crop then resize (align_corners=False, clamped inside the box); a shrinking crop averages
+    s x s samples per pixel, s = ceil(side / size): a box filter (torchvision's: a triangle)."""
     B, _, H, W = x.shape
     s = max(1, math.ceil(max(H, W) / size))
     t = (torch.arange(size * s, device=x.device, dtype=x.dtype) + 0.5) / (size * s)
@@ -818,17 +794,17 @@ def crop_resize(x: torch.Tensor, box: torch.Tensor, size: int, bicubic=False) ->
     xy = (lo + t * (hi - lo) - 0.5).clamp(min=lo, max=hi - 1)  # pixel centres, [B, 2, size * s]
     gx, gy = (xy[:, 0] + 0.5) / W * 2 - 1, (xy[:, 1] + 0.5) / H * 2 - 1  # grid_sample's [-1, 1]
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
-    mode = "bicubic" if bicubic else "bilinear"
-    out = F.grid_sample(x, grid, mode, padding_mode="border", align_corners=False)
-    return F.avg_pool2d(out, s).clamp(0.0, 1.0) if s > 1 else out.clamp(0.0, 1.0)
+    out = F.grid_sample(
+        x, grid, "bicubic" if bicubic else "bilinear", "border", align_corners=False
+    )
+    return (F.avg_pool2d(out, s) if s > 1 else out).clamp(0.0, 1.0)
 
 
 class BatchAugment:
-    """The batched twin of an augmentation() recipe, read from its torchvision ops, for a batch
-    on its device: every sample draws its own parameters (sample), applied with batched tensor
-    ops (apply). A recipe with other ops has no twin (ValueError: it runs on the CPU). DEVIATION
-    from the PIL path: float throughout (PIL rounds to uint8 after every op), a box filter when
-    shrinking (crop_resize), bicubic with a = -0.75 (PIL: -0.5), blur truncated at 3 sigma_max."""
+    """The batched twin of an augmentation() recipe, read from its ops (others: ValueError, it
+    runs on the CPU): per-sample parameters (sample) applied by batched ops (apply). DEVIATION
+    from PIL: float throughout (PIL rounds to uint8 after every op), a box filter when shrinking
+    (crop_resize), bicubic with a = -0.75 (PIL: -0.5), blur truncated at 3 sigma_max."""
 
     def __init__(self, recipe: T.Compose):
         o = self.o = SimpleNamespace(**AUG, mean_std=None)  # an op absent: never applied
@@ -844,8 +820,8 @@ class BatchAugment:
                 o.jitter_p, o.gray_first = op.p, o.gray_p > 0  # grayscale seen before jitter
                 o.additive_brightness = isinstance(inner, AdditiveColorJitter)
                 b = (-inner.delta, inner.delta) if o.additive_brightness else inner.brightness
-                ops = (b, inner.contrast, inner.saturation, inner.hue)
-                o.ranges = [tuple(r) if r is not None else o.ranges[k] for k, r in enumerate(ops)]
+                rs = (b, inner.contrast, inner.saturation, inner.hue)
+                o.ranges = [tuple(r) if r is not None else d for r, d in zip(rs, o.ranges)]
             elif isinstance(op, T.RandomGrayscale):
                 o.gray_p = op.p
             elif inner is gaussian_blur:
@@ -868,15 +844,10 @@ class BatchAugment:
         o, B, dev = self.o, len(h), h.device
         u = lambda *s: torch.rand(*s, device=dev, generator=g)
         on, f = u(B) < o.jitter_p, u(B, 4)
-        add = o.additive_brightness  # brightness: an offset d ~ U(-b, b), identity 0
-        ident = [0.0 if add else 1.0, 1.0, 1.0, 0.0]
+        ident = [0.0 if o.additive_brightness else 1.0, 1.0, 1.0, 0.0]  # additive: an offset
+        jit = [torch.where(on, a + (b - a) * v, i) for (a, b), v, i in zip(o.ranges, f.T, ident)]
         p = {"box": rrc_boxes(h, w, o.scale, g=g), "flip": u(B) < o.flip_p}
-        factors = [
-            torch.where(on, lo + (hi - lo) * f[:, k], ident[k])
-            for k, (lo, hi) in enumerate(o.ranges)
-        ]  # identity factors (ident) where jitter is not applied
-        p["jitter"] = torch.stack(factors, 1)
-        p["additive"] = add  # a Python bool: read without a device sync
+        p["jitter"], p["additive"] = torch.stack(jit, 1), o.additive_brightness  # a bool: no sync
         p["order"], p["gray"] = u(B, 4).argsort(1), u(B) < o.gray_p
         p["sigma"] = torch.where(u(B) < o.blur_p, 0.1 + 1.9 * u(B), torch.zeros(B, device=dev))
         p["solarize"] = u(B) < o.solarize_p
@@ -890,26 +861,24 @@ class BatchAugment:
         return self.apply(x, self.sample(hw[:, 0], hw[:, 1], g), hw)
 
     def apply(self, x: torch.Tensor, p: dict, hw: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
+        H, W = x.shape[-2:]
+        each = lambda k: p[k][:, None, None, None]  # a per-sample value, over the image
         box = p["box"] * torch.stack([W / hw[:, 1], H / hw[:, 0]] * 2, 1)  # to x's pixels
         x = crop_resize(x, box, self.size, self.o.bicubic)
-        grayed = lambda x: torch.where(p["gray"][:, None, None, None], gray(x).expand_as(x), x)
+        grayed = lambda x: torch.where(each("gray"), gray(x).expand_as(x), x)
         x = grayed(self.jitter(x, p)) if not self.o.gray_first else self.jitter(grayed(x), p)
         if self.o.blur_p > 0:
-            blurred = gaussian_blur_batch(x, p["sigma"].clamp_min(0.1))
-            x = torch.where(p["sigma"][:, None, None, None] > 0, blurred, x)
+            x = torch.where(each("sigma") > 0, gaussian_blur_batch(x, p["sigma"].clamp_min(0.1)), x)
         if self.o.solarize_p > 0:  # RandomSolarize(128) on uint8: pixels >= 128 inverted
-            x = torch.where(p["solarize"][:, None, None, None] & (x >= 128 / 255), 1.0 - x, x)
-        x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
-        return normalize(x, self.mean_std)
+            x = torch.where(each("solarize") & (x >= 128 / 255), 1.0 - x, x)
+        return normalize(torch.where(each("flip"), x.flip(-1), x), self.mean_std)
 
     @staticmethod
     def jitter(x: torch.Tensor, p: dict) -> torch.Tensor:
         """ColorJitter with torchvision's semantics: brightness, contrast, saturation, hue, each
-        sample in its own random order. The three blends (towards 0, the grey mean, the grey
-        image) that precede a sample's hue run first, hue once, then the blends after it; a
-        blend with factor 1 is exactly the identity, so the others pass through untouched.
-        p["additive"]: brightness is x + f (clipped; f = 0 the identity), as add_brightness."""
+        sample in its own random order: the blends (towards 0, the grey mean, the grey image)
+        before its hue, hue once, the blends after it; a blend with factor 1 is exactly the
+        identity. p["additive"]: brightness is x + f, clipped (add_brightness; 0 the identity)."""
         f, order = p["jitter"], p["order"]
         hue_at = (order == 3).int().argmax(1)
         towards = (lambda x: 0.0, lambda x: gray(x).mean((1, 2, 3), keepdim=True), gray)
@@ -920,8 +889,9 @@ class BatchAugment:
                     on = (order[:, k] == j) & keep(k)
                     if j == 0 and p.get("additive", False):
                         x = (x + torch.where(on, f[:, 0], 0.0)[:, None, None, None]).clamp(0, 1)
-                        continue
-                    x = blend(x, target(x), torch.where(on, f[:, j], 1.0)[:, None, None, None])
+                    else:  # torchvision's _blend
+                        c = torch.where(on, f[:, j], 1.0)[:, None, None, None]
+                        x = (c * x + (1.0 - c) * target(x)).clamp(0.0, 1.0)
             return x
 
         x = blends(x, range(3), lambda k: k < hue_at)
@@ -930,31 +900,14 @@ class BatchAugment:
 
 
 def image_arrays(base):
-    """(uint8 [N, H, W, 3], labels [N]) of an in-memory dataset (npz, synthetic, CIFAR,
-    STL-10); None for image folders (decoded per batch instead)."""
-    tv = torchvision.datasets
+    """(uint8 [N, H, W, 3], labels) of in-memory images; None: an image folder (read per batch)."""
     if isinstance(base, ArrayImages):
         return base.tensors
-    if isinstance(base, tv.CIFAR10):  # CIFAR-100 too
+    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too
         return torch.from_numpy(base.data), torch.tensor(base.targets)
-    if isinstance(base, tv.STL10):
+    if isinstance(base, torchvision.datasets.STL10):
         return torch.from_numpy(base.data).permute(0, 2, 3, 1), torch.from_numpy(base.labels)
     return None
-
-
-class FileBytes(torch.utils.data.Dataset):
-    """An image folder's (file bytes, label, index) by Indexed's keys: workers only read."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, key):
-        i = key[0] if isinstance(key, tuple) else key
-        path, y = self.ds.dataset.samples[self.ds.indices[i]]
-        return read_bytes(path), y, i
 
 
 def read_bytes(path: str) -> torch.Tensor:
@@ -971,41 +924,36 @@ def collate_bytes(batch: list) -> tuple:  # variable-length file bytes stay a li
     return list(data), torch.tensor(y), torch.tensor(i)
 
 
-def read_image(data: torch.Tensor):
-    """One file's bytes -> [3, H, W] float in [0, 1] on the CPU, or None if nothing decodes it:
-    torchvision's decoders (JPEG incl. grayscale and CMYK; PNG incl. palette, alpha, 16 bits;
-    WebP; GIF: its first frame), else PIL (BMP, TIFF, PPM, ...) through open_rgb."""
+def read_image(data: torch.Tensor, device):
+    """One file's bytes -> [3, H, W] float in [0, 1] on device, or None if nothing decodes it:
+    nvJPEG on CUDA, torchvision's decoders (JPEG incl. grayscale and CMYK; PNG incl. palette,
+    alpha, 16 bits; WebP; GIF: its first frame), else PIL (BMP, TIFF, PPM, ...): open_rgb."""
+    rgb = torchvision.io.ImageReadMode.RGB
     try:
-        im = torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
-        im = im[0] if im.ndim == 4 else im
-        return im.float() / (65535.0 if im.dtype == torch.uint16 else 255.0)
+        return torchvision.io.decode_jpeg(data, mode=rgb, device=device).float() / 255
     except RuntimeError:
         pass
     try:
-        return T.functional.to_tensor(open_rgb(io.BytesIO(data.numpy().tobytes())))
-    except Exception:  # truncated, empty, or not an image
-        return None
+        im = torchvision.io.decode_image(data, mode=rgb)
+        im = im[0] if im.ndim == 4 else im
+        im = im.float() / (65535.0 if im.dtype == torch.uint16 else 255.0)
+    except RuntimeError:
+        try:
+            im = T.functional.to_tensor(open_rgb(io.BytesIO(data.numpy().tobytes())))
+        except Exception:  # truncated, empty, or not an image
+            return None
+    return im.to(device, non_blocking=True)
 
 
 def decode(data: list, device) -> list:
     """Files' bytes -> [3, H, W] floats in [0, 1] on device (None: undecodable): a batch of JPEGs
-    in one call (nvJPEG on CUDA); when that fails, file by file (nvJPEG, then read_image)."""
+    in one call (nvJPEG on CUDA); when that fails, file by file (read_image)."""
     rgb = torchvision.io.ImageReadMode.RGB
     try:
-        return [
-            im.float() / 255 for im in torchvision.io.decode_jpeg(data, mode=rgb, device=device)
-        ]
+        jpegs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
     except RuntimeError:  # a file that is no JPEG, broken, or a JPEG nvJPEG rejects (CMYK)
-        pass
-    out = []
-    for d in data:
-        try:
-            im = torchvision.io.decode_jpeg(d, mode=rgb, device=device).float() / 255
-        except RuntimeError:
-            im = read_image(d)
-            im = im.to(device, non_blocking=True) if im is not None else None
-        out.append(im)
-    return out
+        return [read_image(d, device) for d in data]
+    return [im.float() / 255 for im in jpegs]
 
 
 def to_canvas(imgs: list, canvas: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1019,14 +967,12 @@ def to_canvas(imgs: list, canvas: int, device) -> tuple[torch.Tensor, torch.Tens
 
 class DeviceLoader:
     """make_loader's batches (views, labels, indices), augmented on the device by BatchAugment:
-    in-memory datasets live there as uint8 and are indexed without workers; image folders
-    are read by workers and decoded per batch. Same shards and order as make_loader (its
-    sampler); the views' generator is seeded by (seed, epoch, rank, batch): exact resume."""
+    in-memory data lives there as uint8, image folders are read by workers and decoded per batch.
+    Same sampler as make_loader; the views seeded by (seed, epoch, rank, batch): exact resume."""
 
     def __init__(self, ds, views: list, args, batch_size: int):
         self.device, self.batch_size = torch.device(args.device), batch_size
-        self.ds, self.views, self.canvas = ds, views, 0
-        self.key = (args.seed, args.rank)
+        self.ds, self.views, self.canvas, self.key = ds, views, 0, (args.seed, args.rank)
         arrays = image_arrays(ds.dataset)
         if arrays is not None:  # [N, 3, H, W] uint8 on the device
             idx = torch.tensor(ds.indices)
@@ -1036,7 +982,10 @@ class DeviceLoader:
         else:  # image folder: 2 x the largest view, enough for the crops to keep their detail
             warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
             self.canvas = 2 * max(v.size for v in self.views)
-            self.files = make_loader(FileBytes(ds), args, batch_size, collate=collate_bytes)
+            # ds's (file bytes, label, index) at its keys: the workers only read the files
+            files = Indexed(ds.dataset.samples, read_bytes)
+            files.indices = ds.indices
+            self.files = make_loader(files, args, batch_size, collate=collate_bytes)
             self.sampler = self.files.sampler
 
     def __len__(self):
@@ -1048,20 +997,17 @@ class DeviceLoader:
             to = lambda t: t.to(self.device, non_blocking=True)
             for data, y, i in self.files:
                 imgs = decode(data, self.device)
+                # an undecodable file: marked, replaced by the next decodable one (as ImageFiles)
                 for k in (k for k, im in enumerate(imgs) if im is None):
-                    imgs[k], y[k] = self.replacement(int(i[k]))
+                    base, j = self.ds.dataset, self.ds.indices[int(i[k])]
+                    base.bad[j] = True
+                    img, y[k] = base[(j + 1) % len(base)]
+                    imgs[k] = to(T.functional.to_tensor(img))
                 yield *to_canvas(imgs, self.canvas, self.device), to(y), to(i)
             return
         keys = torch.tensor([i for i, _ in self.sampler]).to(self.device, non_blocking=True)
         for i in keys[: len(keys) // self.batch_size * self.batch_size].split(self.batch_size):
             yield self.x[i].float().div_(255), None, self.y[i], i
-
-    def replacement(self, i: int) -> tuple:
-        """An undecodable file: marked, replaced by the next decodable one, as ImageFiles does."""
-        base, j = self.ds.dataset, self.ds.indices[i]
-        base.bad[j] = True
-        img, y = base[(j + 1) % len(base)]
-        return T.functional.to_tensor(img).to(self.device, non_blocking=True), y
 
     def __iter__(self):
         g, start = torch.Generator(self.device), self.sampler.skip // self.batch_size
@@ -1071,27 +1017,25 @@ class DeviceLoader:
 
 
 def train_loader(data, args):
-    """--pipeline device (auto: on CUDA): DeviceLoader, each view's recipe run by its batched
-    twin (BatchAugment); cpu: make_loader (DataLoader workers + the torchvision recipes, the
-    reference path). A recipe without a batched twin stays on the CPU."""
+    """--pipeline device (auto: on CUDA): DeviceLoader, the views run by their BatchAugment twins
+    (none: on the CPU); cpu: make_loader (workers + the torchvision recipes, the reference path)."""
     ds, B = data.train, args.batch_size_per_gpu
-    if not on_device(args):
-        return make_loader(ds, args, B)
-    try:
-        return DeviceLoader(ds, [BatchAugment(t) for t in ds.transform], args, B)
-    except ValueError:
-        if args.pipeline == "device":
-            fail("this method's augmentation has no batched version; pass --pipeline cpu")
-        if args.is_main:
-            print("note: augmentation without a batched version: CPU pipeline", file=sys.stderr)
-        return make_loader(ds, args, B)
+    if on_device(args):
+        try:
+            return DeviceLoader(ds, [BatchAugment(t) for t in ds.transform], args, B)
+        except ValueError:
+            if args.pipeline == "device":
+                fail("this method's augmentation has no batched version; pass --pipeline cpu")
+            if args.is_main:
+                print("note: augmentation has no batched version: CPU pipeline", file=sys.stderr)
+    return make_loader(ds, args, B)
 
 
 def on_device(args) -> bool:  # --pipeline resolved (auto: device on CUDA)
     return args.pipeline == "device" or (args.pipeline == "auto" and args.device.startswith("cuda"))
 
 
-# ==== 2.4 checkpoints, resume, SIGTERM, the out-dir lock ===================================
+# ==== 2.4 checkpoints, resume, SIGTERM, the out-dir lock ==================================
 def save_checkpoint(path: str, state: dict):
     """Atomic: write a temp file, then rename it over the old checkpoint."""
     torch.save(state, f"{path}.tmp")
@@ -1110,11 +1054,9 @@ ANEW = "pass --resume none or another --out-dir"
 
 
 def save_state(path: str, model, optimizer, scaler, step: int, args, finite=None):
-    """Rank 0 saves model, optimizer, scaler, step, config; all ranks RNG + `per_rank` buffers.
-    First every rank takes rank 0's buffers: all ranks then evaluate and export the saved model.
-    finite (fit's loss flag) guards the run's checkpoint: one collective agrees on the loss, the
-    state (parameters, buffers, optimizer state) and SIGTERM; a non-finite one never replaces a
-    good checkpoint (the run stops: `diverged`), and after SIGTERM the run ends once it is saved."""
+    """Rank 0 saves model, optimizer, scaler, step, config; all ranks RNG + `per_rank` buffers,
+    after taking rank 0's buffers. finite (fit's loss flag): one collective on loss, state and
+    SIGTERM; non-finite never replaces a good checkpoint (`diverged`); SIGTERM exits once saved."""
     sync_buffers(model)
     net, stop = unwrap(model), False
     if finite is not None:
@@ -1160,9 +1102,8 @@ def agreed(*flags) -> list[bool]:
 
 
 def check_step(finite: torch.Tensor, step: int) -> bool:
-    """At a log step, one collective: a non-finite loss so far (fit's accumulated flag) stops
-    every rank (`diverged`); returns whether any rank has received SIGTERM (catch_sigterm), so
-    that every rank stops after this same step."""
+    """At a log step, one collective: a non-finite loss so far (fit's flag) stops every rank
+    (`diverged`); -> whether any rank has had SIGTERM, so that all stop after this same step."""
     bad, stop = agreed(~finite, _RUN.sigterm)
     if bad:
         fail(diverged(step, "loss"))
@@ -1178,9 +1119,8 @@ def diverged(step: int, what: str) -> str:
 
 def catch_sigterm(catch: bool = True):
     """From resume until training ends, SIGTERM (a cluster's preemption, sent to every rank) only
-    sets a flag: the ranks agree on it at the next log step or checkpoint (check_step,
-    save_state), save a checkpoint at that step and exit (stopped). No host read per step.
-    catch=False: the handler from before is back (training over, or main() ended)."""
+    sets a flag, agreed on at the next log step or checkpoint (check_step, save_state), which then
+    saves and exits (stopped): no host read per step. catch=False: the previous handler is back."""
 
     def handler(signum, frame):
         _RUN.sigterm = True
@@ -1222,58 +1162,45 @@ RESUME_QUIET += ("max_steps", "knn_every", "knn_k", "knn_t", "knn_subset", "batc
 
 
 def check_config(saved: dict, args, step: int) -> str:
-    """The checkpoint's config (config_dict) against this run's: one line for a change that
-    breaks the schedule or the order of the samples; else a note listing the other changes (to
-    print once loaded). Another world size keeps both: its global batches are the same images
-    (ResumableSampler), and mid-epoch each rank skips its share of the batches done."""
+    """The checkpoint's config against this run's: one line for a change that breaks the schedule
+    or the samples' order, else a note of the other changes (printed once loaded). Another world
+    size keeps both (ResumableSampler): mid-epoch each rank skips its share of the batches done."""
     now, show = config_dict(args), lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else v
-    diff, anew = [k for k in now if k in saved and now[k] != saved[k]], "to start anew"
+    name = lambda k: "world size" if k == "world_size" else "--" + k.replace("_", "-")
+    diff = [k for k in now if k in saved and now[k] != saved[k]]
     for k in (k for k in (*RESUME_FIXED, "steps_per_epoch") if k in diff):
-        a, b, flag = show(now[k]), show(saved[k]), "--" + k.replace("_", "-")
+        a, b, flag = show(now[k]), show(saved[k]), name(k)
         why = f"{flag} {a} differs from the checkpoint's {b}; pass {flag} {b} to resume"
         if k == "steps_per_epoch":  # the same flags, other data (e.g. files added to a folder)
             why = f"the training data gives {a} steps per epoch, the checkpoint's {b} (images "
             why += "added or removed?); restore them to resume"
-        fail(f"{why}, or --resume none / another --out-dir {anew}")
+        fail(f"{why}, or --resume none / another --out-dir to start anew")
     diff = [k for k in diff if k not in RESUME_QUIET and not k.startswith("linear_")]
-    name = lambda k: "world size" if k == "world_size" else "--" + k.replace("_", "-")
     what = ", ".join(f"{name(k)} {show(now[k])} (was {show(saved[k])})" for k in diff)
     why = "; random streams and per-rank state restart" if "world_size" in diff else ""
     return f"note: resuming step {step} with {what}{why}" if diff else ""
 
 
-def check_fit(path: str, net: nn.Module, state: dict, own: dict):
-    """One line naming the first missing, unexpected and mis-shaped tensors of a checkpoint's
-    model state plus this rank's `per_rank` buffers (own: none under another world size)."""
-    want, have, skip = net.state_dict(), {**state, **own}, getattr(net, "per_rank", ())
-    shapes = [(k, list(v.shape), list(want[k].shape)) for k, v in have.items() if k in want]
-    found = {
-        "missing ": [k for k in want if k not in have and k not in skip],
-        "unexpected ": [k for k in have if k not in want],
-        "shape of ": [f"{k}: checkpoint {a}, model {b}" for k, a, b in shapes if a != b],
-    }
-    sep = {"shape of ": "; shape of "}
-    bad = []
-    for what, xs in found.items():
-        if xs:
-            more = " ..." if len(xs) > 3 else ""
-            bad.append(what + sep.get(what, ", ").join(xs[:3]) + more)
-    if bad:
-        fail(f"checkpoint {path} does not fit this model: {'; '.join(bad)}; {ANEW}")
-
-
 def load_state(path: str, model, optimizer, scaler, args) -> int:
     """Everything save_state wrote, once the settings (check_config) and every tensor's name and
-    shape (check_fit) allow it; returns the global step. `per_rank` buffers: this rank's own
-    under the same world size; another restarts them from zeros in its own shape (e.g. SwAV's
-    queue of queue_length / world size rows), as it restarts the random streams."""
+    shape allow it; -> the global step. `per_rank` buffers: this rank's under the same world size,
+    else zeros in this run's shape (e.g. SwAV's queue of queue_length / world size rows)."""
     ckpt = load_checkpoint(path)
     note = check_config(ckpt.get("args", {}), args, ckpt["step"])
     net, same_world = unwrap(model), len(ckpt["ranks"]) == args.world_size
     own = getattr(net, "per_rank", ())
     mine = ckpt["ranks"][args.rank] if same_world else {"buffers": {}}
     state = {k: v for k, v in ckpt["model"].items() if k not in own}
-    check_fit(path, net, state, mine["buffers"])
+    want, have = net.state_dict(), {**state, **mine["buffers"]}  # one line: the first misfits
+    shapes = [(k, list(v.shape), list(want[k].shape)) for k, v in have.items() if k in want]
+    found = [
+        ("missing ", ", ", [k for k in want if k not in have and k not in own]),
+        ("unexpected ", ", ", [k for k in have if k not in want]),
+        ("", "; ", [f"shape of {k}: checkpoint {a}, model {b}" for k, a, b in shapes if a != b]),
+    ]
+    bad = [w + s.join(xs[:3]) + (" ..." if len(xs) > 3 else "") for w, s, xs in found if xs]
+    if bad:
+        fail(f"checkpoint {path} does not fit this model: {'; '.join(bad)}; {ANEW}")
     try:
         net.load_state_dict(state, strict=False)  # strict but for `own`: checked above
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1296,11 +1223,9 @@ def load_state(path: str, model, optimizer, scaler, args) -> int:
 
 
 def resume(ckpt: str, model, optimizer, scaler, args) -> int:
-    """--resume auto (ckpt if present), a path or none -> the step to start from. A resumed run
-    keeps metrics.jsonl up to its step (what comes after is trained again); a fresh one starts
-    the file anew and seeds per-rank streams (e.g. MoCo's key permutation). config.json is
-    written here, once the checkpoint is loaded or the run starts fresh: a refused resume leaves
-    the folder as it was. From here on SIGTERM stops the run with a checkpoint (catch_sigterm)."""
+    """--resume auto (ckpt if present), a path or none -> the step to start from. A fresh run
+    empties metrics.jsonl and seeds per-rank streams (e.g. MoCo's key permutation); config.json is
+    written only now (a refused resume leaves it as it was); then SIGTERM saves and ends the run."""
     path, step = ckpt if args.resume == "auto" else args.resume, 0
     loaded = args.resume != "none" and os.path.isfile(path)
     if loaded:
@@ -1326,20 +1251,17 @@ def last_step(args) -> int:  # where fit's training ends: --max-steps, else all 
 
 
 def trim_metrics(path: str, step: int):
-    """Keep the records of steps <= step (step 0, a fresh start: none), rewritten atomically.
-    Lines cut short by a killed run and end-of-run records without a step (InstDisc's paper
-    kNN) go too: the resumed run writes its own."""
+    """Keep the records of steps <= step (none at step 0), rewritten atomically. Lines cut short by
+    a killed run and records without a step (InstDisc's paper kNN) go: the run writes its own."""
     if not os.path.isfile(path):
         return
     keep = []
     with open(path) as f:
         for line in f:
-            try:
+            with contextlib.suppress(ValueError):  # a line cut short
                 r = json.loads(line)
-            except ValueError:  # cut short
-                continue
-            if step and isinstance(r, dict) and r.get("step", math.inf) <= step:
-                keep.append(line.rstrip("\n") + "\n")
+                if step and isinstance(r, dict) and r.get("step", math.inf) <= step:
+                    keep.append(line.rstrip("\n") + "\n")
     with open(f"{path}.tmp", "w") as f:
         f.writelines(keep)
     os.replace(f"{path}.tmp", path)
@@ -1366,22 +1288,18 @@ def claim_out_dir(out_dir: str):
         pid = f.read().strip()
         f.close()
         if isinstance(e, BlockingIOError):
-            who = f"another run (pid {pid})" if pid else "another run"
-            fail(
-                f"{who} is using --out-dir {out_dir}; pass another --out-dir or wait for it to end"
-            )
+            busy = f"another run (pid {pid}) is using" if pid else "another run is using"
+            fail(f"{busy} --out-dir {out_dir}; pass another --out-dir or wait for it to end")
         print(f"note: cannot lock {out_dir} ({e.strerror}); run one at a time", file=sys.stderr)
-    for name in os.listdir(out_dir):
-        tmp = os.path.join(out_dir, name)
-        if name.endswith(".tmp") and os.path.isfile(tmp):
+    for tmp in [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.endswith(".tmp")]:
+        if os.path.isfile(tmp):
             os.remove(tmp)
 
 
 def one_run_per_out_dir(main):
-    """Decorator of every main(): the out-dir lock (claim_out_dir) is dropped and SIGTERM's
-    handler restored (catch_sigterm) when main returns or fails, so one process may run main()
-    on a folder again (tests, notebooks). A crash closes the progress bars first: its traceback
-    is not glued to a bar's line, and no bar is redrawn after it at exit."""
+    """Decorator of every main(): when it returns or fails, the out-dir lock is dropped and
+    SIGTERM's handler restored, so one process may run main() again (tests, notebooks). A crash
+    first closes the progress bars: no bar is glued to or redrawn after its traceback."""
 
     @wraps(main)
     def run(args):
@@ -1398,7 +1316,7 @@ def one_run_per_out_dir(main):
     return run
 
 
-# ==== 2.5 evaluation: features, kNN, linear probe, fine-tuning ==============================
+# ==== 2.5 evaluation: features, kNN, linear probe, fine-tuning ============================
 @torch.no_grad()
 def extract(fn, ds, args, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """fn(x) over a dataset, sharded over ranks and gathered -> (feats, labels) in dataset order."""
@@ -1429,9 +1347,8 @@ def progress(it, desc: str, args, total=None) -> tqdm:
 
 
 def capped_batch(n: int, field: str, args, what: str, source: str, warn: bool, lr=None) -> int:
-    """args.<field> (a batch), or all n images (a multiple of the world size) when fewer, with a
-    warning (and the lr x B/256 that follows, given lr); fewer images than processes: one line
-    naming `source`, the flag that set n. Callers check it first with warn=False."""
+    """args.<field>, or all n images (a multiple of the world size) when fewer, with a warning (and
+    the lr x B/256 that follows, given lr); n < processes: one line naming `source`, n's flag."""
     B, w = getattr(args, field), args.world_size
     if n < w:
         fail(f"{source}: {n} {what} for {w} processes; need at least {w}")
@@ -1458,9 +1375,8 @@ def linear_batch_size(data, args, warn: bool = True) -> int:
 
 @contextlib.contextmanager
 def eval_rng(args):
-    """Evaluation in its own random streams: torch's (CPU and this process's CUDA device) and
-    Python's, seeded by --seed alone (the same on every rank and at every evaluation), then
-    restored: training draws what it would without the monitor, and resumes exactly."""
+    """Evaluation in its own random streams (torch's CPU and this device's CUDA, Python's) seeded
+    by --seed alone, then restored: training draws as without evaluation, and resumes exactly."""
     dev, state = torch.device(args.device), random.getstate()
     cuda = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(cuda, device_type="cuda"):
@@ -1507,10 +1423,8 @@ def check_finetune(args):
     for name in ("ft_epochs", "ft_lr", "ft_head_lr"):
         v = getattr(args, name)
         if len(v) != 2:
-            fail(
-                f"--{name.replace('_', '-')} {' '.join(map(str, v))}: not two numbers; pass the 1% "
-                "and the 10% value"
-            )
+            why = "not two numbers; pass the 1% and the 10% value"
+            fail(f"--{name.replace('_', '-')} {' '.join(map(str, v))}: {why}")
     path, ds = args.finetune_list, args.dataset
     if path and not os.path.isfile(path):
         fail(f"--finetune-list {path}: no such file; pass a file of image file names, one a line")
@@ -1522,22 +1436,18 @@ def check_finetune(args):
             "lists; pass --finetune-list (google-research/simclr imagenet_subsets/1percent.txt)"
         )
     if getattr(args, "distill_epochs", 0) and not args.finetune_fraction:
-        fail(
-            f"--distill-epochs {args.distill_epochs}: it distils the fine-tuned network; pass "
-            "--finetune-fraction too"
-        )
+        why = "it distils the fine-tuned network; pass --finetune-fraction too"
+        fail(f"--distill-epochs {args.distill_epochs}: {why}")
 
 
 def labelled_subset(ds, args) -> list[int]:
-    """Positions in ds (the labelled training images) that keep their label: the files named in
-    --finetune-list (the 1% / 10% ImageNet lists of google-research/simclr imagenet_subsets, a
-    file name a line), else per class the first round(fraction x class size) of a permutation
-    drawn from --seed: the same on every rank and for every method."""
+    """Positions in ds that keep their label: the files named in --finetune-list (a file name a
+    line, as google-research/simclr imagenet_subsets), else per class the first round(fraction x
+    class size) of a permutation drawn from --seed (the same for every rank and method)."""
     if args.finetune_list:
-        base = ds.dataset
         with open(args.finetune_list) as f:
             names = [line.strip() for line in f if line.strip()]
-        where = {os.path.basename(base.samples[j][0]): i for i, j in enumerate(ds.indices)}
+        where = {os.path.basename(ds.dataset.samples[j][0]): i for i, j in enumerate(ds.indices)}
         missing = [n for n in names if n not in where]
         if missing:
             fail(
@@ -1556,12 +1466,11 @@ def labelled_subset(ds, args) -> list[int]:
 
 
 class StreamBatches:
-    """Batch sampler: steps start..total-1 of `batch` images from an endless stream of epochs,
-    each a permutation of the n images seeded by (seed, epoch), as the official TF input
-    pipelines (repeat, then batch); this rank takes its batch / W of each step, as (index,
-    epoch) keys (Indexed seeds the augmentation by them). The global batches are those of one
-    process for any world size, and a resumed run continues them. (DEVIATION: the PyTorch loops
-    of SwAV and Barlow Twins end each epoch with a smaller batch instead.)"""
+    """Batch sampler: steps start..total-1 of `batch` images from an endless stream of epochs, each
+    a permutation seeded by (seed, epoch), as the official TF pipelines (repeat, then batch); this
+    rank takes its batch / W of each step as (index, epoch) keys, which seed Indexed's augmentation:
+    the same global batches at any world size, continued on resume. (DEVIATION: SwAV's and Barlow
+    Twins' PyTorch loops end each epoch with a smaller batch.)"""
 
     def __init__(self, n: int, batch: int, start: int, total: int, args):
         self.n, self.batch, self.start, self.total, self.seed = n, batch, start, total, args.seed
@@ -1605,33 +1514,29 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, args, track=None):
-    """Train net (opt holds its trainable parameters, each group's base lr in "lr0") for
-    len(sched) steps of `batch` images of ds (StreamBatches), lr = lr0 x sched[step]; loss_fn(x,
-    y) -> scalar; gradients averaged over processes. At each epoch's end: rank 0's buffers on
-    every rank (per-process BN), track() appended to the history (e.g. test accuracy), and rank
-    0 writes `path` (net, optimizer, step, history, key): a rerun with the same key continues
-    from it (--resume none: starts anew). -> {"loss": the last step's, "history": [...]}."""
+    """Train net len(sched) steps of `batch` images of ds (StreamBatches), lr = "lr0" of each of
+    opt's groups x sched[step], on loss_fn(x, y), gradients averaged over processes. Each epoch's
+    end: rank 0's buffers on every rank (per-process BN), track(net) appended to the history (e.g.
+    test accuracy), rank 0 writes `path` (net, optimizer, step, history, key): a rerun with the
+    same key continues it (--resume none: anew). -> {"loss": the last step's, "history": [...]}"""
     n, total, device = len(ds), len(sched), torch.device(args.device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    state = {"step": 0, "history": [], "loss": math.nan}
+    step, history, loss = 0, [], torch.tensor(math.nan)
     if args.resume != "none" and os.path.isfile(path):
         saved = load_checkpoint(path)
         if saved.get("key") == key:
             net.load_state_dict(saved["net"])
             opt.load_state_dict(saved["optimizer"])
             scaler.load_state_dict(saved["scaler"])
-            state = {k: saved[k] for k in state}
+            step, history, loss = saved["step"], saved["history"], torch.tensor(saved["loss"])
         elif args.is_main:
             print(f"note: {path} is of other weights or flags: starting anew", file=sys.stderr)
-    step, history, loss = state["step"], state["history"], torch.tensor(state["loss"])
     params = [p for g in opt.param_groups for p in g["params"]]
     sampler, pin = StreamBatches(n, batch, step, total, args), device.type == "cuda"
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin
     )
-    bar = tqdm(
-        total=total, initial=step, disable=not args.is_main, desc=os.path.basename(path)[:-4]
-    )
+    bar = tqdm(None, os.path.basename(path)[:-4], total, initial=step, disable=not args.is_main)
     net.train()
     for x, y, _ in loader:
         for g in opt.param_groups:
@@ -1643,7 +1548,8 @@ def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, arg
         average_gradients(params)  # before unscaling: an overflow on any rank is on every rank
         scaler.step(opt)
         scaler.update()
-        step, _ = step + 1, bar.update()
+        step += 1
+        bar.update()
         if step == total or step * batch // n > (step - 1) * batch // n:  # an epoch ended
             sync_buffers(net)
             if track is not None:
@@ -1675,17 +1581,15 @@ def projector_layers(model, k: int) -> nn.Module:
 
 class FineTuneNet(nn.Module):
     """x -> linear head of fn(copy, x) [-> the first proj_layers projector layers]. copy: model,
-    deep-copied but for the tensors of the modules this never runs (shared with model, unused:
-    unchanged). The modules it runs (found once, with forward pre-hooks, on the model in eval
-    mode) are new, trainable and registered as `parts`: net.state_dict() is what fine-tuning
-    trains. BatchNorm over the global batch or each process's (sync_bn)."""
+    deep-copied but for the tensors of the modules this never runs (the model's, unchanged). The
+    modules it runs (found by forward pre-hooks, model in eval mode) are new, trainable `parts`:
+    net.state_dict() is what fine-tuning trains. BatchNorm: global or per process (sync_bn)."""
 
     def __init__(self, fn, model, x, num_classes: int, proj_layers=0, sync_bn=True, head="zero"):
         super().__init__()
-        self.fn, self.k, called, mode = fn, proj_layers, [], model.training
-        hooks = [
-            m.register_forward_pre_hook(lambda m, _: called.append(m)) for m in model.modules()
-        ]
+        self.fn, self.k, called, mode = fn, proj_layers, set(), model.training
+        hook = lambda m, _: called.add(id(m))
+        hooks = [m.register_forward_pre_hook(hook) for m in model.modules()]
         try:  # eval mode: BN statistics untouched
             with torch.no_grad():
                 dim = self.features(model.eval(), x).shape[1]
@@ -1693,16 +1597,13 @@ class FineTuneNet(nn.Module):
             model.train(mode)
             for h in hooks:
                 h.remove()
-        names = [n for n, m in model.named_modules() if id(m) in {id(c) for c in called}]
+        names = [n for n, m in model.named_modules() if id(m) in called]
         inside = lambda n, p: p == "" or n == p or n.startswith(p + ".")  # n in p's subtree
         top = [n for n in names if not any(p != n and inside(n, p) for p in names)]
-        keep = {
-            id(t): t
-            for n, m in model.named_modules()
-            if not any(inside(n, p) for p in top)
-            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
-        }
-        net = copy.deepcopy(model, keep)
+        rest = [m for n, m in model.named_modules() if not any(inside(n, p) for p in top)]
+        shared = {id(t): t for m in rest for t in m.parameters(recurse=False)}
+        shared.update({id(t): t for m in rest for t in m.buffers(recurse=False)})
+        net = copy.deepcopy(model, shared)  # a memo: these tensors are not copied
         for n in top:  # the recipe's BN in every part, whatever the model's (a part may be a BN)
             m = global_bn(nn.Sequential(net.get_submodule(n)), sync_bn)[0]
             m = convert_sync_bn(m) if sync_bn else m  # NCCL: torch's SyncBatchNorm
@@ -1742,17 +1643,14 @@ def finetune_net(fn, model, data, args) -> FineTuneNet:
 
 
 def finetune(fn, model, data, args) -> dict:
-    """Semi-supervised fine-tuning [SimCLR §6, Tab. 7; SimCLRv2 §2], off unless
-    --finetune-fraction: a copy of the encoder fn reads (SimCLR v2: and the first --ft-proj-layers
-    projector layers) and a new linear head, trained on the labelled fraction of the training
-    images (crop + flip views) with the method's protocol (its Args' ft_*): the 1% values
-    below a 3% fraction, the 10% values above. Then top-1/top-5 on the test split. The model and
-    its checkpoint stay untouched; out-dir/finetune.pth, written every epoch, holds the fine-tuned
-    network: a rerun continues from it. Run in eval_rng: the same on every rank."""
+    """Semi-supervised fine-tuning [SimCLR §6, Tab. 7; SimCLRv2 §2] (--finetune-fraction): a copy
+    of what fn reads (SimCLR v2: and --ft-proj-layers projector layers) + a new linear head, trained
+    on the labelled images (crop + flip) with the Args' ft_* (1% values below a 3% fraction, else
+    10%); -> top-1/top-5 on the test split. Model and checkpoint stay untouched; finetune.pth (each
+    epoch) holds the network, which a rerun continues. In eval_rng: the same on every rank."""
     if not args.finetune_fraction or data.test is None:
         return {}
-    tl = data.train_linear
-    col = int(args.finetune_fraction >= 0.03)  # the 1% or the 10% values
+    tl, col = data.train_linear, int(args.finetune_fraction >= 0.03)  # the 1% or the 10% values
     net = finetune_net(fn, model, data, args)
     ds = Indexed(tl.dataset, tl.transform, seed=args.seed)  # crop + flip (DEVIATION: bilinear;
     # SimCLR's and BYOL's crops are bicubic)
@@ -1775,17 +1673,14 @@ def finetune(fn, model, data, args) -> dict:
     else:  # cosine per step
         sched = cosine_schedule(1.0, 0.0, total)
     names = ("finetune_fraction", "finetune_list", "seed", "dataset", "subset", "img_size")
-    key = {
-        "init": fingerprint(net),
-        **{k: v for k, v in config_dict(args).items() if k.startswith("ft_") or k in names},
-    }
+    key = {k: v for k, v in config_dict(args).items() if k.startswith("ft_") or k in names}
+    key["init"] = fingerprint(net)
     loss_fn = lambda x, y: F.cross_entropy(net(x).float(), y)
     track = (lambda net: classifier_accuracy(net, data, args)) if args.ft_best else None
     path = os.path.join(args.out_dir, "finetune.pth")
     out = fit_classifier(net, opt, loss_fn, ds, sched, B, path, key, args, track)
     acc = out["history"] or [classifier_accuracy(net, data, args)]
-    best = max(range(len(acc)), key=lambda e: acc[e][0])  # the first best
-    top1, top5 = acc[best] if args.ft_best else acc[-1]
+    top1, top5 = max(acc, key=lambda a: a[0]) if args.ft_best else acc[-1]  # max: the first best
     res = {"finetune_fraction": args.finetune_fraction, "finetune_images": n}
     res.update(finetune_optimizer=args.ft_optimizer, finetune_batch=B, finetune_epochs=E)
     res.update(finetune_top1=top1, finetune_top5=top5, finetune_top1_last=acc[-1][0])
@@ -1801,7 +1696,6 @@ def arg(default, help: str, range: str = "", **kw):  # range: the legal values, 
 # the usual ranges (parse_args checks every one; an int > 0 is >= 1), frac: crop scales
 gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
 unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
-
 
 RANGE = re.compile(r"([\[(])(\S+), (\S+)([\])])")  # "[lo, hi]", "(lo, hi)", "[0, inf)", ...
 
@@ -1839,8 +1733,7 @@ def check_ranges(args, defaults: dict):
     """Every value (every element of a tuple) in its field's range, metadata "range"."""
     for f in (f for f in dataclasses.fields(args) if f.metadata.get("range")):
         v, spec, integer = getattr(args, f.name), f.metadata["range"], value_type(f) is int
-        values = v if isinstance(v, tuple) else (v,)
-        bad = [x for x in values if not in_range(x, spec)]
+        bad = [x for x in (v if isinstance(v, tuple) else (v,)) if not in_range(x, spec)]
         if not bad:
             continue
         x, desc, d = bad[0], describe(spec, integer), defaults[f.name]
@@ -1938,9 +1831,8 @@ def check_patch(args, patch: int, flag: str, px: int):
         given = getattr(args, flag[2:].replace("-", "_"))
         why = f"{px} px crops are smaller than the ViT's {patch} px patch"
         alt = ""
-        if hasattr(args, "patch_size") and "patch" not in flag:
+        if hasattr(args, "patch_size") and "patch" not in flag:  # CPC's --patch-size is its crop
             alt = " or a smaller --patch-size"
-        # (a crop's flag, with the ViT's patch a flag too; CPC's --patch-size is its own crop)
         fail(f"{flag} {given}: {why}; pass {flag} >= {patch}{alt}")
 
 
@@ -1970,11 +1862,10 @@ def check_out_dir(args):
 
 
 def parse_args(cls, argv=None):
-    """argparse from the dataclass (help from field metadata). Values: field defaults (the paper's
-    ImageNet recipe) < cls.recipe(version, preset, arch) (e.g. the CIFAR preset) < given flags.
-    All values are checked here, before anything is built or loaded: each field against its
-    range, --out-dir, then args.check() (the method's limits over several fields); a bad value
-    ends the run with one line "error: --flag value: why; what to pass", exit status 2."""
+    """argparse from the fields' metadata. Values: field defaults (the paper's ImageNet recipe) <
+    cls.recipe(version, preset, arch) (e.g. the CIFAR preset) < given flags, all checked before
+    anything is built or loaded (ranges, --out-dir, then args.check(): the method's limits over
+    several fields): a bad one exits 2 with one line "error: --flag value: why; what to pass"."""
     doc, raw = sys.modules[cls.__module__].__doc__, argparse.RawDescriptionHelpFormatter
     fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
     # --help shows the values of the recipe selected: --preset/--version/--arch read first
@@ -1988,7 +1879,8 @@ def parse_args(cls, argv=None):
     except argparse.ArgumentError:  # e.g. --preset without a value: the parse below says so
         known = {}
     sel = {k: known[k] for k in pick if known.get(k) in pick[k]}  # a bad one: reported below
-    resolved = {**{f.name: f.default for f in fields}, **cls.recipe(**sel)}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    resolved = {**defaults, **cls.recipe(**sel)}
     sizes = SimpleNamespace(**resolved, IMG_SIZES=cls.IMG_SIZES)  # 0 -> the dataset's size
     sizes.dataset = known.get("dataset") or sizes.dataset
     resolve_sizes(sizes)
@@ -2000,20 +1892,18 @@ def parse_args(cls, argv=None):
         d = shown(resolved[f.name])  # "" (--out-dir, --device): the help says what it means
         rng += f" (default: {d})" if d else ""
         text = (f.metadata.get("help", "") + rng).replace("%", "%%")  # argparse %-formats it
-        kw = {"help": text, "default": argparse.SUPPRESS}
-        flag, default = "--" + f.name.replace("_", "-"), f.default
-        if isinstance(default, bool):
+        kw, flag = {"help": text, "default": argparse.SUPPRESS}, "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(default, tuple):
+        elif each:
             p.add_argument(flag, nargs="*", type=t, **kw)
         else:
             p.add_argument(flag, type=t, choices=f.metadata.get("choices"), **kw)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()}
-    sel = {k: given[k] for k in pick if k in given}
-    recipe = cls.recipe(**sel)
+    recipe = cls.recipe(**{k: given[k] for k in pick if k in given})
     args = cls(**{**recipe, **given})
     resolve_sizes(args)
-    check_ranges(args, {**{f.name: f.default for f in dataclasses.fields(cls)}, **recipe})
+    check_ranges(args, {**defaults, **recipe})
     check_out_dir(args)
     check_finetune(args)
     args.check()
@@ -2022,9 +1912,8 @@ def parse_args(cls, argv=None):
 
 def config_dict(args) -> dict:
     names = [f.name for f in dataclasses.fields(args) if not f.metadata.get("derived")]
-    return {
-        k: getattr(args, k) for k in names + ["world_size", "batch_size_per_gpu", "steps_per_epoch"]
-    }
+    names += ["world_size", "batch_size_per_gpu", "steps_per_epoch"]
+    return {k: getattr(args, k) for k in names}
 
 
 def prepare_run(args):
@@ -2047,22 +1936,18 @@ class Logger:
     its image folders' undecodable files are reported (count, first paths) as they are met."""
 
     def __init__(self, args, total: int, initial: int, data=None):
-        self.batch, self.last, self.start = args.batch_size, initial, time.time()
-        self.t0 = self.start
+        self.batch, self.last, self.data, self.skipped = args.batch_size, initial, data, 0
+        self.start = self.t0 = time.time()
         self.path = os.path.join(args.out_dir, "metrics.jsonl") if args.is_main else None
         self.bar = tqdm(total=total, initial=initial, disable=not args.is_main, dynamic_ncols=True)
-        self.data, self.skipped = data, 0
 
     def report_skipped(self, step: int):
         """A record and a warning when more undecodable files were met (replaced, not dropped)."""
         paths = skipped_files(self.data) if self.data is not None and self.path else []
         if len(paths) > self.skipped:
             self.skipped = len(paths)
-            tqdm.write(
-                f"warning: {len(paths)} undecodable image files skipped so far (each "
-                f"replaced by the next file), e.g. {', '.join(paths[:3])}",
-                file=sys.stderr,
-            )
+            what = "undecodable image files skipped so far (each replaced by the next file)"
+            tqdm.write(f"warning: {len(paths)} {what}, e.g. {', '.join(paths[:3])}", sys.stderr)
             self.write({"step": step, "skipped_files": len(paths), "first": paths[:5]}, False)
 
     def log(self, step: int, stats: dict):
@@ -2089,9 +1974,9 @@ class Logger:
         self.bar.close()
         if not self.path:
             return
-        out, t, files = os.path.dirname(self.path), round(time.time() - self.start), RESULTS
+        out, t = os.path.dirname(self.path), round(time.time() - self.start)
         lines = [f"done in {t // 3600}:{t // 60 % 60:02d}:{t % 60:02d}; results in {out}"]
-        lines += [f"  {k:<15}{v}" for k, v in files.items() if os.path.isfile(f"{out}/{k}")]
+        lines += [f"  {k:<15}{v}" for k, v in RESULTS.items() if os.path.isfile(f"{out}/{k}")]
         names = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "linear_top5": "top-5"}
         figs = [f"{v} {final[k]:.2f}%" for k, v in names.items() if k in (final or {})]
         step = f" (step {final['step']})" if final else ""
