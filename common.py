@@ -433,6 +433,9 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.detach().float(), dim=1).std(0).mean()
 
 
+# ---- copy up to here to use the methods' building blocks in your own trainer ----
+
+
 # ==========================================================================================
 # ==== PART 2: the run. Data, the device pipeline, checkpoints, evaluation, CLI, logging ===
 # ==========================================================================================
@@ -1733,7 +1736,8 @@ def check_ranges(args, defaults: dict):
     """Every value (every element of a tuple) in its field's range, metadata "range"."""
     for f in (f for f in dataclasses.fields(args) if f.metadata.get("range")):
         v, spec, integer = getattr(args, f.name), f.metadata["range"], value_type(f) is int
-        bad = [x for x in (v if isinstance(v, tuple) else (v,)) if not in_range(x, spec)]
+        values = v if isinstance(v, tuple) else (v,)
+        bad = [x for x in values if not in_range(x, spec)]
         if not bad:
             continue
         x, desc, d = bad[0], describe(spec, integer), defaults[f.name]
