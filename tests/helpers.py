@@ -1,9 +1,11 @@
 """Small shared helpers for the tests (not collected: no test_ prefix)."""
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -134,3 +136,91 @@ def assert_resume_exact(module, tmp_path, *flags) -> dict:
     for key in ("model", "optimizer", "scaler", "ranks"):
         assert_same_tree(a[key], b[key], key)
     return a
+
+
+# ---- official values, pinned: each tests/test_official_<method>.py holds an OFFICIAL table ----
+class Ref(NamedTuple):
+    """An official value and where it is written: [paper §/Tab; ref: repository file]."""
+
+    value: object
+    cite: str
+
+
+class Dev(NamedTuple):
+    """A value the project chose on purpose instead of the official one: why, and the measured
+    size of the difference (listed in the README's deviations too)."""
+
+    value: object
+    official: object
+    why: str
+
+
+# RunArgs flags that are not a recipe value: where the data is, how to run, how often to log
+RUN_FLAGS = {
+    *("preset", "dataset", "data_dir", "img_size", "subset", "workers", "pipeline", "out_dir"),
+    *("resume", "seed", "amp", "compile", "device", "log_every", "max_steps", "knn_every"),
+    *("knn_k", "knn_t", "knn_subset", "linear_cached", "finetune_fraction", "finetune_list"),
+}
+SV2 = "SimCLR v2's protocol (none in the official code) [SimCLRv2 §4; ref: simclr README"
+# the fine-tuning protocol C.RunArgs holds: SimCLR v2's, for the methods with none of their own
+FT_SIMCLR_V2 = {
+    "ft_epochs": Ref((60, 30), f"{SV2} '--train_epochs=60' (1%), 30 (10%)]"),
+    "ft_batch_size": Ref(1024, f"{SV2} '--train_batch_size=1024']"),
+    "ft_lr": Ref((0.005, 0.005), f"{SV2} '--learning_rate=0.005 --learning_rate_scaling=sqrt']"),
+    "ft_head_lr": Ref((0.005, 0.005), f"{SV2}: one lr for every variable]"),
+    "ft_lr_scaling": Ref("sqrt", f"{SV2} '--learning_rate_scaling=sqrt']"),
+    "ft_optimizer": Ref("lars", f"{SV2} '--optimizer=lars'; lars_optimizer.py]"),
+    "ft_milestones": Ref((), f"{SV2}; model_util.learning_rate_schedule: cosine, no warm-up]"),
+    "ft_decay": Ref(0.1, "unused without --ft-milestones (cosine) [model_util.py]"),
+    "ft_epoch_lr": Ref(False, f"{SV2}; the schedule reads the global step]"),
+    "ft_sync_bn": Ref(True, f"{SV2} '--global_bn=True']"),
+    "ft_head_init": Ref("zero", f"{SV2} '--zero_init_logits_layer=True']"),
+    "ft_best": Ref(False, f"{SV2}: the last checkpoint's top-1]"),
+}
+
+
+def official(entry: dict, field: str):
+    """The official value of a table entry (a Dev's official, not the project's, value)."""
+    v = entry[field]
+    return v.official if isinstance(v, Dev) else v.value
+
+
+def method_fields(module) -> set:
+    """Every field of module.Args that is a recipe value: all flags but RUN_FLAGS."""
+    fields = dataclasses.fields(module.Args)
+    return {f.name for f in fields if not f.metadata.get("derived") and f.name not in RUN_FLAGS}
+
+
+def assert_official(module, table: dict):
+    """Every (preset, version) the method has is in `table` ({flags: {field: Ref | Dev}}), every
+    entry names every recipe field, and the values the project resolves for those flags are the
+    table's (a Dev's project value, which must differ from its official one and say why)."""
+    fields = {f.name: f for f in dataclasses.fields(module.Args)}
+    for preset in C.PRESETS:
+        for version in fields["version"].metadata["choices"] if "version" in fields else [None]:
+            want = {"--preset", preset} | ({"--version", version} if version else set())
+            assert any(want <= set(flags) for flags in table), f"no table entry for {want}"
+    bad = []
+    for flags, entry in table.items():
+        args = C.parse_args(module.Args, list(flags))
+        missing, extra = method_fields(module) - entry.keys(), entry.keys() - fields.keys()
+        assert not missing and not extra, f"{flags}: fields missing {missing}, unknown {extra}"
+        for name, v in entry.items():
+            assert isinstance(v, (Ref, Dev)), f"{flags} {name}: a Ref or a Dev, not {v!r}"
+            assert (v.cite if isinstance(v, Ref) else v.why).strip(), f"{flags} {name}: no source"
+            if isinstance(v, Dev):
+                assert v.value != v.official, f"{flags} {name}: a Dev equal to the official value"
+            got = getattr(args, name)
+            if got != v.value or type(got) is not type(v.value):
+                bad.append(f"{' '.join(flags)}: {name} = {got!r}, table {v!r}")
+    assert not bad, "\n".join(bad)
+
+
+def close_rel(a, b, msg="", rtol=1e-5):
+    """a == b to rtol of b's magnitude (max |b|): float noise on a tiny tensor stays small against
+    that tensor's own scale, while a real difference (a missing term) does not."""
+    b = torch.as_tensor(b, dtype=a.dtype)
+    if not (b.numel() and b.is_floating_point()):
+        return torch.testing.assert_close(a, b, rtol=0, atol=0, msg=msg)
+    atol = rtol * max(b.abs().max().item(), 1e-30)
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
