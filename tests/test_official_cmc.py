@@ -10,9 +10,63 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import built_by_main, one_thread  # noqa: F401 (autouse fixture)
+from helpers import FT_SIMCLR_V2, Dev, Ref, built_by_main, close_rel, official, one_thread  # noqa: F401
+from torch import nn
 
 import cmc
+
+# ---- the official values, pinned: one entry per preset --------------------------------------
+CMC = "ref: HobbitLong/CMC"
+PROBE = f"[{CMC} LinearProbing.py"
+IMAGENET = {
+    "arch": Ref("resnet50", f"[CMC §4; {CMC} README 'train_CMC.py --model resnet50v1']"),
+    "width": Ref(0.5, f"[{CMC} models/resnet.py ResNetV1: resnet50(in_channel=1|2, width=0.5)]"),
+    "epochs": Ref(240, f"[{CMC} train_CMC.py --epochs 240]"),
+    "batch_size": Ref(128, f"[{CMC} train_CMC.py --batch_size 128; README resnet50v1 command]"),
+    "lr": Ref(0.03, f"[{CMC} train_CMC.py --learning_rate 0.03]"),
+    "wd": Ref(1e-4, f"[{CMC} train_CMC.py --weight_decay 1e-4, SGD(model.parameters())]"),
+    "warmup_epochs": Ref(0, f"[{CMC} util.py adjust_learning_rate: no warm-up]"),
+    "lr_milestones": Ref((120, 160, 200), f"[{CMC} train_CMC.py --lr_decay_epochs 120,160,200]"),
+    "tau": Ref(0.07, f"[{CMC} train_CMC.py --nce_t 0.07; README: 0.07 for ImageNet]"),
+    "softmax": Ref(False, f"[{CMC} README training commands: no --softmax, NCE]"),
+    "nce_k": Dev(
+        4096,
+        16384,
+        "the README's flag list ('--nce_k ... Default: 4096') and its K = 4096 CMC rows; "
+        "train_CMC.py's argparse default, which the README's resnet50v1 command runs, is 16384; "
+        "not measured at ImageNet scale",
+    ),
+    "bank_m": Ref(0.5, f"[{CMC} train_CMC.py --nce_m 0.5]"),
+    "dim": Ref(128, f"[{CMC} train_CMC.py --feat_dim 128]"),
+    "crop_min": Ref(0.08, f"[{CMC} train_CMC.py parse_option: crop_low 0.08 for ResNets]"),
+    "linear_epochs": Ref(60, f"{PROBE} --epochs 60]"),
+    "linear_lr": Ref(30.0, f"[{CMC} README: '--learning_rate 30 --layer 6' for resnet50v1]"),
+    "linear_wd": Ref(0.0, f"{PROBE} --weight_decay 0]"),
+    "linear_batch_size": Ref(256, f"{PROBE} --batch_size 256]"),
+    "linear_nesterov": Ref(False, f"{PROBE} set_optimizer: SGD momentum 0.9]"),
+    "linear_milestones": Ref((30, 40, 50), f"{PROBE} --lr_decay_epochs 30,40,50]"),
+    "linear_decay": Ref(0.2, f"{PROBE} --lr_decay_rate 0.2]"),
+    "linear_epoch_lr": Ref(True, f"[{CMC} util.py adjust_learning_rate, once per epoch]"),
+    "linear_best": Ref(True, f"{PROBE} best_acc1]"),
+    "linear_zero_init": Ref(False, f"[{CMC} models/LinearModel.py initilize: N(0, 0.01), 0]"),
+    **FT_SIMCLR_V2,
+}
+LEM = "no CMC CIFAR recipe: InstDisc's CIFAR-10 one, whose memory-bank code CMC builds on "
+LEM += "[ref: zhirongw/lemniscate.pytorch"
+CIFAR = {
+    **IMAGENET,
+    "arch": Ref("resnet18", f"{LEM} cifar.py ResNet18]; CMC's resnet18v1 halves"),
+    "epochs": Ref(200, f"{LEM} cifar.py 200 epochs]"),
+    "batch_size": Ref(128, f"{LEM} cifar.py batch_size=128]; CMC's default too"),
+    "wd": Ref(5e-4, f"{LEM} cifar.py weight_decay=5e-4]"),
+    "lr_milestones": Ref((120, 160), f"{LEM} cifar.py adjust_learning_rate]"),
+    "tau": Ref(0.1, f"{LEM} README CIFAR command --nce-t 0.1]"),
+    "nce_k": Ref(0, f"{LEM} README CIFAR command --nce-k 0: LinearAverage]"),
+    "crop_min": Ref(0.2, f"{LEM} cifar.py scale=(0.2, 1.)]; CMC's crop_low default 0.2"),
+    "ft_batch_size": Dev(256, 1024, "C.FT_CIFAR_BATCH: 1024 exceeds CIFAR-10's 1% labelled set"),
+}
+OFFICIAL = {("--preset", "imagenet"): IMAGENET, ("--preset", "cifar"): CIFAR}
+IN, CI = OFFICIAL[("--preset", "imagenet")], OFFICIAL[("--preset", "cifar")]
 
 N, B, STEPS = 32, 16, 5  # 32 images, batch 16: 2 steps per epoch, lr milestones at epochs 1, 2
 
@@ -20,11 +74,44 @@ N, B, STEPS = 32, 16, 5  # 32 images, batch 16: 2 steps per epoch, lr milestones
 def project_run(tmp_path, monkeypatch, flags):
     """main() up to fit(): the real model, optimizer and args.sched."""
     base = ["--subset", N, "--batch-size", B, "--epochs", 3, "--lr-milestones", 1, 2]
-    return built_by_main(cmc, monkeypatch, tmp_path, *base, "--lr", 0.05, "--wd", 1e-3, *flags)[:3]
+    return built_by_main(cmc, monkeypatch, tmp_path, *base, "--lr", 0.05, *flags)[:3]
 
 
 def l2norm(x):  # models/resnet.py Normalize(2)
     return x.div(x.pow(2).sum(1, keepdim=True).pow(0.5))
+
+
+# dataset.py RGB2Lab: skimage.color.rgb2lab(np.asarray(img, np.uint8)), whose formulas are
+# restated here [ref: scikit-image skimage/color/colorconv.py rgb2xyz, xyz2lab; sRGB primaries,
+# D65 white, 2-degree observer], in float64 as numpy computes them
+XYZ_FROM_RGB = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169))
+XYZ_FROM_RGB += ((0.019334, 0.119193, 0.950227),)
+REF_WHITE_D65 = (0.95047, 1.0, 1.08883)
+# train_CMC.py get_train_loader: transforms.Normalize of the Lab image, view 'Lab'
+LAB_NORM_MEAN = ((0 + 100) / 2, (-86.183 + 98.233) / 2, (-107.857 + 94.478) / 2)
+LAB_NORM_STD = ((100 - 0) / 2, (86.183 + 98.233) / 2, (107.857 + 94.478) / 2)
+
+
+def rgb2lab(rgb):
+    """[B, 3, H, W] RGB in [0, 1] (uint8 / 255, _prepare_colorarray) -> Lab [B, 3, H, W] fp64."""
+    arr = rgb.double()
+    # rgb2xyz: undo the sRGB gamma (linear below 0.04045), then the sRGB -> XYZ matrix
+    arr = torch.where(arr > 0.04045, ((arr + 0.055) / 1.055) ** 2.4, arr / 12.92)
+    xyz = torch.einsum("ij,bjhw->bihw", torch.tensor(XYZ_FROM_RGB, dtype=torch.float64), arr)
+    # xyz2lab: divide by the white point; f(t) = t^(1/3) above (6/29)^3 = 0.008856, else the
+    # line 7.787 t + 16/116 (= t / (3 (6/29)^2) + 4/29)
+    t = xyz / torch.tensor(REF_WHITE_D65, dtype=torch.float64)[:, None, None]
+    f = torch.where(t > 0.008856, t.clamp(min=0.008856) ** (1 / 3), 7.787 * t + 16.0 / 116.0)
+    x, y, z = f.unbind(1)
+    return torch.stack([116.0 * y - 16.0, 500.0 * (x - y), 200.0 * (y - z)], dim=1)
+
+
+def official_views(rgb):
+    """RGB2Lab -> ToTensor -> Normalize(mean, std) -> inputs.float() (train()) -> the split of
+    models/resnet.py ResNetV1.forward: torch.split(x, [1, 2], dim=1) -> (L, ab)."""
+    mean = torch.tensor(LAB_NORM_MEAN, dtype=torch.float64)[:, None, None]
+    std = torch.tensor(LAB_NORM_STD, dtype=torch.float64)[:, None, None]
+    return torch.split(((rgb2lab(rgb) - mean) / std).float(), [1, 2], dim=1)
 
 
 class OfficialCMC:
@@ -45,9 +132,8 @@ class OfficialCMC:
 
     def model(self, x):
         # models/resnet.py ResNetV1.forward: split the Lab image into L and ab, one encoder each,
-        # fc + l2norm. The Lab conversion and normalisation of dataset.py RGB2Lab + train_CMC.py
-        # get_train_loader are cmc.lab_views (tested against skimage's formulas in test_cmc.py)
-        l, ab = cmc.lab_views(x)
+        # fc + l2norm; the Lab image of dataset.py RGB2Lab, normalised (official_views)
+        l, ab = official_views(x)
         feat_l = l2norm(self.net.projector["l"](self.net.backbone["l"](l)))
         feat_ab = l2norm(self.net.projector["ab"](self.net.backbone["ab"](ab)))
         return feat_l, feat_ab
@@ -122,35 +208,45 @@ def close(got, ref, what, scale=1e-6, extra=0.0):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-VARIANTS = {
-    "nce": ["--nce-k", 8, "--tau", 0.07],  # the README commands: NCE, K noise rows
+# name -> (flags, the official side's constants: the same literals, or the table's value)
+VARIANTS = {  # the CIFAR preset (--preset cifar, the default) with these flags
+    "nce": (["--nce-k", 8, "--tau", 0.07], dict(K=8, T=0.07)),  # README commands: NCE
     # --softmax: NCESoftmaxLoss; --nce_m other than 0.5 (where old and new weigh the same)
-    "softmax": ["--nce-k", 8, "--tau", 0.07, "--softmax", "--bank-m", 0.7],
-    "full_bank": ["--nce-k", 0],  # the CIFAR preset: softmax over the whole bank
+    "softmax": (
+        ["--nce-k", 8, "--tau", 0.07, "--softmax", "--bank-m", 0.7],
+        dict(K=8, T=0.07, softmax=True, momentum=0.7),
+    ),
+    "full_bank": ([], {}),  # the CIFAR preset: softmax over the whole bank
+    "wd": (["--nce-k", 8, "--wd", 0.5], dict(K=8, wd=0.5)),  # wd visible: 0.025 p per step
 }
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_train_step_matches_the_official_loop(tmp_path, monkeypatch, name):
-    model, opt, args = project_run(tmp_path, monkeypatch, VARIANTS[name])
+    flags, given = VARIANTS[name]
+    model, opt, args = project_run(tmp_path, monkeypatch, flags)
     spe = args.steps_per_epoch
     assert spe == 2 and args.total_steps == 6
+    c = dict(K=official(CI, "nce_k"), T=official(CI, "tau"), momentum=official(CI, "bank_m"))
+    c.update(softmax=official(CI, "softmax"), wd=official(CI, "wd"))
+    c.update(given)
     ref = OfficialCMC(
-        model, N, args.nce_k, args.tau, args.bank_m, args.softmax, args.lr, (1, 2), args.wd, spe
+        model, N, c["K"], c["T"], c["momentum"], c["softmax"], 0.05, (1, 2), c["wd"], spe
     )
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):
-        x, idx = torch.rand(B, 3, 16, 16, generator=g), torch.randperm(N, generator=g)[:B]
+        x = torch.randint(0, 256, (B, 3, 16, 16), generator=g) / 255  # uint8 crops, ToTensor
+        idx = torch.randperm(N, generator=g)[:B]
         torch.manual_seed(100 + step)  # the project draws its noise rows from the global RNG
         stats = cmc.train_step(model, ([x], None, idx), opt, scaler, step, args)
         torch.manual_seed(100 + step)  # the same uniform rows for the official side
-        noise = torch.randint(N, (B, args.nce_k)) if args.nce_k else None
+        noise = torch.randint(N, (B, c["K"])) if c["K"] else None
         loss = ref.step(step, x, idx, noise)
         close(stats["loss"], loss.detach(), f"loss at step {step}")
         assert stats["lr"] == pytest.approx(ref.lr, rel=1e-12)
-    assert ref.lr == pytest.approx(args.lr * 0.01)  # both decays were passed
+    assert ref.lr == pytest.approx(0.05 * 0.01)  # both decays were passed
     named_ref = dict(ref.net.named_parameters())
     for n, p in model.named_parameters():
         q = named_ref[n].detach()  # + 1e-5 of the change: BN biases start at 0 (measured 8e-7)
@@ -166,3 +262,126 @@ def test_train_step_matches_the_official_loop(tmp_path, monkeypatch, name):
     assert moved.sum() >= B
     if name == "nce":  # Z set on step 0 and logged
         assert (model.nce_z > 0).all() and stats["nce_z_l"].item() == model.nce_z[0].item()
+
+
+# ---- the real network: CMC's split-Lab ResNet-50 halves, restated ---------------------------
+class Bottleneck(nn.Module):
+    """[ref: CMC models/resnet.py Bottleneck]: 1x1 -> 3x3 (stride) -> 1x1 to 4 x planes, BN after
+    each, ReLU after the first two and after the residual sum; downsample on the shortcut."""
+
+    def __init__(self, inplanes, planes, stride, downsample):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        residual = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + residual)
+
+
+class CMCResNet50(nn.Module):
+    """[ref: CMC models/resnet.py ResNet(Bottleneck, [3, 4, 6, 3], low_dim, in_channel, width)]:
+    the 7x7 stride-2 stem keeps 64 channels (self.inplanes = 64), every stage has base * 2^i
+    planes with base = int(64 * width); avgpool, fc to low_dim, Normalize(2). AvgPool2d(7) is the
+    mean over layer4's 7x7 map at 224 px: the mean over the whole map here."""
+
+    def __init__(self, in_channel, width, low_dim):
+        super().__init__()
+        self.inplanes, base = 64, int(64 * width)
+        self.conv1 = nn.Conv2d(in_channel, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(base, 3, 1)
+        self.layer2 = self._make_layer(base * 2, 4, 2)
+        self.layer3 = self._make_layer(base * 4, 6, 2)
+        self.layer4 = self._make_layer(base * 8, 3, 2)
+        self.fc = nn.Linear(base * 8 * 4, low_dim)
+
+    def _make_layer(self, planes, blocks, stride):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4:
+            conv = nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False)
+            downsample = nn.Sequential(conv, nn.BatchNorm2d(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes, 1, None) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return l2norm(self.fc(x.mean((2, 3))))
+
+
+class ResNetV1(nn.Module):
+    """[ref: CMC models/resnet.py ResNetV1('resnet50')]: l_to_ab on L, ab_to_l on ab."""
+
+    def __init__(self, width, low_dim):
+        super().__init__()
+        self.l_to_ab = CMCResNet50(1, width, low_dim)
+        self.ab_to_l = CMCResNet50(2, width, low_dim)
+
+    def forward(self, x):
+        l, ab = official_views(x)
+        return self.l_to_ab(l), self.ab_to_l(ab)
+
+
+def test_real_split_lab_resnet50_matches_cmc_resnet50v1(tmp_path, monkeypatch):
+    """The ImageNet preset's two half-width ResNet-50s at 72 px (the 7x7 stem and max-pool kept:
+    above 64 px), batch 8, beside CMC's ResNetV1 with the project's initial weights (strict load:
+    a wrong width, stem or extra layer fails), NCE with 8 noise rows, the preset's wd: one step.
+    The float32 Lab input of the project and skimage's float64 one differ by 3e-7, which this
+    freshly initialised net at batch 8 (train-mode BN) amplifies to 17% of a tensor's update
+    (measured): both sides read the project's Lab here, after checking it equals the official one
+    to 1e-6 (the Lab formulas themselves are pinned by the small-network test above)."""
+    flags = ["--preset", "imagenet", "--arch", official(IN, "arch"), "--img-size", 72]
+    model, opt, args = built_by_main(
+        cmc, monkeypatch, tmp_path, "--subset", N, "--batch-size", B, *flags, "--nce-k", 8
+    )[:3]
+    width, dim = official(IN, "width"), official(IN, "dim")
+    net = ResNetV1(width, dim)
+    names = {"l": "l_to_ab.", "ab": "ab_to_l."}
+    state = {}  # the project's names -> CMC's
+    for k, v in model.state_dict().items():
+        part, view, rest = k.split(".", 2) if k.count(".") >= 2 else (k, None, None)
+        if part == "backbone":
+            state[names[view] + rest] = v.clone()
+        elif part == "projector":
+            state[names[view] + "fc." + rest] = v.clone()
+    net.load_state_dict(state, strict=True)
+    lr, wd, tau, m = (official(IN, f) for f in ("lr", "wd", "tau", "bank_m"))
+    ref = OfficialCMC(model, N, 8, tau, m, official(IN, "softmax"), lr, (), wd, 10**9)
+    ref.net, ref.params = net, list(net.parameters())
+    ref.buf, ref.model = [None] * len(ref.params), net
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (B, 3, 72, 72), generator=g) / 255
+    idx = torch.randperm(N, generator=g)[:B]
+    for mine, want in zip(cmc.lab_views(x), official_views(x)):
+        close_rel(mine, want, "Lab", rtol=1e-6)
+    monkeypatch.setitem(globals(), "official_views", cmc.lab_views)
+    torch.manual_seed(7)
+    stats = cmc.train_step(model, ([x], None, idx), opt, scaler, 0, args)
+    torch.manual_seed(7)
+    loss = ref.step(0, x, idx, torch.randint(N, (B, 8)))
+    close_rel(stats["loss"], loss.detach(), "loss")
+    mine = model.state_dict()
+    for k, before in state.items():
+        view, rest = "l" if k.startswith("l_to_ab.") else "ab", k.split(".", 1)[1]
+        name = f"backbone.{view}.{rest}"
+        name = f"projector.{view}.{rest[3:]}" if rest.startswith("fc.") else name
+        want = net.state_dict()[k].float()  # + 1e-5 of the change: BN biases start at 0
+        atol = 1e-5 * (want.abs().max() + (want - before.float()).abs().max()).item()
+        torch.testing.assert_close(
+            mine[name].float(), want, rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}"
+        )
+    close_rel(model.bank_l, ref.memory_l, "bank_l")
+    close_rel(model.bank_ab, ref.memory_ab, "bank_ab")
+    close_rel(model.nce_z, torch.tensor([ref.Z_l, ref.Z_ab], dtype=torch.float64), "Z")

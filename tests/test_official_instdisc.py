@@ -14,9 +14,60 @@ import copy
 
 import pytest
 import torch
-from helpers import built_by_main
+import torch.nn.functional as F
+from helpers import FT_SIMCLR_V2, TINY, Dev, Ref, built_by_main, close_rel, official, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from test_ddp import spawn
+from torch import nn
 
+import common as C
 import instdisc
+
+# ---- the official values, pinned: one entry per preset --------------------------------------
+LEM = "ref: zhirongw/lemniscate.pytorch"
+LINCLS = "no probe in lemniscate (the paper's linear classifiers on conv features, no code); "
+LINCLS += "MoCo's, the closest protocol [ref: facebookresearch/moco main_lincls.py"
+IMAGENET = {
+    "arch": Ref("resnet50", f"[InstDisc Tab 2 ResNet-50 54.0%; {LEM} README ResNet-50 model]"),
+    "epochs": Ref(200, f"[{LEM} main.py --epochs 200]"),
+    "batch_size": Ref(256, f"[{LEM} main.py -b 256; README command -b 256]"),
+    "lr": Ref(0.03, f"[{LEM} main.py --lr 0.03; README command --lr 0.03]"),
+    "wd": Ref(1e-4, f"[{LEM} main.py --weight-decay 1e-4, SGD(model.parameters())]"),
+    "lr_milestones": Ref((120, 160), f"[{LEM} main.py adjust_learning_rate: epoch < 120, < 160]"),
+    "warmup_epochs": Ref(0, f"[{LEM} main.py adjust_learning_rate: no warm-up]"),
+    "tau": Ref(0.07, f"[InstDisc §3.1 tau = 0.07; {LEM} main.py --nce-t 0.07]"),
+    "nce_k": Ref(4096, f"[InstDisc §3.2 m = 4096; {LEM} main.py --nce-k 4096]"),
+    "bank_m": Ref(0.5, f"[{LEM} main.py --nce-m 0.5; lib/NCEAverage.py momentum]"),
+    "dim": Ref(128, f"[InstDisc §3.1 128-d; {LEM} main.py --low-dim 128]"),
+    "crop_min": Ref(0.2, f"[{LEM} main.py RandomResizedCrop(224, scale=(0.2, 1.))]"),
+    "aug": Ref("imagenet", f"[{LEM} main.py: RandomGrayscale(0.2), ColorJitter(0.4 x4), flip]"),
+    "linear_epochs": Ref(100, f"{LINCLS} --epochs 100]"),
+    "linear_lr": Ref(30.0, f"{LINCLS} --lr 30]"),
+    "linear_wd": Ref(0.0, f"{LINCLS} --wd 0]"),
+    "linear_batch_size": Ref(256, f"{LINCLS} -b 256]"),
+    "linear_nesterov": Ref(False, f"{LINCLS} SGD momentum 0.9, no nesterov]"),
+    "linear_milestones": Ref((60, 80), f"{LINCLS} --schedule 60 80]"),
+    "linear_decay": Ref(0.1, f"{LINCLS} adjust_learning_rate x0.1]"),
+    "linear_epoch_lr": Ref(True, f"{LINCLS} adjust_learning_rate once per epoch]"),
+    "linear_best": Ref(True, f"{LINCLS} best_acc1]"),
+    "linear_zero_init": Ref(False, f"{LINCLS} fc normal_(0, 0.01), bias zero_]"),
+    **FT_SIMCLR_V2,
+}
+CIFAR = {  # lemniscate cifar.py and the README's CIFAR command "--nce-k 0 --nce-t 0.1 --lr 0.03"
+    **IMAGENET,
+    "arch": Ref("resnet18", f"[{LEM} cifar.py models ResNet18 (models/resnet_cifar.py)]"),
+    "batch_size": Ref(128, f"[{LEM} cifar.py DataLoader(batch_size=128)]"),
+    "lr": Ref(0.03, f"[{LEM} cifar.py --lr 0.03; README CIFAR command --lr 0.03]"),
+    "epochs": Ref(200, f"[{LEM} cifar.py range(start_epoch, start_epoch + 200)]"),
+    "wd": Ref(5e-4, f"[{LEM} cifar.py SGD(weight_decay=5e-4)]"),
+    "lr_milestones": Ref((120, 160), f"[{LEM} cifar.py lr * 0.1 ** ((epoch - 80) // 40)]"),
+    "tau": Ref(0.1, f"[{LEM} cifar.py --nce-t 0.1; README CIFAR command]"),
+    "nce_k": Ref(0, f"[{LEM} README CIFAR command --nce-k 0: LinearAverage, exact softmax]"),
+    "crop_min": Ref(0.2, f"[{LEM} cifar.py RandomResizedCrop(32, scale=(0.2, 1.))]"),
+    "aug": Ref("cifar", f"[{LEM} cifar.py: ColorJitter(0.4 x4), RandomGrayscale(0.2), no flip]"),
+    "ft_batch_size": Dev(256, 1024, "C.FT_CIFAR_BATCH: 1024 exceeds CIFAR-10's 1% labelled set"),
+}
+OFFICIAL = {("--preset", "imagenet"): IMAGENET, ("--preset", "cifar"): CIFAR}
+IN, CI = OFFICIAL[("--preset", "imagenet")], OFFICIAL[("--preset", "cifar")]
 
 N, B, K, STEPS = 64, 8, 16, 4  # training images (bank rows), batch, NCE noise rows, steps
 SPE = N // B  # steps per epoch
@@ -181,27 +232,34 @@ def test_official_noise_sampler_is_uniform_with_replacement():
 @pytest.mark.parametrize("preset", ["imagenet", "cifar"])
 def test_schedule_is_the_official_adjust_learning_rate(tmp_path, monkeypatch, preset):
     _, _, args = built(tmp_path, monkeypatch, "--preset", preset, "--nce-k", K)
-    official = main_py_lr if preset == "imagenet" else cifar_py_lr
-    assert args.epochs == 200 and len(args.sched["lr"]) == 200 * SPE
-    want = [official(0.03, s // SPE) for s in range(200 * SPE)]  # set once per epoch
+    adjust, table = (main_py_lr, IN) if preset == "imagenet" else (cifar_py_lr, CI)
+    epochs = official(table, "epochs")
+    assert len(args.sched["lr"]) == epochs * SPE
+    want = [adjust(official(table, "lr"), s // SPE) for s in range(epochs * SPE)]  # per epoch
     assert args.sched["lr"] == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize(
-    "preset,flags",
-    [("imagenet", ["--nce-k", str(K)]), ("cifar", [])],  # main.py NCE; cifar.py --nce-k 0
-    ids=["main.py-NCEAverage", "cifar.py-LinearAverage"],
+    "preset,flags,wd",
+    [
+        ("imagenet", ["--nce-k", str(K)], None),  # main.py: NCEAverage, the preset's wd
+        ("cifar", [], None),  # cifar.py --nce-k 0: LinearAverage
+        ("imagenet", ["--nce-k", str(K), "--wd", "0.5"], 0.5),  # wd visible: 0.015 p per step
+    ],
+    ids=["main.py-NCEAverage", "cifar.py-LinearAverage", "main.py-wd0.5"],
 )
-def test_training_steps_match_the_official_loop(tmp_path, monkeypatch, preset, flags):
+def test_training_steps_match_the_official_loop(tmp_path, monkeypatch, preset, flags, wd):
     model, opt, args = built(tmp_path, monkeypatch, "--preset", preset, *flags)
     official_lr = main_py_lr if preset == "imagenet" else cifar_py_lr
-    nce = args.nce_k > 0
-    assert (args.wd, args.tau, args.bank_m) == ((1e-4, 0.07, 0.5) if nce else (5e-4, 0.1, 0.5))
+    table = IN if preset == "imagenet" else CI
+    nce = official(table, "nce_k") > 0 or "--nce-k" in flags
+    tau, bank_m = official(table, "tau"), official(table, "bank_m")
+    wd = official(table, "wd") if wd is None else wd
     # shared: the initialised networks (deep copies) and the initial memory
     backbone, fc = copy.deepcopy(model.backbone), copy.deepcopy(model.projector)
     memory = model.bank.clone()  # NCEAverage / LinearAverage register_buffer('memory')
     initial_memory = memory.clone()
-    params = torch.tensor([K, args.tau, -1, args.bank_m] if nce else [args.tau, args.bank_m])
+    params = torch.tensor([K, tau, -1, bank_m] if nce else [tau, bank_m])
     ref_params = [*backbone.parameters(), *fc.parameters()]  # main.py: model.parameters()
     bufs = [None] * len(ref_params)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -217,7 +275,7 @@ def test_training_steps_match_the_official_loop(tmp_path, monkeypatch, preset, f
 
         # main.py / cifar.py train(): adjust_learning_rate per epoch, zero_grad, net, lemniscate,
         # criterion, backward (the memory update), optimizer.step
-        lr = official_lr(0.03, step // SPE)
+        lr = official_lr(official(table, "lr"), step // SPE)
         for p in ref_params:
             p.grad = None
         feature = official_net(backbone, fc, x)
@@ -228,7 +286,7 @@ def test_training_steps_match_the_official_loop(tmp_path, monkeypatch, preset, f
             logits = LinearAverageOp.apply(feature, y, memory, params)
             loss = torch.nn.functional.cross_entropy(logits, y)
         loss.backward()
-        sgd_step(ref_params, bufs, lr, args.wd)
+        sgd_step(ref_params, bufs, lr, wd)
 
         close(got["loss"], loss.detach(), f"loss at step {step}")
         assert got["lr"] == pytest.approx(lr, rel=1e-12)
@@ -264,11 +322,158 @@ def test_paper_knn_is_the_official_knn_on_the_bank_and_recomputed(tmp_path, monk
     net = lambda x: official_net(model.backbone, model.projector, x)
     model.eval()
     labels = torch.as_tensor([data.train_eval[i][1] for i in range(len(data.train_eval))])
-    bank = official_knn(net, model.bank.t(), labels, data.test, 20, args.tau)
+    bank = official_knn(net, model.bank.t(), labels, data.test, 20, official(IN, "tau"))
     loader = torch.utils.data.DataLoader(data.train_eval, batch_size=100)
     with torch.no_grad():
         recomputed = torch.cat([net(x) for x, _, _ in loader]).t()
-    embed = official_knn(net, recomputed, labels, data.test, 20, args.tau)
+    embed = official_knn(net, recomputed, labels, data.test, 20, official(IN, "tau"))
     assert got["bank_knn_top1"] == pytest.approx(bank * 100, rel=1e-9)
     assert got["embed_knn_top1"] == pytest.approx(embed * 100, rel=1e-9)
     assert (got["k"], got["t"]) == (20, 0.07)
+
+
+# ---- the real network: lemniscate's CIFAR ResNet-18, restated -------------------------------
+class CifarBasicBlock(nn.Module):
+    """[ref: lemniscate models/resnet_cifar.py BasicBlock]: relu(bn1(conv1)), bn2(conv2), plus
+    the shortcut (1x1 conv + BN where the stride or width changes), relu."""
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != planes:
+            conv = nn.Conv2d(cin, planes, 1, stride, bias=False)
+            self.shortcut = nn.Sequential(conv, nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet18(nn.Module):
+    """[ref: lemniscate models/resnet_cifar.py ResNet(BasicBlock, [2, 2, 2, 2], low_dim)]: 3x3
+    stride-1 stem, no max-pool, avg_pool2d(4), linear to low_dim, then lib/normalize.py."""
+
+    def __init__(self, low_dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin, layers = 64, []
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(CifarBasicBlock(cin, planes, stride)))
+            layers[-1].append(CifarBasicBlock(planes, planes, 1))
+            cin = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(512, low_dim)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = self.linear(F.avg_pool2d(out, 4).flatten(1))
+        return out.div(out.pow(2).sum(1, keepdim=True).pow(0.5))
+
+
+def test_real_resnet18_steps_match_lemniscate_cifar_net(tmp_path, monkeypatch):
+    """The CIFAR preset's ResNet-18 at 32 px, batch 8, beside lemniscate's CIFAR ResNet-18 with
+    the project's initial weights (strict load), LinearAverage + CrossEntropyLoss, cifar.py's
+    SGD at its wd: two steps, the loss, every parameter, BN statistics and the bank."""
+    flags = ("--preset", "cifar", "--arch", official(CI, "arch"), "--img-size", 32)
+    model, opt, args = built(tmp_path, monkeypatch, *flags)
+    net = CifarResNet18(official(CI, "dim"))
+    state = {}  # the project's names -> lemniscate's
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone."):
+            state[k[len("backbone.") :].replace("downsample", "shortcut")] = v.clone()
+        elif k.startswith("projector."):
+            state["linear." + k[len("projector.") :]] = v.clone()
+    net.load_state_dict(state, strict=True)  # a wrong width, stem or extra layer fails here
+    memory, bufs = model.bank.clone(), [None] * len(list(net.parameters()))
+    params = torch.tensor([official(CI, "tau"), official(CI, "bank_m")])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    g = torch.Generator().manual_seed(4)
+    for step in range(2):
+        x, y = torch.randn(B, 3, 32, 32, generator=g), torch.randperm(N, generator=g)[:B]
+        got = instdisc.train_step(model, ([x], None, y), opt, scaler, step, args)
+        for p in net.parameters():
+            p.grad = None
+        loss = F.cross_entropy(LinearAverageOp.apply(net(x), y, memory, params), y)
+        loss.backward()
+        sgd_step(list(net.parameters()), bufs, official(CI, "lr"), official(CI, "wd"))
+        close_rel(got["loss"], loss.detach(), f"loss at step {step}")
+    ref, mine = net.state_dict(), model.state_dict()
+    for k in state:
+        name = "backbone." + k.replace("shortcut", "downsample")
+        name = "projector." + k[len("linear.") :] if k.startswith("linear.") else name
+        close_rel(mine[name].float(), ref[k].float(), k, rtol=1e-4)
+    close_rel(model.bank, memory, "bank")
+
+
+# ---- two processes: the bank, Z, loss and gradients vs the official single process ----------
+def two_process_step(k):
+    """The project's train_step on this rank's half of a fixed global batch of 8 (per-process BN,
+    as DataParallel's per-device BN), noise rows from seed 10 + rank. -> loss, grads, bank, z."""
+    flags = ["--preset", "imagenet", "--nce-k", str(k), "--batch-size", "8"]
+    args = C.parse_args(instdisc.Args, [*TINY, "--out-dir", "unused", *flags])
+    C.setup_ddp(args)
+    args.sched = {"lr": [0.0]}  # lr 0: the gradients stay readable after the step
+    torch.manual_seed(0)
+    model = instdisc.InstDisc(args, 20)
+    ddp = model
+    if args.world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    x, idx = global_batch()
+    b = args.batch_size_per_gpu
+    mine = slice(args.rank * b, (args.rank + 1) * b)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(10 + args.rank)
+    stats = instdisc.train_step(ddp, ([x[mine]], None, idx[mine]), opt, scaler, 0, args)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return {"loss": stats["loss"], "grads": grads, "bank": model.bank.clone(), "z": model.z}
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 3, 16, 16, generator=g)
+    x[:4] *= 0.5  # the two halves differ in distribution
+    return x, torch.randperm(20, generator=g)[:8]
+
+
+def test_two_processes_match_the_official_single_process_on_the_global_batch(tmp_path):
+    """lemniscate runs one process (DataParallel over the GPUs): NCEAverage sets Z once from the
+    FIRST batch, Z = mean(exp(out)) * N over the whole batch, then writes the bank rows of the
+    whole batch. Two project processes (gathered: rank 0's rows, then rank 1's) == that process
+    on the global batch in the gathered order: Z, the bank, the mean loss and the gradients."""
+    k = 6
+    ranks = spawn(two_process_step, 2, tmp_path, k)
+    flags = ["--preset", "imagenet", "--nce-k", str(k), "--batch-size", "8"]
+    args = C.parse_args(instdisc.Args, [*TINY, "--out-dir", "unused", *flags])
+    torch.manual_seed(0)
+    model = instdisc.InstDisc(args, 20)  # the same initial weights and bank as every rank
+    backbone, fc = model.backbone, model.projector
+    memory = model.bank.clone()
+    x, y = global_batch()
+    noise = []
+    for r in range(2):  # each rank's noise rows, in the gathered order
+        torch.manual_seed(10 + r)
+        noise.append(torch.randint(20, (4, k)))
+    idx = torch.cat([torch.zeros(8, 1, dtype=torch.long), torch.cat(noise)], 1)
+    # DataParallel: each device's BN on its chunk, the outputs gathered in device order
+    feature = torch.cat([official_net(backbone, fc, chunk) for chunk in x.split(4)])
+    tau, m = official(IN, "tau"), official(IN, "bank_m")
+    params = torch.tensor([k, tau, -1, m], dtype=torch.float64)
+    loss = nce_criterion(NCEFunction.apply(feature, y, memory, idx, params), 20)
+    loss.backward()
+    for r in ranks:
+        assert r["z"].item() == pytest.approx(params[2].item(), rel=1e-5)  # Z of the global batch
+        close_rel(r["bank"], memory, "bank")
+    assert torch.equal(ranks[0]["bank"], ranks[1]["bank"])
+    loss_2p = (ranks[0]["loss"] + ranks[1]["loss"]) / 2
+    assert loss_2p.item() == pytest.approx(loss.item(), rel=1e-5)
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for n, p in model.named_parameters():
+        for r in ranks:
+            torch.testing.assert_close(r["grads"][n], p.grad, rtol=1e-4, atol=1e-5 * scale)

@@ -2,19 +2,60 @@
 
 The InvaSpread training step is restated here in plain PyTorch from the official code,
 mangye16/Unsupervised_Embedding_Learning (demo_seen.py, BatchAverage.py BatchCriterion,
-models/resnet_cifar.py, models/normalize.py), and run beside the project's real `train_step`
-(with the optimizer and `args.sched` exactly as `invaspread.main` builds them) for a few CPU
-steps from the same weights on the same inputs. Nothing below calls the project's loss,
-optimizer or schedule; only the initial modules (deep copies) and the inputs are shared.
+models/resnet_cifar.py ResNet18, models/normalize.py), and run beside the project's real
+`train_step` (with the optimizer and `args.sched` exactly as `invaspread.main` builds them) for a
+few CPU steps from the same weights on the same inputs. Nothing below calls the project's loss,
+optimizer or schedule; only the initial weights (by state_dict or deep copies of the tiny
+encoder) and the inputs are shared.
 """
 
 import copy
 
 import pytest
 import torch
-from helpers import built_by_main
+import torch.nn.functional as F
+from helpers import FT_SIMCLR_V2, Dev, Ref, built_by_main, official
+from torch import nn
 
 import invaspread
+
+# ---- the official values, each from its source ---------------------------------------------
+DEMO = "ref: Unsupervised_Embedding_Learning demo_seen.py"
+LIN = (
+    "no linear protocol in InvaSpread (kNN only): MoCo's [ref: facebookresearch/moco main_lincls.py"
+)
+CIFAR = {
+    "arch": Ref("resnet18", f"[InvaSpread §4.1; {DEMO} models.ResNet18 (models/resnet_cifar.py)]"),
+    "epochs": Ref(301, f"[{DEMO} range(start_epoch, start_epoch + 301)]"),
+    "batch_size": Ref(128, f"[{DEMO} --batch-size default 128; README command]"),
+    "lr": Ref(0.03, f"[{DEMO} --lr default 0.03, not scaled; README command]"),
+    "wd": Ref(5e-4, f"[{DEMO} optim.SGD(net.parameters(), momentum=0.9, weight_decay=5e-4)]"),
+    "lr_milestones": Ref((120, 160, 200), f"[{DEMO} adjust_learning_rate, per epoch]"),
+    "lr_factors": Ref((0.1, 0.05, 0.01), f"[{DEMO} adjust_learning_rate: x0.1, x0.05, x0.01]"),
+    "warmup_epochs": Ref(0, f"[{DEMO}: no warm-up]"),
+    "tau": Ref(0.1, f"[{DEMO} --batch-t default 0.1; README: 0.05-0.1]"),
+    "dim": Ref(128, f"[InvaSpread §4.1; {DEMO} --low-dim default 128]"),
+    "crop_min": Ref(0.2, f"[{DEMO} transform_train RandomResizedCrop(scale=(0.2, 1.))]"),
+    "linear_epochs": Ref(100, f"{LIN} --epochs 100]"),
+    "linear_lr": Ref(30.0, f"{LIN} --lr 30, batch 256]"),
+    "linear_wd": Ref(0.0, f"{LIN} --wd 0]"),
+    "linear_batch_size": Ref(256, f"{LIN} --batch-size 256]"),
+    "linear_nesterov": Ref(False, f"{LIN} SGD momentum 0.9]"),
+    "linear_milestones": Ref((60, 80), f"{LIN} --schedule 60 80]"),
+    "linear_decay": Ref(0.1, f"{LIN} adjust_learning_rate x0.1 per milestone]"),
+    "linear_epoch_lr": Ref(True, f"{LIN} adjust_learning_rate once per epoch]"),
+    "linear_best": Ref(True, f"{LIN} best_acc1]"),
+    "linear_zero_init": Ref(False, f"{LIN} fc normal_(0, 0.01), bias zero_()]"),
+    **FT_SIMCLR_V2,  # no fine-tuning protocol in InvaSpread: C.RunArgs' (SimCLR v2's)
+    "ft_batch_size": Dev(256, 1024, "C.FT_CIFAR_BATCH: 1024 exceeds CIFAR-10's 1% labelled set"),
+}
+NO_IN = "; no ImageNet recipe in the paper (CIFAR-10, STL-10, unseen categories) nor the code"
+IMAGENET = {  # the CIFAR-10 recipe, unchanged (224 px, ImageNet stem and mean/std)
+    **{k: Ref(v.value, v.cite[:-1] + NO_IN + "]") for k, v in CIFAR.items() if isinstance(v, Ref)},
+    "ft_batch_size": FT_SIMCLR_V2["ft_batch_size"],
+}
+OFFICIAL = {("--preset", "imagenet"): IMAGENET, ("--preset", "cifar"): CIFAR}
+CF = OFFICIAL[("--preset", "cifar")]
 
 N, B, STEPS = 64, 8, 4  # training images, batch (images; 2B views), steps
 SPE = N // B  # steps per epoch (drop_last)
@@ -108,18 +149,79 @@ def official_knn(net, train_set, test_set, k, sigma):
     return top1 * 100.0 / total
 
 
+# models/resnet_cifar.py: ResNet18 = ResNet(BasicBlock, [2, 2, 2, 2], pool_len=4, low_dim=128)
+class OfficialBlock(nn.Module):
+    """resnet_cifar.py BasicBlock: relu(bn1(conv1 3x3, stride)), bn2(conv2 3x3), + shortcut
+    (empty, or conv 1x1 stride + BN where the shape changes), relu."""
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            conv = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+            self.shortcut = nn.Sequential(conv, nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class OfficialResNet18(nn.Module):
+    """resnet_cifar.py ResNet: conv1 3x3 stride 1 (no max-pool), bn1, relu, layer1-4 (64, 128,
+    256, 512; strides 1, 2, 2, 2), F.avg_pool2d(out, pool_len=4) (32 px: 4x4 maps), linear to
+    low_dim, Normalize(2) (x / |x|)."""
+
+    def __init__(self, low_dim=128, pool_len=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, in_planes = [], 64
+        for planes, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            layers.append(nn.Sequential(OfficialBlock(in_planes, planes, stride)))
+            layers[-1].append(OfficialBlock(planes, planes))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(512, low_dim)
+        self.pool_len = pool_len
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(out, self.pool_len).view(len(out), -1)
+        out = self.linear(out)
+        return out.div(out.pow(2).sum(1, keepdim=True).pow(1.0 / 2))
+
+
+def official_name(name):
+    """The project's parameter name -> the official network's (torchvision's downsample is
+    resnet_cifar.py's shortcut; the 128-d head is its linear)."""
+    name = name.removeprefix("backbone.").replace("downsample", "shortcut")
+    return name.replace("projector.", "linear.")
+
+
 # ---- the tests -------------------------------------------------------------------------------
 def test_schedule_is_the_official_adjust_learning_rate(tmp_path, monkeypatch):
     _, _, args = built(tmp_path, monkeypatch)
-    assert args.epochs == 301 and len(args.sched["lr"]) == 301 * SPE  # range(0, 0 + 301)
-    want = [official_lr(0.03, s // SPE) for s in range(301 * SPE)]  # set once per epoch
+    epochs, lr = official(CF, "epochs"), official(CF, "lr")
+    assert len(args.sched["lr"]) == epochs * SPE  # range(0, 0 + 301)
+    want = [official_lr(lr, s // SPE) for s in range(epochs * SPE)]  # set once per epoch
     assert args.sched["lr"] == pytest.approx(want, rel=1e-12)
 
 
-@pytest.mark.parametrize("start_epoch", [160, 200])
-def test_training_steps_match_the_official_loop(tmp_path, monkeypatch, start_epoch):
-    model, opt, args = built(tmp_path, monkeypatch)
-    assert (args.wd, args.tau, args.lr, args.batch_size) == (5e-4, 0.1, 0.03, B)
+@pytest.mark.parametrize("start_epoch, wd", [(160, None), (200, None), (120, 0.05)])
+def test_training_steps_match_the_official_loop(tmp_path, monkeypatch, start_epoch, wd):
+    """4 steps around an lr step: losses, lrs, every parameter, BN buffer and momentum buffer. At
+    the preset's wd 5e-4 (on every parameter, biases and BN too) and at 0.05: without the decay,
+    or without it on the 1-D parameters, the momentum buffers differ."""
+    flags = () if wd is None else ("--wd", wd)
+    model, opt, args = built(tmp_path, monkeypatch, *flags)
+    wd = official(CF, "wd") if wd is None else wd
+    tau, lr0 = official(CF, "tau"), official(CF, "lr")
     backbone, linear = copy.deepcopy(model.backbone), copy.deepcopy(model.projector)
     ref_params = [*backbone.parameters(), *linear.parameters()]  # net.parameters()
     bufs = [None] * len(ref_params)
@@ -132,13 +234,13 @@ def test_training_steps_match_the_official_loop(tmp_path, monkeypatch, start_epo
 
         # demo_seen.py train(): adjust_learning_rate(epoch); inputs = cat((inputs1, inputs2));
         # zero_grad; features = net(inputs); loss = criterion(features); backward; step
-        lr = official_lr(0.03, step // SPE)
+        lr = official_lr(lr0, step // SPE)
         for p in ref_params:
             p.grad = None
         features = official_net(backbone, linear, torch.cat((x1, x2), 0))
-        loss = batch_criterion(features, 1, 0.1)  # --batch-m 1, --batch-t 0.1
+        loss = batch_criterion(features, 1, tau)  # --batch-m 1
         loss.backward()
-        sgd_step(ref_params, bufs, lr, 5e-4)
+        sgd_step(ref_params, bufs, lr, wd)
 
         close(got["loss"], loss.detach(), f"loss at step {step}")
         assert got["lr"] == pytest.approx(lr, rel=1e-12)
@@ -163,3 +265,30 @@ def test_paper_knn_is_the_official_knn_on_the_128d_embedding(tmp_path, monkeypat
     want = official_knn(net, data.train_eval, data.test, 20, 0.1)  # --batch-t 0.1
     assert got["embed_knn_top1"] == pytest.approx(want, rel=1e-9)
     assert (got["k"], got["t"]) == (20, 0.1)
+
+
+def test_real_resnet18_step_matches_the_official_network(tmp_path, monkeypatch):
+    """The real network at 32 px, batch 8: the project's ResNet-18 (torchvision's, CIFAR stem,
+    fc = Identity) + Linear(512, 128) + l2 norm against models/resnet_cifar.py's ResNet18 written
+    out above, loaded with the project's weights by state_dict (strict: every name and shape);
+    one step at the preset's lr, wd and tau: loss, every parameter, BN buffer and momentum."""
+    flags = ("--arch", "resnet18", "--img-size", 32, "--subset", 16, "--batch-size", 8)
+    model, opt, args, _ = built_by_main(invaspread, monkeypatch, tmp_path, *flags)
+    net = OfficialResNet18(official(CF, "dim"))
+    net.load_state_dict({official_name(k): v for k, v in model.state_dict().items()})
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = (torch.rand(8, 3, 32, 32, generator=g) for _ in range(2))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    got = invaspread.train_step(model, ([x1, x2], None, None), opt, scaler, 0, args)
+    params = dict(net.named_parameters())
+    bufs = [None] * len(params)
+    loss = batch_criterion(net(torch.cat((x1, x2), 0)), 1, official(CF, "tau"))
+    loss.backward()
+    sgd_step(list(params.values()), bufs, official(CF, "lr"), official(CF, "wd"))
+    close(got["loss"], loss.detach(), "loss")
+    ref_state, ref_bufs = net.state_dict(), dict(zip(params, bufs))
+    for name, v in model.state_dict().items():
+        close(v.float(), ref_state[official_name(name)].float(), name)
+    for name, p in model.named_parameters():
+        buf = ref_bufs[official_name(name)]
+        close(opt.state[p]["momentum_buffer"], buf, f"momentum buffer of {name}")

@@ -1,41 +1,236 @@
 """Official-loop parity for moco.py.
 
-MoCo v1/v2: the training step of facebookresearch/moco (moco/builder.py MoCo.forward,
-main_moco.py train / adjust_learning_rate and its torch.optim.SGD) restated in plain PyTorch.
-MoCo v3: facebookresearch/moco-v3 (moco/builder.py MoCo.forward / contrastive_loss,
-moco/optimizer.py LARS, main_moco.py train / adjust_learning_rate / adjust_moco_momentum); the
-CIFAR preset takes solo-learn's optimizer, restated from vturrisi/solo-learn (solo/utils/lars.py,
-solo/utils/lr_scheduler.py, solo/methods/base.py defaults). Each reference runs beside the
-project's real `train_step` (model, optimizer and `args.sched` exactly as `moco.main` builds them)
-for a few CPU steps from the same weights on the same inputs. Nothing below calls the project's
-loss, optimizer, schedule, EMA or queue ops; only the initial modules (deep copies), the initial
-queue and the inputs are shared. Shuffle-BN in one process: both sides run the project's
-documented split-BN emulation (SplitBatchNorm modules, deep-copied) on the same permutation,
-and with --bn-splits 1 plain BN.
+MoCo v1/v2: the training step of facebookresearch/moco (moco/builder.py MoCo.forward and its
+DDP helpers concat_all_gather / _batch_shuffle_ddp / _batch_unshuffle_ddp, main_moco.py train /
+adjust_learning_rate and its torch.optim.SGD) and of its CIFAR-10 colab (colab/
+moco_cifar10_demo.ipynb: SplitBatchNorm, ModelBase, ModelMoCo) restated in plain PyTorch.
+MoCo v3: facebookresearch/moco-v3 (moco/builder.py MoCo.forward / contrastive_loss / _build_mlp,
+moco/optimizer.py LARS, vits.py VisionTransformerMoCo, main_moco.py train / adjust_learning_rate
+/ adjust_moco_momentum and its torch.optim.AdamW); the CIFAR preset takes solo-learn's backbone
+and optimizer, restated from vturrisi/solo-learn (solo/methods/base.py, solo/utils/lars.py,
+solo/utils/lr_scheduler.py). Each reference runs beside the project's real `train_step` (model,
+optimizer and `args.sched` exactly as `moco.main` builds them) for a few CPU steps from the same
+weights on the same inputs. Nothing below calls the project's loss, optimizer, schedule, EMA,
+queue ops, split BN, heads or ViT; only initial weights (deep copies of the small test CNN, or
+state_dicts loaded into the networks built here), the initial queue and the inputs are shared.
 """
 
 import copy
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import built_by_main
+import torchvision
+from helpers import FT_SIMCLR_V2, TINY, Dev, Ref, built_by_main, official, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from torch import nn
 
 import moco
+
+# ---- the official values, pinned: one entry per preset x version (x ViT) --------------------
+MOCO, V3R = "ref: facebookresearch/moco", "ref: facebookresearch/moco-v3"
+COLAB, SOLO = f"{MOCO} colab/moco_cifar10_demo.ipynb", "ref: vturrisi/solo-learn"
+LIN1, LIN3 = f"{MOCO} main_lincls.py", f"{V3R} main_lincls.py"
+PER256 = "the project's --lr is per 256 and x batch/256 at run time"
+IMAGENET_V1 = {
+    "version": Ref("v1", f"[MoCo §3; {MOCO} main_moco.py without --mlp --aug-plus --cos]"),
+    "arch": Ref("resnet50", f"[MoCo §4.1; {MOCO} README -a resnet50]"),
+    "epochs": Ref(200, f"[MoCo §4.1 Training; {MOCO} main_moco.py --epochs 200]"),
+    "batch_size": Ref(256, f"[MoCo §4.1: 256 on 8 GPUs; {MOCO} README --batch-size 256]"),
+    "lr": Ref(
+        0.03,
+        f"[MoCo §4.1; {MOCO} README --lr 0.03 at --batch-size 256, absolute (README: 'linear lr "
+        f"scaling', --lr 0.015 at 128, by hand)]; {PER256}: the same value at 256",
+    ),
+    "wd": Ref(1e-4, f"[MoCo §4.1; {MOCO} main_moco.py --wd 1e-4, SGD(model.parameters())]"),
+    "optimizer": Ref("sgd", f"[{MOCO} main_moco.py torch.optim.SGD(momentum=0.9)]"),
+    "schedule": Ref("step", f"[{MOCO} main_moco.py adjust_learning_rate without --cos]"),
+    "lr_milestones": Ref((120, 160), f"[MoCo §4.1; {MOCO} main_moco.py --schedule 120 160]"),
+    "warmup_epochs": Ref(0, f"[{MOCO} main_moco.py adjust_learning_rate: no warm-up]"),
+    "tau": Ref(0.07, f"[MoCo §3.1; {MOCO} main_moco.py --moco-t 0.07]"),
+    "m": Ref(0.999, f"[MoCo §3.2; {MOCO} main_moco.py --moco-m 0.999]"),
+    "m_cos": Ref(False, f"[{MOCO} builder.py: a constant self.m]"),
+    "queue_size": Ref(65536, f"[MoCo §4.1; {MOCO} main_moco.py --moco-k 65536]"),
+    "dim": Ref(128, f"[MoCo §3.3; {MOCO} main_moco.py --moco-dim 128]"),
+    "hidden_dim": Ref(4096, f"v3 only [{V3R} main_moco.py --moco-mlp-dim 4096]"),
+    "bn_splits": Dev(
+        0,
+        8,
+        "0 resolves at run time: 8 BN groups in one process (the colab's --bn-splits 8; "
+        "main_moco.py's 8 GPUs of 32), 1 per process under DDP, where each process is one of "
+        "the official GPUs; no difference in one process",
+    ),
+    "aug": Ref("v1", f"[MoCo §3.3; {MOCO} main_moco.py augmentation without --aug-plus]"),
+    "crop_min": Ref(0.2, f"[{MOCO} main_moco.py RandomResizedCrop(224, scale=(0.2, 1.0))]"),
+    "blur": Ref(True, f"v2/asym only: the v1 recipe has none [{MOCO} main_moco.py]"),
+    "patch_size": Ref(16, f"ViT only [{V3R} vits.py vit_small patch_size=16]"),
+    "stop_grad_conv1": Ref(True, f"ViT only [MoCo v3 §5.3; {V3R} CONFIG.md --stop-grad-conv1]"),
+    "stem_padding": Ref(1, "unused at 224 px: torchvision's 7x7 stem"),
+    "zero_init_residual": Ref(
+        True, f"v3 only [{V3R} main_moco.py zero_init_residual=True]; v1/v2 build none"
+    ),
+    "lars_solo": Ref(False, f"unused by SGD; solo-learn's LARS for v3 CIFAR [{SOLO}]"),
+    "linear_epochs": Ref(100, f"[{LIN1} --epochs 100]"),
+    "linear_lr": Ref(30.0, f"[{LIN1} README --lr 30.0 at -b 256, absolute]; {PER256}"),
+    "linear_wd": Ref(0.0, f"[{LIN1} --wd 0]"),
+    "linear_batch_size": Ref(256, f"[{LIN1} -b 256]"),
+    "linear_nesterov": Ref(False, f"[{LIN1} SGD momentum 0.9]"),
+    "linear_milestones": Ref((60, 80), f"[{LIN1} --schedule 60 80]"),
+    "linear_decay": Ref(0.1, f"[{LIN1} adjust_learning_rate x0.1]"),
+    "linear_epoch_lr": Ref(True, f"[{LIN1} adjust_learning_rate(epoch)]"),
+    "linear_best": Ref(True, f"[{LIN1} best_acc1]"),
+    "linear_zero_init": Ref(False, f"[{LIN1} fc normal_(0, 0.01), bias zero_]"),
+    **FT_SIMCLR_V2,
+}
+V2 = f"{MOCO} README 'To run MoCo v2, set --mlp --moco-t 0.2 --aug-plus --cos'"
+IMAGENET_V2 = {
+    **IMAGENET_V1,
+    "version": Ref("v2", f"[MoCo v2 §2; {V2}]"),
+    "schedule": Ref("cosine-epoch", f"[{V2}; main_moco.py adjust_learning_rate(epoch)]"),
+    "tau": Ref(0.2, f"[MoCo v2 Tab 1; {V2}]"),
+    "aug": Ref("v2", f"[MoCo v2 §2; {V2}]"),
+    "blur": Ref(True, f"[{MOCO} main_moco.py --aug-plus GaussianBlur([.1, 2.]) p=0.5]"),
+}
+CONF = f"{V3R} CONFIG.md"
+IMAGENET_V3 = {
+    **IMAGENET_V1,
+    "version": Ref("v3", "[MoCo v3]"),
+    "epochs": Ref(100, f"[{CONF} ResNet-50, 100-epoch; main_moco.py --epochs 100]"),
+    "batch_size": Ref(4096, f"[MoCo v3 §4; {V3R} main_moco.py -b 4096]"),
+    "lr": Ref(0.6, f"[{V3R} main_moco.py --lr 0.6, 'args.lr * args.batch_size / 256']"),
+    "wd": Ref(1e-6, f"[{V3R} main_moco.py --wd 1e-6, LARS(model.parameters())]"),
+    "optimizer": Ref("lars", f"[MoCo v3 §4; {V3R} main_moco.py --optimizer lars]"),
+    "schedule": Ref("cosine", f"[{V3R} main_moco.py adjust_learning_rate(epoch + i / iters)]"),
+    "lr_milestones": Ref((120, 160), "unused: cosine"),
+    "warmup_epochs": Ref(10, f"[{V3R} main_moco.py --warmup-epochs 10]"),
+    "tau": Ref(1.0, f"[MoCo v3 §4; {V3R} main_moco.py --moco-t 1.0]"),
+    "m": Ref(0.99, f"[MoCo v3 §4; {V3R} main_moco.py --moco-m 0.99]"),
+    "m_cos": Ref(True, f"[{CONF} --moco-m-cos]"),
+    "queue_size": Ref(0, "none: the keys of the batch [MoCo v3 §3]"),
+    "dim": Ref(256, f"[{V3R} main_moco.py --moco-dim 256]"),
+    "bn_splits": Ref(0, f"unused: SyncBN [{V3R} main_moco.py convert_sync_batchnorm]"),
+    "aug": Ref("asym", f"[MoCo v3 §4; {V3R} main_moco.py augmentation1 / augmentation2]"),
+    "crop_min": Ref(0.2, f"[{CONF} ResNet-50 --crop-min=.2]"),
+    "blur": Ref(True, f"[{V3R} main_moco.py GaussianBlur p=1.0 / 0.1]"),
+    "zero_init_residual": Ref(True, f"[{V3R} main_moco.py zero_init_residual=True]"),
+    "linear_epochs": Ref(90, f"[{LIN3} --epochs 90]"),
+    "linear_lr": Ref(0.1, f"[{LIN3} --lr 0.1, init_lr = lr * batch / 256]"),
+    "linear_batch_size": Ref(1024, f"[{LIN3} -b 1024]"),
+    "linear_milestones": Ref((), f"[{LIN3} adjust_learning_rate: cosine]"),
+    "linear_epoch_lr": Ref(True, f"[{LIN3} adjust_learning_rate(epoch)]"),
+    "linear_best": Ref(True, f"[{LIN3} best_acc1]"),
+    "linear_zero_init": Ref(False, f"[{LIN3} weight normal_(0, 0.01), bias zero_]"),
+    "linear_nesterov": Ref(False, f"[{LIN3} SGD momentum 0.9]"),
+    "linear_wd": Ref(0.0, f"[{LIN3} --wd 0]"),
+}
+VIT_S = f"{CONF} ViT-Small"
+IMAGENET_VIT = {
+    **IMAGENET_V3,
+    "arch": Ref("vit_small", f"[MoCo v3 §4; {VIT_S} -a vit_small]"),
+    "epochs": Ref(300, f"[{VIT_S} --epochs=300]"),
+    "batch_size": Ref(4096, f"[{VIT_S} 4-node (the models' batch 4096), -b default]"),
+    "lr": Ref(1.5e-4, f"[{VIT_S} --lr=1.5e-4, per 256 in main_moco.py]"),
+    "wd": Ref(0.1, f"[{VIT_S} --weight-decay=.1, AdamW(model.parameters())]"),
+    "optimizer": Ref("adamw", f"[{VIT_S} --optimizer=adamw]"),
+    "warmup_epochs": Ref(40, f"[{VIT_S} --warmup-epochs=40]"),
+    "tau": Ref(0.2, f"[{VIT_S} --moco-t=.2]"),
+    "crop_min": Ref(0.08, f"[{V3R} main_moco.py --crop-min 0.08; the ViT commands keep it]"),
+    "zero_init_residual": Ref(True, "unused by the ViT"),
+    "linear_lr": Ref(3.0, f"[{CONF} ViT-Small linear --lr=3]"),
+}
+CIFAR_V1 = {
+    **IMAGENET_V1,
+    "arch": Ref("resnet18", f"[{COLAB} -a resnet18, ModelBase]"),
+    "epochs": Ref(200, f"[{COLAB} args.epochs = 200]"),
+    "batch_size": Ref(512, f"[{COLAB} --batch-size 512]"),
+    "lr": Ref(
+        0.03,
+        f"[{COLAB} --lr 0.06 at batch 512, absolute: 'lr: 0.06 for batch 512 (or 0.03 for "
+        f"batch 256)']; {PER256}: 0.06 at 512",
+    ),
+    "wd": Ref(5e-4, f"[{COLAB} --wd 5e-4]"),
+    "schedule": Ref(
+        "cosine-epoch",
+        f"[{COLAB} args.cos = True, adjust_learning_rate(epoch)]; its epochs count from 1, the "
+        "project's from 0 as main_moco.py: the colab's cosine is one epoch ahead",
+    ),
+    "lr_milestones": Ref((120, 160), f"unused under cos [{COLAB} --schedule default 120 160]"),
+    "tau": Ref(0.1, f"[{COLAB} --moco-t 0.1]"),
+    "m": Ref(0.99, f"[{COLAB} --moco-m 0.99]"),
+    "queue_size": Ref(4096, f"[{COLAB} --moco-k 4096]"),
+    "dim": Ref(128, f"[{COLAB} --moco-dim 128]"),
+    "bn_splits": Dev(
+        0,
+        8,
+        f"[{COLAB} --bn-splits 8]: 0 resolves to 8 in one process, 1 per process under DDP "
+        "(per-GPU BN); no difference in one process",
+    ),
+    "aug": Ref("v2", f"[{COLAB} train_transform: aug+ without blur, ColorJitter(.4, .4, .4, .1)]"),
+    "crop_min": Ref(0.08, f"[{COLAB} RandomResizedCrop(32): scale (0.08, 1)]"),
+    "blur": Ref(False, f"[{COLAB} train_transform: no blur]"),
+    "patch_size": Ref(4, "ViT only: 8 x 8 patches at 32 px (no official CIFAR ViT)"),
+    "stem_padding": Ref(1, f"[{COLAB} ModelBase conv1 kernel 3, stride 1, padding 1]"),
+    "linear_lr": Ref(30.0, f"the colab has a kNN monitor only: [{LIN1} --lr 30.0]; {PER256}"),
+    "ft_batch_size": Dev(256, 1024, "C.FT_CIFAR_BATCH: 1024 exceeds CIFAR-10's 1% labelled set"),
+}
+CIFAR_V2 = {
+    **CIFAR_V1,
+    "version": Ref("v2", f"the colab's recipe with v2's head and tau [{V2}]"),
+    "tau": Ref(0.2, f"[MoCo v2 Tab 1; {V2}]"),
+}
+SOLO_Y = f"{SOLO} scripts/pretrain/cifar/mocov3.yaml"
+CIFAR_V3 = {
+    **IMAGENET_V3,
+    "arch": Ref("resnet18", f"[{SOLO_Y} backbone resnet18]"),
+    "epochs": Ref(1000, f"[{SOLO_Y} max_epochs 1000]"),
+    "batch_size": Ref(256, f"[{SOLO_Y} optimizer.batch_size 256, devices [0]]"),
+    "lr": Ref(0.3, f"[{SOLO_Y} lr 0.3; solo/args/pretrain.py lr x batch / 256]"),
+    "wd": Ref(1e-6, f"[{SOLO_Y} weight_decay 1e-6]"),
+    "tau": Ref(0.2, f"[{SOLO_Y} temperature 0.2]"),
+    "m": Ref(0.99, f"[{SOLO_Y} momentum base_tau 0.99, final_tau 1.0]"),
+    "hidden_dim": Ref(4096, f"[{SOLO_Y} proj_hidden_dim, pred_hidden_dim 4096]"),
+    "dim": Ref(256, f"[{SOLO_Y} proj_output_dim 256]"),
+    "lars_solo": Ref(True, f"[{SOLO_Y} lars, eta 0.02, clip_lr, exclude_bias_n_norm]"),
+    "warmup_epochs": Ref(10, f"[{SOLO_Y} warmup_cosine; solo/methods/base.py warmup_epochs 10]"),
+    "crop_min": Ref(0.08, f"[{SOLO} scripts/pretrain/cifar/augmentations/asymmetric.yaml 0.08]"),
+    "blur": Ref(False, f"[{SOLO} cifar/augmentations/asymmetric.yaml gaussian_blur prob 0.0]"),
+    "stem_padding": Ref(2, f"[{SOLO} solo/methods/base.py cifar conv1 padding=2]"),
+    "zero_init_residual": Ref(False, f"[{SOLO} torchvision resnet18 default]"),
+    "patch_size": Ref(16, "ViT only"),
+    "linear_lr": Ref(0.1, f"no CIFAR probe in moco-v3 or solo-learn's yaml: [{LIN3} --lr 0.1]"),
+    "ft_batch_size": Dev(256, 1024, "C.FT_CIFAR_BATCH: 1024 exceeds CIFAR-10's 1% labelled set"),
+}
+CIFAR_VIT = {
+    **IMAGENET_VIT,
+    "batch_size": Ref(1024, f"no official CIFAR ViT: [{VIT_S}, 1-node -b 1024]"),
+    "patch_size": Ref(4, "no official CIFAR ViT: 4 px patches, 8 x 8 tokens at 32 px"),
+    "blur": Ref(False, f"no official CIFAR ViT: off as [{SOLO} cifar asymmetric.yaml]"),
+    "ft_batch_size": Dev(256, 1024, "C.FT_CIFAR_BATCH: 1024 exceeds CIFAR-10's 1% labelled set"),
+}
+IV, CV, VIT = ("--preset", "imagenet", "--version"), ("--preset", "cifar", "--version"), "vit_small"
+OFFICIAL = {
+    (*IV, "v1"): IMAGENET_V1,
+    (*IV, "v2"): IMAGENET_V2,
+    (*IV, "v3"): IMAGENET_V3,
+    (*IV, "v3", "--arch", VIT): IMAGENET_VIT,
+    (*CV, "v1"): CIFAR_V1,
+    (*CV, "v2"): CIFAR_V2,
+    (*CV, "v3"): CIFAR_V3,
+    (*CV, "v3", "--arch", VIT): CIFAR_VIT,
+}
 
 B, N_IMG = 16, 32  # global batch; 32 images: 2 steps per epoch, so the per-epoch lr moves
 STEPS = 5
 ENC = {"q": ("backbone", "projector"), "k": ("momentum_backbone", "momentum_projector")}
 
 
-def built(tmp_path, monkeypatch, *flags):
+def built(tmp_path, monkeypatch, *flags, batch=B, n_img=N_IMG):
     """model, optimizer and args (with args.sched) exactly as moco.main builds them."""
     model, opt, args, _ = built_by_main(
-        moco, monkeypatch, tmp_path, "--subset", N_IMG, "--batch-size", B, *flags
+        moco, monkeypatch, tmp_path, "--subset", n_img, "--batch-size", batch, *flags
     )
-    assert args.steps_per_epoch == N_IMG // B
+    assert args.steps_per_epoch == n_img // batch
     return model, opt, args
 
 
@@ -49,10 +244,10 @@ def close(a, b, msg="", scale=None):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=lambda m: f"{msg}: {m}")
 
 
-def inputs(steps=STEPS):
+def inputs(steps=STEPS, batch=B, size=16):
     g = torch.Generator().manual_seed(7)
-    return [(torch.rand(B, 3, 16, 16, generator=g), torch.rand(B, 3, 16, 16, generator=g))
-            for _ in range(steps)]  # fmt: skip
+    return [(torch.rand(batch, 3, size, size, generator=g),
+             torch.rand(batch, 3, size, size, generator=g)) for _ in range(steps)]  # fmt: skip
 
 
 def run_project(model, opt, args, xs):
@@ -63,67 +258,125 @@ def run_project(model, opt, args, xs):
     return [s["loss"].item() for s in out]
 
 
+@torch.no_grad()
+def perturb_momentum_encoder(model, scale=0.5):
+    """The key encoder made different from the query encoder (on both sides: shared initial
+    weights), so the EMA coefficient m shows from the first step."""
+    g = torch.Generator().manual_seed(3)
+    for n in ENC["k"]:
+        for p in getattr(model, n).parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
+
+
+def compare_state(got: dict, want: dict, what: str):
+    """Parameters, BN buffers, optimizer states. A bias's scale is its layer's weight's too (a
+    zero-initialised bias moved by a gradient sum that cancels: float noise is relative to the
+    layer, not to the bias's few steps); a BN running mean's scale is the feature's std (after a
+    BN without affine, v3 projector -> predictor, the batch means are 0 up to float noise)."""
+    assert got.keys() == want.keys(), what
+    for k, v in got.items():
+        sib = k.replace("running_mean", "running_var") if "running_mean" in k else None
+        sib = k[: -len("bias")] + "weight" if k.endswith("bias") else sib
+        scale = None
+        if sib in want:
+            s = want[sib].abs().max().item()
+            scale = max(want[k].abs().max().item(), s**0.5 if "running" in k else s)
+        close(v, want[k], f"{what}.{k}", scale)
+
+
 def compare_modules(model, ref, names):
     for n in names:
-        want = ref[n].state_dict()
-        for k, v in getattr(model, n).state_dict().items():  # parameters and BN buffers
-            # a BN running mean's scale is the feature's std: after a BN without affine (v3
-            # projector -> predictor) the batch means are 0 up to float noise
-            var = (
-                want.get(k.replace("running_mean", "running_var")) if "running_mean" in k else None
-            )
-            scale = (
-                max(want[k].abs().max().item(), var.max().sqrt().item())
-                if var is not None
-                else None
-            )
-            close(v, want[k], f"{n}.{k}", scale)
+        compare_state(getattr(model, n).state_dict(), ref[n].state_dict(), n)
 
 
-def sgd_momentum(opt, model, names, bufs):
+def momentum_buffers(opt, model, names, key, bufs):
     for n in names:
         for k, p in getattr(model, n).named_parameters():
             if p.requires_grad:
-                buf, ref = opt.state[p][bufs[0]], bufs[1][f"{n}.{k}"]
-                close(buf, ref, f"momentum of {n}.{k}")
+                close(opt.state[p][key], bufs[f"{n}.{k}"], f"momentum of {n}.{k}")
 
 
-# ==== MoCo v1/v2: facebookresearch/moco ========================================================
-class OfficialMoCo:
-    """moco/builder.py MoCo with encoder_q = (backbone, projector), encoder_k = the momentum copy
-    (deep copies of the project's initialised modules), queue [dim, K] as the official buffer."""
+# ==== MoCo v1/v2: facebookresearch/moco and its CIFAR-10 colab ==================================
+class ColabSplitBatchNorm(nn.BatchNorm2d):
+    """[ref: moco colab SplitBatchNorm] training: the batch viewed as [N / s, C * s, H, W] (sample
+    n in group n % s), one batch_norm over it with running stats and affine repeated s times; the
+    running stats <- the mean of the s updated copies. Eval: plain batch_norm."""
 
-    def __init__(self, model, args):
-        self.nets = {n: copy.deepcopy(getattr(model, n)) for ns in ENC.values() for n in ns}
-        self.encoder_q = nn.Sequential(*(self.nets[n] for n in ENC["q"]))
-        self.encoder_k = nn.Sequential(*(self.nets[n] for n in ENC["k"]))
-        self.queue = model.queue.T.clone()  # [dim, K]: official layout; same initial values
-        self.queue_ptr = torch.zeros(1, dtype=torch.long)
-        self.K, self.m, self.T = len(model.queue), args.m, args.tau
+    def __init__(self, num_features, num_splits):
+        super().__init__(num_features)
+        self.num_splits = num_splits
+
+    def forward(self, x):
+        N, Ch, H, W = x.shape
+        s = self.num_splits
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias)
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        w, b = self.weight.repeat(s), self.bias.repeat(s)
+        out = F.batch_norm(x.view(-1, Ch * s, H, W), mean, var, w, b, True, self.momentum, self.eps)
+        self.running_mean.data.copy_(mean.view(s, Ch).mean(dim=0))
+        self.running_var.data.copy_(var.view(s, Ch).mean(dim=0))
+        return out.view(N, Ch, H, W)
+
+
+def colab_bn(module, splits):
+    """The colab's norm layer in place of each BatchNorm2d of a copied network (same state):
+    SplitBatchNorm when splits > 1, else nn.BatchNorm2d [ref: colab ModelBase]."""
+    for name, m in list(module.named_children()):
+        if isinstance(m, nn.BatchNorm2d):
+            bn = (
+                ColabSplitBatchNorm(m.num_features, splits)
+                if splits > 1
+                else nn.BatchNorm2d(m.num_features)
+            )
+            bn.load_state_dict(m.state_dict())
+            setattr(module, name, bn)
+        else:
+            colab_bn(m, splits)
+    return module
+
+
+def split_order(n, splits):
+    """The colab's group j holds samples j, j + s, ...; the project's (per-GPU slices) holds the
+    j-th contiguous chunk. The reference takes the batch as x[order], so its groups hold the
+    project's samples: order[r * s + j] = j * (n / s) + r."""
+    return torch.arange(n).view(splits, n // splits).T.flatten()
+
+
+class OfficialMoCo(nn.Module):
+    """moco/builder.py MoCo (one process: the colab's _batch_shuffle_single_gpu) with encoder_q =
+    (backbone, projector), encoder_k = the momentum encoder, queue [dim, K] as the official
+    buffer; its norm layers the colab's for `splits` groups; m, T and K given by the test."""
+
+    def __init__(self, q_nets, k_nets, queue, m, T, K, splits):
+        super().__init__()
+        self.encoder_q = colab_bn(nn.Sequential(*map(copy.deepcopy, q_nets)), splits)
+        self.encoder_k = colab_bn(nn.Sequential(*map(copy.deepcopy, k_nets)), splits)
+        self.register_buffer("queue", torch.zeros(queue.shape[1], K))
+        self.queue.copy_(queue.T)  # the shared initial queue; K from the table
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.m, self.T, self.K, self.splits = m, T, K, splits
 
     @torch.no_grad()
-    def _momentum_update_key_encoder(self):  # builder.py: param_k = param_k*m + param_q*(1-m)
+    def _momentum_update_key_encoder(self):  # param_k = param_k * m + param_q * (1 - m)
         for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
             pk.data = pk.data * self.m + pq.data * (1.0 - self.m)
 
     @torch.no_grad()
-    def _dequeue_and_enqueue(self, keys):  # builder.py (concat_all_gather: one process)
+    def _dequeue_and_enqueue(self, keys):  # concat_all_gather: one process
         ptr = int(self.queue_ptr)
         assert self.K % keys.shape[0] == 0
         self.queue[:, ptr : ptr + keys.shape[0]] = keys.T
         self.queue_ptr[0] = (ptr + keys.shape[0]) % self.K
 
-    def forward(self, im_q, im_k):
-        # builder.py MoCo.forward: q first, then (no grad) the momentum update, the shuffled key
-        # forward (_batch_shuffle_ddp on one process: randperm, its argsort to restore), logits
-        # [l_pos, q @ queue] / T, labels 0, then _dequeue_and_enqueue inside the forward
+    def forward(self, im_q, im_k, idx_shuffle):
+        # builder.py forward: q, then (no grad) the momentum update, the shuffled key forward
+        # (idx_shuffle: the colab's randperm), logits [l_pos, q @ queue] / T, labels 0, enqueue
         q = F.normalize(self.encoder_q(im_q), dim=1)
         with torch.no_grad():
             self._momentum_update_key_encoder()
-            idx_shuffle = torch.randperm(im_k.shape[0])
             idx_unshuffle = torch.argsort(idx_shuffle)
-            k = F.normalize(self.encoder_k(im_k[idx_shuffle]), dim=1)
-            k = k[idx_unshuffle]
+            k = F.normalize(self.encoder_k(im_k[idx_shuffle]), dim=1)[idx_unshuffle]
         l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
         l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
         logits = torch.cat([l_pos, l_neg], dim=1) / self.T
@@ -131,20 +384,36 @@ class OfficialMoCo:
         self._dequeue_and_enqueue(k)
         return logits, labels
 
+    def step(self, x1, x2, seed):
+        """One forward on the batch in the colab's group order, the permutation drawn as the
+        colab does (torch.randperm(N)) under `seed`, expressed in that order."""
+        order = split_order(len(x1), self.splits)
+        torch.manual_seed(seed)
+        perm = torch.randperm(len(x1))
+        logits, labels = self(x1[order], x2[order], torch.argsort(order)[perm[order]])
+        return F.cross_entropy(logits, labels)  # criterion = nn.CrossEntropyLoss()
 
-def official_v1v2_lr(epoch, lr, args, cos):
-    # main_moco.py adjust_learning_rate, called once per epoch before train()
+    def project_queue(self, written, batch):
+        """The queue [K, dim] in the project's sample order (rows of each written batch block)."""
+        rows, order = self.queue.T.clone(), torch.argsort(split_order(batch, self.splits))
+        w = min(written, self.K)
+        rows[:w] = rows[:w].view(-1, batch, rows.shape[1])[:, order].reshape(w, -1)
+        return rows
+
+
+def main_moco_lr(epoch, lr, epochs, milestones, cos):
+    # main_moco.py adjust_learning_rate, called once per epoch (from 0) before train()
     if cos:
-        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
-    for milestone in args.lr_milestones:
+        return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    for milestone in milestones:
         lr *= 0.1 if epoch >= milestone else 1.0
     return lr
 
 
 @torch.no_grad()
 def official_sgd(params, bufs, lr, wd, momentum=0.9):
-    # main_moco.py: torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=wd) on every
-    # parameter (the key encoder's have no grad): d = g + wd p; buf = d (first) | mom buf + d
+    # torch.optim.SGD(model.parameters(), lr, momentum=0.9, weight_decay=wd) on every parameter
+    # (the key encoder's have no grad): d = g + wd p; buf = d (first) | momentum buf + d
     for name, p in params:
         if p.grad is None:
             continue
@@ -153,43 +422,148 @@ def official_sgd(params, bufs, lr, wd, momentum=0.9):
         p.sub_(lr * bufs[name])
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-@pytest.mark.parametrize("bn_splits", [1, 4])
-def test_official_v1v2_step_parity(tmp_path, monkeypatch, version, bn_splits):
-    """5 steps over 3 epochs of the ImageNet preset (SGD, wd 1e-4, v1 step / v2 cosine per epoch),
-    m 0.9 so the EMA is visible, K = 64: loss, every parameter of both encoders, the SGD momentum,
-    the queue, its pointer and every BN buffer agree with the official step."""
-    flags = ["--preset", "imagenet", "--version", version, "--epochs", 3, "--m", 0.9]
-    flags += ["--queue-size", 64, "--dim", 16, "--bn-splits", bn_splits, "--lr", 4.8]
-    flags += ["--lr-milestones", 1, 2] if version == "v1" else []
-    model, opt, args = built(tmp_path, monkeypatch, *flags)
-    assert (args.wd, args.optimizer) == (1e-4, "sgd") and (args.tau == 0.07) == (version == "v1")
-    ref, xs = OfficialMoCo(model, args), inputs()
-    params = [(f"{n}.{k}", p) for n in ENC["q"] for k, p in ref.nets[n].named_parameters()]
-    bufs, ref_losses = {}, []
-    lr0 = args.lr * B / 256  # --lr at this batch [ref: moco README, linear lr scaling]
+def run_official_v1v2(ref, xs, lrs, wd):
+    params = list(ref.encoder_q.named_parameters())
+    bufs, losses = {}, []
     for k, (x1, x2) in enumerate(xs):  # main_moco.py train()
-        lr = official_v1v2_lr(k // args.steps_per_epoch, lr0, args, cos=version == "v2")
-        assert args.sched["lr"][k] == pytest.approx(lr, rel=1e-12), k
-        torch.manual_seed(1000 + k)
-        logits, labels = ref.forward(x1, x2)
-        loss = F.cross_entropy(logits, labels)  # criterion = nn.CrossEntropyLoss()
+        loss = ref.step(x1, x2, 1000 + k)
         for _, p in params:
             p.grad = None  # optimizer.zero_grad()
         loss.backward()
-        official_sgd(params, bufs, lr, args.wd)
-        ref_losses.append(loss.item())
-    T = args.total_steps  # the whole schedule, per epoch as adjust_learning_rate
-    lrs = [
-        official_v1v2_lr(s // args.steps_per_epoch, lr0, args, version == "v2") for s in range(T)
-    ]
+        official_sgd(params, bufs, lrs[k], wd)
+        losses.append(loss.item())
+    return losses, bufs
+
+
+def opt_state(opt, module, key="momentum_buffer") -> dict:
+    return {k: opt.state[p][key] for k, p in module.named_parameters() if p.requires_grad}
+
+
+def check_v1v2(model, opt, ref, losses, ref_losses, bufs, steps, batch):
+    close(torch.tensor(losses), ref_losses, "losses")
+    nets = {**dict(zip(ENC["q"], ref.encoder_q)), **dict(zip(ENC["k"], ref.encoder_k))}
+    compare_modules(model, nets, [*ENC["q"], *ENC["k"]])
+    got = {f"{i}.{k}": v for i, n in enumerate(ENC["q"]) for k, v in
+           opt_state(opt, getattr(model, n)).items()}  # fmt: skip
+    compare_state(got, bufs, "SGD momentum")
+    close(model.queue, ref.project_queue(steps * batch, batch), "queue")
+    assert model.queue_ptr.item() == ref.queue_ptr.item() == steps * batch % ref.K
+
+
+V1V2 = [("v1", (), 1e-4), ("v2", (), 0.5), ("v2", ("--bn-splits", 1), 1e-4), ("v1", (), 0.5)]
+
+
+@pytest.mark.parametrize("version, splits, wd", V1V2)
+def test_official_v1v2_step_parity(tmp_path, monkeypatch, version, splits, wd):
+    """5 steps over 3 epochs of the ImageNet preset (SGD, v1 step / v2 cosine per epoch, lr per
+    epoch), m 0.9 on a perturbed key encoder so the EMA shows, K = 64, wd the preset's 1e-4 or
+    0.5 (visible); split BN with the table's 8 groups (the project at its default) or 1: loss,
+    every parameter and BN buffer of both encoders, the SGD momentum, the queue and its pointer
+    agree with the official step."""
+    T = OFFICIAL[(*IV, version)]
+    flags = ["--preset", "imagenet", "--version", version, "--epochs", 3, "--m", 0.9, *splits]
+    flags += ["--queue-size", 64, "--dim", 16, "--lr", 4.8, "--wd", wd]
+    flags += ["--lr-milestones", 1, 2] if version == "v1" else []
+    model, opt, args = built(tmp_path, monkeypatch, *flags)
+    perturb_momentum_encoder(model)
+    n_splits = splits[1] if splits else official(T, "bn_splits")  # the colab's 8
+    qk = [getattr(model, n) for n in ENC["q"]], [getattr(model, n) for n in ENC["k"]]
+    tau = official(T, "tau")
+    ref = OfficialMoCo(*qk, model.queue, 0.9, tau, 64, n_splits)
+    xs = inputs()
+    lr0 = 0.3  # main_moco.py --lr at batch 16 for the project's 4.8 per 256 (absolute)
+    cos = official(T, "schedule") == "cosine-epoch"
+    spe, ms = args.steps_per_epoch, (1, 2)
+    lrs = [main_moco_lr(s // spe, lr0, 3, ms, cos) for s in range(args.total_steps)]
     close(torch.tensor(args.sched["lr"], dtype=torch.float64), lrs, "lr schedule")
+    ref_losses, bufs = run_official_v1v2(ref, xs, lrs, wd)
+    losses = run_project(model, opt, args, xs)
+    check_v1v2(model, opt, ref, losses, ref_losses, bufs, STEPS, B)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_official_v1v2_imagenet_preset_values(tmp_path, monkeypatch, version):
+    """Two steps at the ImageNet preset's own values (lr 0.03 per 256, wd 1e-4, m 0.999, K 65536,
+    tau, dim 128, v1 step / v2 cosine over 200 epochs, 8 split-BN groups) against the official
+    step at the table's values: an official user passes --lr 0.03 x 16 / 256 at batch 16."""
+    key = (*IV, version)
+    T = OFFICIAL[key]
+    model, opt, args = built(tmp_path, monkeypatch, *key)
+    perturb_momentum_encoder(model)
+    K, m, tau = official(T, "queue_size"), official(T, "m"), official(T, "tau")
+    qk = [getattr(model, n) for n in ENC["q"]], [getattr(model, n) for n in ENC["k"]]
+    ref = OfficialMoCo(*qk, model.queue, m, tau, K, official(T, "bn_splits"))
+    assert ref.queue.shape == (official(T, "dim"), 65536)
+    lr0 = official(T, "lr") * B / 256  # README: linear lr scaling by hand
+    cos, E = official(T, "schedule") == "cosine-epoch", official(T, "epochs")
+    spe, ms = args.steps_per_epoch, official(T, "lr_milestones")
+    lrs = [main_moco_lr(s // spe, lr0, E, ms, cos) for s in range(args.total_steps)]
+    close(torch.tensor(args.sched["lr"], dtype=torch.float64), lrs, "lr schedule")
+    xs = inputs(2)
+    ref_losses, bufs = run_official_v1v2(ref, xs, lrs, official(T, "wd"))
+    losses = run_project(model, opt, args, xs)
+    check_v1v2(model, opt, ref, losses, ref_losses, bufs, 2, B)
+
+
+def colab_model_base(dim, splits, mlp):
+    """[ref: colab ModelBase] torchvision resnet18(num_classes=dim) with the colab's norm layer,
+    conv1 3x3 stride 1 padding 1, no max-pool, Flatten before fc; v2: fc -> Linear, ReLU, fc
+    [ref: moco builder.py --mlp]. Children as the colab's nn.Sequential (net.0, net.1, ...)."""
+    norm = partial(ColabSplitBatchNorm, num_splits=splits) if splits > 1 else nn.BatchNorm2d
+    net, mods = torchvision.models.resnet18(num_classes=dim, norm_layer=norm), []
+    if mlp:
+        net.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), net.fc)
+    for name, module in net.named_children():
+        if name == "conv1":
+            module = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if isinstance(module, nn.MaxPool2d):
+            continue
+        if name == "fc":
+            mods.append(nn.Flatten(1))
+        mods.append(module)
+    return nn.Sequential(*mods)
+
+
+def colab_names(backbone: dict, projector: dict) -> dict:
+    """The project's backbone / projector entries under the colab's names: conv1 0, bn1 1,
+    layer1-4 3-6, the head 9 (ModelBase.net)."""
+    names = {"conv1": "0", "bn1": "1", "layer1": "3", "layer2": "4", "layer3": "5", "layer4": "6"}
+    out = {f"{names[k.split('.')[0]]}.{k.split('.', 1)[1]}": v for k, v in backbone.items()}
+    return {**out, **{f"9.{k}": v for k, v in projector.items()}}
+
+
+def test_official_v2_cifar_resnet18_colab(tmp_path, monkeypatch):
+    """The CIFAR v2 preset on the real network: the colab's ModelBase (ResNet-18, CIFAR stem,
+    SplitBatchNorm with its 8 groups) with v2's MLP head, built here and loaded with the
+    project's weights (strict), one step at the preset's lr, wd, m, tau and K on 16 px batch 8
+    (over more steps its 8 one-sample BN groups amplify float noise past 1e-5): loss, both
+    encoders (parameters and BN buffers), the SGD momentum and the queue agree."""
+    key = (*CV, "v2")
+    T = OFFICIAL[key]
+    model, opt, args = built(tmp_path, monkeypatch, *key, "--arch", "resnet18", batch=8, n_img=16)
+    perturb_momentum_encoder(model)
+    splits, dim, K = official(T, "bn_splits"), official(T, "dim"), official(T, "queue_size")
+    nets = []
+    for names in ENC.values():
+        net = colab_model_base(dim, splits, mlp=True)
+        net.load_state_dict(colab_names(*(getattr(model, n).state_dict() for n in names)))
+        nets.append(net)
+    m, tau = official(T, "m"), official(T, "tau")
+    ref = OfficialMoCo([nets[0]], [nets[1]], model.queue, m, tau, K, splits)
+    lr0 = official(T, "lr") * 8 / 256  # the colab's --lr 0.06 at 512, at batch 8
+    lrs = [lr0]  # epoch 0 of the cosine (the colab's epochs count from 1: a listed Ref)
+    assert args.sched["lr"][:1] == pytest.approx(lrs, rel=1e-12)
+    xs = inputs(1, batch=8)
+    ref_losses, bufs = run_official_v1v2(ref, xs, lrs, official(T, "wd"))
     losses = run_project(model, opt, args, xs)
     close(torch.tensor(losses), ref_losses, "losses")
-    compare_modules(model, ref.nets, [*ENC["q"], *ENC["k"]])
-    sgd_momentum(opt, model, ENC["q"], ("momentum_buffer", bufs))
-    close(model.queue, ref.queue.T, "queue")
-    assert model.queue_ptr.item() == ref.queue_ptr.item() == STEPS * B % 64
+    for names, net in zip(ENC.values(), (ref.encoder_q[0], ref.encoder_k[0])):
+        got = colab_names(*(getattr(model, n).state_dict() for n in names))
+        compare_state(got, net.state_dict(), "/".join(names))
+    got = colab_names(*(opt_state(opt, getattr(model, n)) for n in ENC["q"]))
+    compare_state({f"0.{k}": v for k, v in got.items()}, bufs, "SGD momentum")
+    close(model.queue, ref.project_queue(8, 8), "queue")
+    assert model.queue_ptr.item() == ref.queue_ptr.item() == 8
 
 
 # ==== MoCo v3: facebookresearch/moco-v3 (+ solo-learn's optimizer for the CIFAR preset) =========
@@ -216,18 +590,18 @@ def official_v3_forward(ref, x1, x2, m, T):
     return contrastive_loss(q1, k2) + contrastive_loss(q2, k1)
 
 
-def official_v3_lr(epoch, lr, args):
+def official_v3_lr(epoch, lr, warmup_epochs, epochs):
     # moco-v3 main_moco.py adjust_learning_rate(epoch + i / iters_per_epoch): warm-up from 0
-    if epoch < args.warmup_epochs:
-        return lr * epoch / args.warmup_epochs
-    w = args.warmup_epochs
-    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - w) / (args.epochs - w)))
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    w = warmup_epochs
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - w) / (epochs - w)))
 
 
-def official_v3_m(epoch, args):
+def official_v3_m(epoch, m, epochs):
     # moco-v3 main_moco.py adjust_moco_momentum (--moco-m-cos); solo-learn's MomentumUpdater
     # (base_tau 0.99 -> final_tau 1.0 by cosine over the steps) computes the same values
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs)) * (1.0 - args.m)
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - m)
 
 
 def solo_lrs(base, total, warmup, start=3e-5):
@@ -284,42 +658,50 @@ def solo_lars(params, bufs, lr, wd, momentum=0.9, eta=0.02, eps=1e-8):
         p.add_(bufs[name], alpha=-lr)
 
 
-@pytest.mark.parametrize("preset", ["imagenet", "cifar"])
-def test_official_v3_step_parity(tmp_path, monkeypatch, preset):
+@pytest.mark.parametrize("preset, wd", [("imagenet", None), ("imagenet", 1.0), ("cifar", None),
+                                        ("cifar", 1.0)])  # fmt: skip
+def test_official_v3_step_parity(tmp_path, monkeypatch, preset, wd):
     """5 steps of v3 (smallcnn, BN-MLP projector and predictor): imagenet = moco-v3's LARS
     (eta 1e-3) and warm-up from 0 at 1 warm-up epoch (2 steps) then cosine; cifar = solo-learn's
     LARS (eta 0.02, trust capped at 1/lr) and warm-up from 3e-5 over 2 epochs (4 steps). m 0.5 ->
     1 by cosine so the EMA is visible. Loss, every parameter, the LARS momentum and every BN
-    buffer agree with the reference; the whole lr and m schedules match the official formulas."""
-    solo = preset == "cifar"
+    buffer agree with the reference; the whole lr and m schedules match the official formulas. wd:
+    the preset's 1e-6, or 1.0 where leaving the decay out of the update or the trust ratio shows."""
+    solo, T = preset == "cifar", OFFICIAL[("--preset", preset, "--version", "v3")]
+    wd_ref = official(T, "wd") if wd is None else wd
     flags = ["--preset", preset, "--version", "v3", "--hidden-dim", 32, "--dim", 16, "--m", 0.5]
     flags += ["--epochs", 4, "--warmup-epochs", 2 if solo else 1, "--lr", 3.0 if solo else 10.0]
-    model, opt, args = built(tmp_path, monkeypatch, *flags)
-    assert args.optimizer == "lars" and args.lars_solo == solo and args.m_cos
-    assert (args.wd, args.tau) == (1e-6, 0.2 if solo else 1.0)
+    model, opt, args = built(tmp_path, monkeypatch, *flags, *(("--wd", wd) if wd else ()))
+    assert official(T, "optimizer") == "lars" and official(T, "lars_solo") == solo
     names = (*V3["base"], "predictor", *V3["m"])
     ref, xs = {n: copy.deepcopy(getattr(model, n)) for n in names}, inputs()
     online = (*V3["base"], "predictor")
     params = [(f"{n}.{k}", p) for n in online for k, p in ref[n].named_parameters()]
-    spe, T, lr0 = args.steps_per_epoch, args.total_steps, args.lr * B / 256  # lr * batch / 256
+    spe, n = args.steps_per_epoch, args.total_steps
+    lr0 = (
+        (3.0 if solo else 10.0) * B / 256
+    )  # the test's --lr: main_moco.py / solo-learn x batch / 256
     if solo:
-        lrs = solo_lrs(lr0, T, args.warmup_epochs * spe)
+        lrs = solo_lrs(lr0, n, (2 if solo else 1) * spe)
     else:  # main_moco.py: epoch + i / iters_per_epoch, for every step
-        lrs = [official_v3_lr(s / spe, lr0, args) for s in range(T)]
+        lrs = [official_v3_lr(s / spe, lr0, 1, 4) for s in range(n)]
     assert lrs[0] == (3e-5 if solo else 0.0)
     close(torch.tensor(args.sched["lr"], dtype=torch.float64), lrs, "lr schedule")
-    ms = [official_v3_m(s / spe, args) for s in range(T)]
+    ms = [official_v3_m(s / spe, 0.5, 4) for s in range(n)]
     close(torch.tensor(args.sched["m"], dtype=torch.float64), ms, "m schedule")
     bufs, ref_losses = {}, []
     for k, (x1, x2) in enumerate(xs):  # main_moco.py train(): lr and m per iteration
-        loss = official_v3_forward(ref, x1, x2, ms[k], args.tau)
+        loss = official_v3_forward(ref, x1, x2, ms[k], official(T, "tau"))
         for _, p in params:
             p.grad = None
         loss.backward()
         step = solo_lars if solo else official_lars
-        step(params, bufs, lrs[k], args.wd)
+        step(params, bufs, lrs[k], wd_ref)
         ref_losses.append(loss.item())
     losses = run_project(model, opt, args, xs)
     close(torch.tensor(losses), ref_losses, "losses")
     compare_modules(model, ref, names)
-    sgd_momentum(opt, model, online, ("mu", bufs))
+    got = {
+        f"{n}.{k}": v for n in online for k, v in opt_state(opt, getattr(model, n), "mu").items()
+    }
+    compare_state(got, bufs, "LARS momentum")
