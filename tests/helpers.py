@@ -164,18 +164,18 @@ RUN_FLAGS = {
 SV2 = "SimCLR v2's protocol (none in the official code) [SimCLRv2 §4; ref: simclr README"
 # the fine-tuning protocol C.RunArgs holds: SimCLR v2's, for the methods with none of their own
 FT_SIMCLR_V2 = {
-    "ft_epochs": Ref((60, 30), f"{SV2} '--train_epochs=60' (1%), 30 (10%)]"),
+    "ft_epochs": Ref((60, 30), f"{SV2} '--train_epochs=60' (1%); SimCLR App. B.5: 30 (10%)]"),
     "ft_batch_size": Ref(1024, f"{SV2} '--train_batch_size=1024']"),
     "ft_lr": Ref((0.005, 0.005), f"{SV2} '--learning_rate=0.005 --learning_rate_scaling=sqrt']"),
     "ft_head_lr": Ref((0.005, 0.005), f"{SV2}: one lr for every variable]"),
     "ft_lr_scaling": Ref("sqrt", f"{SV2} '--learning_rate_scaling=sqrt']"),
     "ft_optimizer": Ref("lars", f"{SV2} '--optimizer=lars'; lars_optimizer.py]"),
-    "ft_milestones": Ref((), f"{SV2}; model_util.learning_rate_schedule: cosine, no warm-up]"),
+    "ft_milestones": Ref((), f"{SV2} '--warmup_epochs=0'; model_util.py: cosine]"),
     "ft_decay": Ref(0.1, "unused without --ft-milestones (cosine) [model_util.py]"),
     "ft_epoch_lr": Ref(False, f"{SV2}; the schedule reads the global step]"),
     "ft_sync_bn": Ref(True, f"{SV2} '--global_bn=True']"),
     "ft_head_init": Ref("zero", f"{SV2} '--zero_init_logits_layer=True']"),
-    "ft_best": Ref(False, f"{SV2}: the last checkpoint's top-1]"),
+    "ft_best": Ref(False, f"{SV2} '--mode=train_then_eval': the latest checkpoint's top-1]"),
 }
 
 
