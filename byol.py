@@ -124,6 +124,8 @@ def encoder(model) -> nn.Module:
 
 # ==== 5. config: Args(C.RunArgs): the method's cited fields, recipe(), check() ============
 FT = "SimCLR's [SimCLR App. B.5]: BYOL's code has no semi-supervised values"
+# ImageNet epochs -> lr, wd, tau_base [ref: configs/byol.py _LR_PRESETS, _WD_PRESETS, _EMA_PRESETS]
+LENGTHS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99)}
 
 
 @dataclass
@@ -138,7 +140,9 @@ class Args(C.RunArgs):
     stem_padding: int = ge0(
         1, "CIFAR stem 3x3 conv padding [SimCLR resnet.py: 1; solo-learn base.py: 2]; CIFAR 2"
     )
-    epochs: int = ge0(1000, "epochs [BYOL §3.2; ref: configs/byol.py presets 40/100/300/1000]")
+    epochs: int = ge0(
+        1000, "epochs [BYOL §3.2]; 40/100/300 take their lr, wd, m [ref: configs/byol.py presets]"
+    )
     batch_size: int = gt0(4096, "GLOBAL batch [BYOL §3.2: 4096 over 512 TPU v3 cores]; CIFAR 256")
     lr: float = ge0(
         0.2, "LARS lr per 256, x B/256 [BYOL §3.2; ref: configs/byol.py _LR_PRESETS]; CIFAR 1.0"
@@ -192,9 +196,12 @@ class Args(C.RunArgs):
     ft_head_init: str = arg("haiku", "hk.Linear's init [ref: eval_experiment.py]", choices=C.HEADS)
 
     @staticmethod
-    def recipe(version: str = "", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this preset (BYOL has one version)."""
+    def recipe(version: str = "", preset: str = "cifar", arch: str = "", epochs: int = 0) -> dict:
+        """Fields that differ from the defaults above for this preset (BYOL has one version) and,
+        on ImageNet, for --epochs 40, 100 or 300 (configs/byol.py's presets for those lengths)."""
         r = {}
+        if preset == "imagenet" and epochs in LENGTHS:
+            r.update(zip(("lr", "wd", "m"), LENGTHS[epochs]))
         if preset == "cifar":  # [ref: solo-learn scripts/pretrain/cifar/byol.yaml, asymmetric.yaml]
             r.update(arch="resnet18", batch_size=256, lr=1.0, wd=1e-5, epochs=1000, m=0.99)
             r.update(blur=False)  # view 1 no blur, view 2 solarize 0.2 only

@@ -227,9 +227,8 @@ VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}
 def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer=None, **kw):
     """-> (module: [B, C, H, W] -> h [B, feat_dim], feat_dim). ResNets: torchvision's minus fc,
     CIFAR stem (3x3 stride-1 conv, no max-pool) [SimCLR resnet.py] at <= 64 px. kw: in_chans, width
-    (ResNet-50+: torchvision's width_per_group, bottleneck inner width only; smallcnn: all layers),
-    stem_padding (of the CIFAR stem: 1 [SimCLR]; solo-learn base.py pads by 2, 34x34 maps at 32 px);
-    ViT: patch_size (16; 4 at <= 64 px), num_heads, pos_embed, freeze_patch_embed."""
+    (R50+: width_per_group; smallcnn: all layers), stem_padding (CIFAR stem: 1 [SimCLR]; solo-learn
+    2); ViT: patch_size (16; 4 at <= 64 px), num_heads, pos_embed, freeze_patch_embed."""
     in_chans, width, pad = kw.get("in_chans", 3), kw.get("width", 1.0), kw.get("stem_padding", 1)
     if arch in ARCHS and arch.startswith("resnet"):
         kw = {"norm_layer": norm_layer, "width_per_group": int(64 * width)}
@@ -265,45 +264,48 @@ def small_cnn(norm_layer, in_chans=3, c=32) -> nn.Sequential:
 
 
 def sincos_pos_embed(dim: int, gh: int, gw: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding [MoCo v3 §4; ref: moco-v3 vits.py
-    build_2d_sincos_position_embedding] -> [gh*gw, dim]: sin, cos of the patch row in the first
-    half of the channels, of the column in the second (vits.py's meshgrid(grid_w, grid_h))."""
+    """[gh*gw, dim]: sin, cos of the patch row, then of its column [ref: moco-v3 vits.py]"""
     y, x = torch.meshgrid(torch.arange(gh * 1.0), torch.arange(gw * 1.0), indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
     out = [f(c.flatten()[:, None] * omega) for c in (y, x) for f in (torch.sin, torch.cos)]
     return torch.cat(out, dim=1)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block; attention by F.scaled_dot_product_attention."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+class Block(nn.Module):  # pre-norm transformer block, attention by F.scaled_dot_product_attention
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
-        self.heads, hidden = heads, int(dim * mlp_ratio)
+        self.heads, hidden, self.drop_path = heads, int(dim * mlp_ratio), drop_path
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
+    def drop(self, y: torch.Tensor) -> torch.Tensor:
+        """Stochastic depth: in training each sample's branch y [B, N, dim] is kept with
+        probability 1 - p, scaled by 1 / (1 - p) [ref: dino vision_transformer.py drop_path]."""
+        if not self.training or self.drop_path == 0:
+            return y
+        r = torch.rand(len(y), 1, 1, dtype=y.dtype, device=y.device)  # [B, 1, 1]
+        return y.div(1 - self.drop_path) * (1 - self.drop_path + r).floor_()
+
     def forward(self, x):
         q, k, v = rearrange(self.qkv(self.norm1(x)), "b n (t h d) -> t b h n d", t=3, h=self.heads)
         a = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
-        x = x + self.proj(a)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop(self.proj(a))
+        return x + self.drop(self.mlp(self.norm2(x)))
 
 
-class ViT(nn.Module):
-    """ViT -> final-norm [CLS] token [B, dim]; other input sizes interpolate the position grid."""
-
-    def __init__(self, img_size, patch, dim, depth, heads, pos_embed="learned", in_chans=3):
+class ViT(nn.Module):  # -> final-norm [CLS] token [B, dim]; other sizes interpolate the positions
+    def __init__(self, img_size, patch, dim, depth, heads, pos_embed="", in_chans=3, drop_path=0.0):
         super().__init__()
         g = self.grid = img_size // patch
         self.patch_embed = nn.Conv2d(in_chans, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 1e-6)
-        sincos = pos_embed == "sincos"
+        sincos = pos_embed == "sincos"  # fixed; else learned
         pos = sincos_pos_embed(dim, g, g) if sincos else torch.randn(g * g, dim) * 0.02
         pos = torch.cat([torch.zeros(1, dim), pos])[None]  # [1, 1 + g^2, dim], the cls slot first
         self.pos_embed = nn.Parameter(pos, requires_grad=not sincos)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        rates = torch.linspace(0, drop_path, depth).tolist()  # block i's drop_path, 0 -> drop_path
+        self.blocks = nn.Sequential(*[Block(dim, heads, drop_path=p) for p in rates])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         for m in (m for m in self.modules() if isinstance(m, nn.Linear)):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -315,8 +317,7 @@ class ViT(nn.Module):
             grid = rearrange(pos[:, 1:], "1 (h w) d -> 1 d h w", h=self.grid)
             grid = F.interpolate(grid, size=x.shape[-2:], mode="bicubic", align_corners=False)
             pos = torch.cat([pos[:, :1], rearrange(grid, "1 d h w -> 1 (h w) d")], dim=1)
-        x = rearrange(x, "b d h w -> b (h w) d")
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1)
         return self.norm(self.blocks(x + pos))[:, 0]
 
 
@@ -446,6 +447,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -1423,11 +1425,8 @@ FT_CIFAR_BATCH = 256
 def check_finetune(args):
     """The fine-tuning flags together (parse_args): a 1% and a 10% value per tuple, the image
     list, distillation only after fine-tuning."""
-    for name in ("ft_epochs", "ft_lr", "ft_head_lr"):
-        v = getattr(args, name)
-        if len(v) != 2:
-            why = "not two numbers; pass the 1% and the 10% value"
-            fail(f"--{name.replace('_', '-')} {' '.join(map(str, v))}: {why}")
+    for name in ("ft_epochs", "ft_lr", "ft_head_lr"):  # the 1% and the 10% value
+        check_pair(args, name, ordered=False)
     path, ds = args.finetune_list, args.dataset
     if path and not os.path.isfile(path):
         fail(f"--finetune-list {path}: no such file; pass a file of image file names, one a line")
@@ -1867,22 +1866,22 @@ def check_out_dir(args):
 
 def parse_args(cls, argv=None):
     """argparse from the fields' metadata. Values: field defaults (the paper's ImageNet recipe) <
-    cls.recipe(version, preset, arch) (e.g. the CIFAR preset) < given flags, all checked before
+    cls.recipe(version, preset, arch, ...) (e.g. the CIFAR preset) < given flags, checked before
     anything is built or loaded (ranges, --out-dir, then args.check(): the method's limits over
     several fields): a bad one exits 2 with one line "error: --flag value: why; what to pass"."""
     doc, raw = sys.modules[cls.__module__].__doc__, argparse.RawDescriptionHelpFormatter
     fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
-    # --help shows the values of the recipe selected: --preset/--version/--arch read first
-    names = ("version", "preset", "arch")
-    pick = {f.name: f.metadata["choices"] for f in fields if f.name in names}
+    # --help shows the recipe selected by the flags it takes (--preset/version/arch; BYOL --epochs)
+    pick = {f.name: f for f in fields if f.name in inspect.signature(cls.recipe).parameters}
     pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     for name in [*pick, "dataset"]:
-        pre.add_argument("--" + name)
+        pre.add_argument("--" + name, type=value_type(pick[name]) if name in pick else str)
     try:
         known = vars(pre.parse_known_args(argv)[0])
     except argparse.ArgumentError:  # e.g. --preset without a value: the parse below says so
         known = {}
-    sel = {k: known[k] for k in pick if known.get(k) in pick[k]}  # a bad one: reported below
+    sel = {k: known[k] for k in pick if known.get(k) is not None}  # a bad choice: reported below
+    sel = {k: v for k, v in sel.items() if v in pick[k].metadata.get("choices", [v])}
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     resolved = {**defaults, **cls.recipe(**sel)}
     sizes = SimpleNamespace(**resolved, IMG_SIZES=cls.IMG_SIZES)  # 0 -> the dataset's size

@@ -117,14 +117,16 @@ class DINO(nn.Module):
         super().__init__()
         if args.arch in C.VIT_SIZES:  # DINO's init and interpolation [ref]
             self.feat_dim, heads = C.VIT_SIZES[args.arch]
-            backbone = ViT(args.img_size, args.patch_size, self.feat_dim, 12, heads)
+            vit = (args.img_size, args.patch_size, self.feat_dim, 12, heads)
+            backbone = ViT(*vit, drop_path=args.drop_path)  # the student's stochastic depth [ref]
         else:
             backbone, self.feat_dim = C.build_backbone(args.arch, args.img_size)
-        # DEVIATION: no stochastic depth in common's ViT (the student uses drop_path 0.1)
         dims = (self.feat_dim, args.out_dim, args.hidden_dim, args.bottleneck_dim)
         head = DINOHead(*dims, args.head_bn, args.norm_last_layer)
         self.student = MultiCrop(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)  # same init [ref]
+        for block in (b for b in self.teacher.modules() if isinstance(b, C.Block)):
+            block.drop_path = 0.0  # the teacher: no stochastic depth [ref: main_dino.py]
         self.register_buffer("center", torch.zeros(1, args.out_dim))  # [1, K]
 
     def forward(self, views: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,6 +257,9 @@ class Args(C.RunArgs):
     warmup_epochs: int = ge0(10, "lr warm-up epochs, np.linspace(0, lr) [ref: cosine_scheduler]")
     wd: float = ge0(0.04, "initial wd, not on biases/norms [DINO §4.1; ref: --weight_decay]")
     wd_end: float = ge0(0.4, "final wd of the per-step cosine [DINO §4.1; ref: --weight_decay_end]")
+    drop_path: float = arg(
+        0.1, "student ViT stochastic depth [ref: --drop_path_rate]", range="[0, 1)"
+    )
     clip_grad: float = ge0(3.0, "per-parameter grad-norm clip (0: off) [ref: --clip_grad 3.0]")
     freeze_last_layer: int = ge0(1, "epochs with the head's last layer frozen [ref: same flag]")
     m: float = unit(

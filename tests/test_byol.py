@@ -259,3 +259,11 @@ def test_bad_ema_coefficient_one_line_error():
     errors = error_lines(r.stderr)
     assert r.returncode != 0 and len(errors) == 1 and "--m 1.5" in errors[0], r.stderr[-1000:]
     assert "Traceback" not in r.stderr
+
+
+def test_length_presets_yield_to_the_flags_given():
+    """--epochs 300 on ImageNet takes configs/byol.py's 300-epoch lr / wd / m, each unless given."""
+    args = C.parse_args(byol.Args, ["--preset", "imagenet", "--epochs", "300", "--lr", "0.2"])
+    assert (args.lr, args.wd, args.m) == (0.2, 1e-6, 0.99)
+    args = C.parse_args(byol.Args, ["--preset", "cifar", "--epochs", "300"])
+    assert (args.lr, args.wd, args.m) == (1.0, 1e-5, 0.99)

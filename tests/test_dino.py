@@ -213,6 +213,30 @@ def test_vit_position_interpolation_is_dinos(vit_small):
         close(net(x), want, atol_rel=1e-5)
 
 
+def test_stochastic_depth_student_only_linear_over_blocks_no_draw_at_rate_0(tmp_path):
+    """[ref: main_dino.py --drop_path_rate 0.1, the student only; VisionTransformer: rates
+    linspace(0, rate, depth); drop_path: one draw (B, 1, 1) per branch, x / keep x mask]. At
+    rate 0 (the teacher, every other method's ViT) and in eval: the identity, no RNG drawn."""
+    args = tiny_args(dino, tmp_path, *SMALL, "--arch", "vit_tiny", "--patch-size", "8")
+    C.setup_ddp(args)
+    model = dino.DINO(args)
+    rates = [b.drop_path for b in model.student.backbone.blocks]
+    assert rates == torch.linspace(0, 0.1, 12).tolist() and args.drop_path == 0.1
+    assert all(b.drop_path == 0 for b in model.teacher.backbone.blocks)
+    block, y = model.student.backbone.blocks[-1], torch.randn(4000, 2, 3)
+    torch.manual_seed(0)
+    out = block.drop(y)
+    torch.manual_seed(0)
+    mask = (0.9 + torch.rand(4000, 1, 1)).floor()  # rates[-1] is 0.1 in float32
+    close(out, y / (1 - rates[-1]) * mask)
+    assert 300 < (mask == 0).sum() < 500  # about 10% of the samples dropped
+    x = torch.randn(2, 3, 16, 16)
+    state = torch.get_rng_state()
+    model.teacher.backbone(x)  # train mode, rate 0
+    model.student.backbone.eval()(x)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_multicrop_one_backbone_pass_per_resolution_crop_major(tmp_path):
     model, _ = tiny_model(tmp_path)
     calls = []

@@ -16,10 +16,109 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import built_by_main
+import torchvision
+from helpers import FT_SIMCLR_V2, Dev, Ref, built_by_main, close_rel, official, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from torch import nn
 
 import byol
+
+# ---- the official values of every preset -----------------------------------------------------
+CFG = "ref: byol configs/byol.py"  # get_config(num_epochs, batch_size)
+EVAL = "ref: byol configs/eval.py"
+SOLO = "ref: solo-learn scripts/pretrain/cifar/byol.yaml"
+BASE = "ref: solo-learn solo/methods/base.py defaults"
+SIMCLR_FT = "SimCLR's [SimCLR App. B.5]: BYOL's code has no semi-supervised recipe"
+IMAGENET = {
+    **FT_SIMCLR_V2,  # ft_epochs, ft_batch_size, ft_milestones, ft_decay, ft_epoch_lr, ft_best
+    "arch": Ref("resnet50", f"[BYOL §3.2; {CFG} encoder_class='ResNet50']"),
+    "zero_init_residual": Ref(
+        False,
+        "[ref: byol README 'Note on batch normalization': the "
+        "paper's results use Haiku's gamma = 1]",
+    ),
+    "stem_padding": Ref(
+        1,
+        "unused at 224 px (7x7 stem); <= 64 px: SimCLR's CIFAR stem "
+        "[ref: simclr resnet.py cifar_stem]",
+    ),
+    "epochs": Ref(1000, f"[BYOL §3.2; ref: byol main_loop.py --pretrain_epochs=1000; {CFG}]"),
+    "batch_size": Ref(4096, "[BYOL §3.2; ref: byol main_loop.py --batch_size=4096]"),
+    "lr": Ref(0.2, f"[BYOL §3.2: 0.2 x B/256; {CFG} _LR_PRESETS[1000]]"),
+    "wd": Ref(1.5e-6, f"[BYOL §3.2; {CFG} _WD_PRESETS[1000]]"),
+    "warmup_epochs": Ref(10, f"[BYOL §3.2; {CFG} warmup_steps=10 * N // B]"),
+    "warmup_start": Ref(0.0, "[ref: byol utils/schedules.py learning_schedule: step / w * lr]"),
+    "eta": Ref(1e-3, f"[BYOL §3.2; {CFG} optimizer_config eta=1e-3]"),
+    "solo": Ref(False, "[ref: byol utils/optimizers.py lars]"),
+    "m": Ref(0.996, f"[BYOL §3.2; {CFG} _EMA_PRESETS[1000]]"),
+    "dim": Ref(256, f"[BYOL §3.2; {CFG} projector_output_size=256]"),
+    "hidden_dim": Ref(4096, f"[BYOL §3.2; {CFG} projector_hidden_size=4096]"),
+    "pred_hidden_dim": Ref(4096, f"[BYOL §3.2; {CFG} predictor_hidden_size=4096]"),
+    "crop_min": Ref(0.08, "[BYOL Tab. 6; ref: byol utils/augmentations.py area_range (0.08, 1)]"),
+    "blur": Ref(True, "[BYOL Tab. 6: p 1.0 / 0.1; ref: byol utils/augmentations.py]"),
+    "linear_epochs": Ref(80, f"[BYOL App. C.1; {EVAL} max_steps=80 * N // B]"),
+    "linear_lr": Ref(0.2, f"[{EVAL} base_learning_rate=0.2, x B/256]"),
+    "linear_wd": Ref(0.0, f"[BYOL App. C.1; {EVAL}: no weight decay]"),
+    "linear_batch_size": Ref(1024, "[BYOL App. C.1: batch 1024]"),
+    "linear_nesterov": Ref(True, f"[{EVAL} optimizer_config nesterov=True]"),
+    "linear_milestones": Ref((), f"[{EVAL} warmup_steps=0; schedules.py: cosine]"),
+    "linear_decay": Ref(0.1, "unused without milestones (cosine)"),
+    "linear_epoch_lr": Ref(False, "[ref: eval_experiment._update_func: the lr of the step]"),
+    "linear_best": Ref(False, "[ref: byol README: the last checkpoint is evaluated]"),
+    "linear_zero_init": Ref(False, "[ref: eval_experiment._classif_fn: hk.Linear's init]"),
+    "ft_optimizer": Ref(
+        "nesterov", "[ref: eval_experiment.py freeze_backbone=False: the same Nesterov SGD]"
+    ),
+    "ft_lr_scaling": Ref("linear", "[ref: byol utils/schedules.py: lr x B/256]"),
+    "ft_lr": Ref((0.05, 0.05), f"{SIMCLR_FT}"),
+    "ft_head_lr": Ref((0.05, 0.05), f"{SIMCLR_FT}"),
+    "ft_batch_size": Ref(1024, "linear eval's batch [BYOL App. C.1]"),
+    "ft_sync_bn": Ref(False, "[ref: eval_experiment.py: BN statistics per device]"),
+    "ft_head_init": Ref("haiku", "[ref: eval_experiment._classif_fn: hk.Linear]"),
+}
+CIFAR = {
+    **IMAGENET,
+    "arch": Ref("resnet18", f"[{SOLO} backbone name resnet18]"),
+    "stem_padding": Ref(2, "[ref: solo-learn solo/methods/base.py: conv1 3x3, stride 1, pad 2]"),
+    "batch_size": Ref(256, f"[{SOLO} optimizer batch_size 256]"),
+    "lr": Ref(1.0, f"[{SOLO} optimizer lr 1.0, x B/256]"),
+    "wd": Ref(1e-5, f"[{SOLO} optimizer weight_decay 1e-5]"),
+    "m": Ref(0.99, f"[{SOLO} momentum base_tau 0.99]"),
+    "eta": Ref(0.02, f"[{SOLO} optimizer kwargs eta 0.02]"),
+    "solo": Ref(True, f"[{SOLO} optimizer lars, clip_lr, exclude_bias_n_norm]"),
+    "warmup_start": Ref(3e-5, f"[{BASE} warmup_start_lr 3e-5]"),
+    "blur": Ref(False, "[ref: solo-learn scripts/pretrain/cifar/asymmetric.yaml: no blur]"),
+    "epochs": Ref(1000, f"[{SOLO} max_epochs 1000]"),
+    "warmup_epochs": Ref(10, f"[{BASE} warmup_epochs 10]"),
+    "linear_epochs": Ref(100, "no official CIFAR protocol: the other CIFAR presets' 100 epochs"),
+    "linear_batch_size": Ref(512, "no official CIFAR protocol: the other CIFAR presets' 512"),
+    "ft_batch_size": Dev(
+        256,
+        1024,
+        "every CIFAR preset fine-tunes at batch 256: larger batches "
+        "exceed CIFAR-10's 1% labelled set (common.FT_CIFAR_BATCH)",
+    ),
+}
+
+
+def length(epochs, lr, wd, m):
+    """configs/byol.py at 40, 100, 300 epochs: its own lr, wd and tau_base."""
+    at = f"{CFG} _LR_PRESETS, _WD_PRESETS, _EMA_PRESETS[{epochs}]"
+    return {
+        **IMAGENET,
+        "epochs": Ref(epochs, f"[{CFG} num_epochs in (40, 100, 300, 1000)]"),
+        "lr": Ref(lr, f"[{at}]"),
+        "wd": Ref(wd, f"[{at}]"),
+        "m": Ref(m, f"[{at}]"),
+    }
+
+
+OFFICIAL = {
+    ("--preset", "imagenet"): IMAGENET,
+    ("--preset", "cifar"): CIFAR,
+    ("--preset", "imagenet", "--epochs", "40"): length(40, 0.45, 1e-6, 0.97),
+    ("--preset", "imagenet", "--epochs", "100"): length(100, 0.45, 1e-6, 0.99),
+    ("--preset", "imagenet", "--epochs", "300"): length(300, 0.3, 1e-6, 0.99),
+}
 
 SMALL = ["--hidden-dim", "64", "--pred-hidden-dim", "32", "--dim", "16"]
 B = 8  # global batch of the parity runs
@@ -75,10 +174,15 @@ def online_params(ref):
     return [(f"{n}.{k}", p) for n in ONLINE for k, p in ref[n].named_parameters()]
 
 
-def run_project(model, opt, args, xs):
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return [byol.train_step(model, ([x1, x2], None, None), opt, scaler, k, args)["loss"].item()
-            for k, (x1, x2) in enumerate(xs)]  # fmt: skip
+def run_project(model, opt, args, xs, wds=None):
+    """The project's steps; wds: the weight decay of each step (the decayed parameter group)."""
+    scaler, losses = torch.amp.GradScaler("cpu", enabled=False), []
+    for k, (x1, x2) in enumerate(xs):
+        if wds is not None:
+            opt.param_groups[0]["weight_decay"] = wds[k]  # C.param_groups: [decay, no decay]
+        stats = byol.train_step(model, ([x1, x2], None, None), opt, scaler, k, args)
+        losses.append(stats["loss"].item())
+    return losses
 
 
 # ==== the official step (google-deepmind/deepmind-research byol/) =============================
@@ -176,13 +280,15 @@ def bn_recorder(ref):
 
 def test_official_step_parity(tmp_path, monkeypatch):
     """4 steps (2 of warm-up from lr 0, then cosine) of the ImageNet preset's optimizer at a
-    large lr (so that LARS moves the weights visibly), a large wd and a low tau (so that the
-    decay and the EMA show): loss, every online and target parameter, the LARS momentum of
+    large lr (so that LARS moves the weights visibly) and a low tau (so that the EMA shows): two
+    at the preset's weight decay, two at a large one (WD: leaving the decay out, or out of the
+    trust ratio's norm, shows): loss, every online and target parameter, the LARS momentum of
     every online parameter and every BN buffer agree with the official step."""
     flags = ["--preset", "imagenet", "--subset", 16, "--batch-size", B, "--epochs", 4]
-    flags += ["--warmup-epochs", 1, "--lr", LR, "--m", 0.5, "--wd", WD]
+    flags += ["--warmup-epochs", 1, "--lr", LR, "--m", 0.5]
     model, opt, args = built(tmp_path, monkeypatch, *flags)
-    assert (args.wd, args.eta, args.solo, args.warmup_start) == (WD, 1e-3, False, 0.0)
+    wds = [official(IMAGENET, "wd")] * 2 + [WD] * 2
+    eta = official(IMAGENET, "eta")  # warmup_start 0: learning_schedule starts at 0
     fresh_target(model, args)
     ref, xs = reference_nets(model), inputs(STEPS)
     rec = bn_recorder(ref)
@@ -194,18 +300,18 @@ def test_official_step_parity(tmp_path, monkeypatch):
     for k, (x1, x2) in enumerate(xs):  # byol_experiment._update_fn, global_step = k from 0
         loss = official_forward_loss(ref, x1, x2)
         grads = torch.autograd.grad(loss, [p for _, p in params])
-        lr = official_learning_schedule(k, B, args.lr, T, w)
+        lr = official_learning_schedule(k, B, LR, T, w)
         assert args.sched["lr"][k] == pytest.approx(lr, rel=1e-12, abs=1e-15), k
-        official_lars(params, grads, mu, excluded, lr, args.wd, 1e-3)  # eta: configs/byol.py
+        official_lars(params, grads, mu, excluded, lr, wds[k], eta)
         # then the target: x + (1 - tau) * (online_new - x), tau of the same global_step
-        tau = official_target_ema(k, args.m, T)
+        tau = official_target_ema(k, 0.5, T)
         assert args.sched["m"][k] == pytest.approx(tau, rel=1e-12), k
         with torch.no_grad():
             for tn, on in TARGET.items():
                 for t, o in zip(ref[tn].parameters(), ref[on].parameters()):
                     t.copy_(t + (1 - tau) * (o - t))
         ref_losses.append(loss.item())
-    losses = run_project(model, opt, args, xs)
+    losses = run_project(model, opt, args, xs, wds)
     assert N == 16 and losses == pytest.approx(ref_losses, rel=1e-5)
     for n, net in ref.items():  # every parameter, online and target
         for k, p in net.named_parameters():
@@ -235,17 +341,17 @@ def test_official_schedules_at_the_imagenet_preset(tmp_path, monkeypatch):
     per step against schedules.learning_schedule / target_ema, over a whole 1000-epoch run."""
     flags = ["--preset", "imagenet", "--subset", 64, "--batch-size", B]
     _, opt, args = built(tmp_path, monkeypatch, *flags)
-    preset = (args.lr, args.wd, args.m, args.epochs, args.warmup_epochs)
-    assert preset == (0.2, 1.5e-6, 0.996, 1000, 10)  # configs/byol.py at 1000 epochs
-    T, w = 1000 * 64 // B, 10 * 64 // B
+    E, lr0, m = official(IMAGENET, "epochs"), official(IMAGENET, "lr"), official(IMAGENET, "m")
+    T, w = E * 64 // B, official(IMAGENET, "warmup_epochs") * 64 // B
     assert len(args.sched["lr"]) == args.total_steps == T
     for k in range(T):
-        lr, tau = official_learning_schedule(k, B, 0.2, T, w), official_target_ema(k, 0.996, T)
+        lr, tau = official_learning_schedule(k, B, lr0, T, w), official_target_ema(k, m, T)
         assert args.sched["lr"][k] == pytest.approx(lr, rel=1e-12, abs=1e-15), k
         assert args.sched["m"][k] == pytest.approx(tau, rel=1e-12), k
+    assert opt.param_groups[0]["weight_decay"] == official(IMAGENET, "wd")
     g = opt.param_groups[0]
     lars = (g["trust_coefficient"], g["momentum"], g["clip_lr"], g["solo"])
-    assert lars == (1e-3, 0.9, False, False)  # optimizer_config: eta 1e-3, momentum 0.9
+    assert lars == (official(IMAGENET, "eta"), 0.9, False, False)  # configs: momentum 0.9
 
 
 # ==== solo-learn's step (the CIFAR preset) ===================================================
@@ -293,13 +399,12 @@ def test_solo_learn_step_parity_at_the_cifar_preset(tmp_path, monkeypatch):
     wd 1e-5, warmup_cosine from 3e-5, tau 0.99 -> 1 per step) against solo-learn's step."""
     flags = ["--subset", 16, "--batch-size", B, "--epochs", 4, "--warmup-epochs", 2, "--m", 0.5]
     model, opt, args = built(tmp_path, monkeypatch, *flags, "--wd", WD)
-    preset = (args.lr, args.eta, args.solo, args.warmup_start)
-    assert preset == (1.0, 0.02, True, 3e-5)  # byol.yaml, base.py (here wd WD, warm-up 2 epochs)
+    lr0, eta, start = (official(CIFAR, k) for k in ("lr", "eta", "warmup_start"))
     fresh_target(model, args)
     ref, xs = reference_nets(model), inputs(6)
     params, buf = online_params(ref), {}
     T, w = 4 * 16 // B, 2 * 16 // B
-    lrs = solo_lr_schedule(len(xs), args.lr * B / 256, 3e-5, w, T)
+    lrs = solo_lr_schedule(len(xs), lr0 * B / 256, start, w, T)
     ref_losses = []
     for k, (x1, x2) in enumerate(xs):
         # solo/methods/byol.py training_step: sum over v1, v2 != v1 of byol_loss_func(P[v2],
@@ -310,8 +415,8 @@ def test_solo_learn_step_parity_at_the_cifar_preset(tmp_path, monkeypatch):
         loss = sum(2 - 2 * F.cosine_similarity(p[1 - v], z[v], dim=-1).mean() for v in (0, 1))
         grads = torch.autograd.grad(loss, [q for _, q in params])
         assert args.sched["lr"][k] == pytest.approx(lrs[k], rel=1e-9), k
-        solo_lars(params, grads, buf, lrs[k], WD, 0.02)
-        tau = solo_tau(k, args.m, T)  # on_train_batch_end: after the optimizer step
+        solo_lars(params, grads, buf, lrs[k], WD, eta)
+        tau = solo_tau(k, 0.5, T)  # on_train_batch_end: after the optimizer step
         assert args.sched["m"][k] == pytest.approx(tau, rel=1e-12), k
         with torch.no_grad():
             for tn, on in TARGET.items():
@@ -328,3 +433,100 @@ def test_solo_learn_step_parity_at_the_cifar_preset(tmp_path, monkeypatch):
     for n, q in model.named_parameters():
         if q.requires_grad:
             close(opt.state[q]["mu"], buf[n], f"momentum {n}")
+
+
+# ==== the real network: ResNet-18 with the CIFAR stem, the official MLPs =====================
+def official_resnet18_cifar() -> nn.Module:
+    """torchvision's resnet18 with SimCLR's CIFAR stem [ref: simclr resnet.py cifar_stem: a 3x3
+    stride-1 conv ('SAME': pad 1), no max-pool], the stem the ImageNet preset takes at <= 64 px
+    (BYOL's code has none: its ResNet-50 is for 224 px)."""
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool, net.fc = nn.Identity(), nn.Identity()
+    return net
+
+
+class OfficialMLP(nn.Module):
+    """[ref: byol utils/networks.py MLP]: hk.Linear(hidden_size, with_bias=True) -> hk.BatchNorm
+    (bn_config: decay 0.9, eps 1e-5, scale and offset) -> relu -> hk.Linear(output_size,
+    with_bias=False)."""
+
+    def __init__(self, d: int, hidden: int, out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(d, hidden)
+        self.batchnorm = nn.BatchNorm1d(hidden, eps=1e-5, momentum=0.1)
+        self.linear_2 = nn.Linear(hidden, out, bias=False)
+
+    def forward(self, x):
+        return self.linear_2(F.relu(self.batchnorm(self.linear_1(x))))
+
+
+MLP_KEYS = {"0": "linear_1", "1": "batchnorm", "3": "linear_2"}  # the project's -> OfficialMLP's
+
+
+def official_name(name: str) -> str:
+    net, _, rest = name.partition(".")
+    if net.endswith(("projector", "predictor")):
+        i, _, k = rest.partition(".")
+        rest = f"{MLP_KEYS[i]}.{k}"
+    return f"{net}.{rest}"
+
+
+def assert_haiku_init(lin: nn.Linear):
+    """hk.Linear's default init: TruncatedNormal(1 / sqrt(fan_in)) cut at 2 std (std 0.88 of
+    it), zero bias [ref: dm-haiku basic.py Linear]."""
+    s = lin.in_features**-0.5
+    assert lin.weight.abs().max() <= 2 * s and abs(lin.weight.std() / s - 0.8796) < 0.02
+    assert lin.bias is None or not lin.bias.any()
+
+
+def test_real_resnet18_official_mlps_step(tmp_path, monkeypatch):
+    """The ImageNet preset on the real network (ResNet-18 with the CIFAR stem at 16 px, batch 8,
+    the official 4096-wide MLPs): the official network built here, loaded by state_dict (strict),
+    two official steps (one at the preset's weight decay, one at WD) against train_step: loss,
+    every online and target parameter, the LARS momentum and every BN buffer."""
+    flags = ["--preset", "imagenet", "--arch", "resnet18", "--img-size", 16, "--subset", 16]
+    flags += ["--batch-size", B, "--epochs", 4, "--warmup-epochs", 0, "--lr", 4.0, "--m", 0.5]
+    torch.manual_seed(0)
+    model, opt, args, _ = built_by_main(byol, monkeypatch, tmp_path, *flags)
+    for head in (model.projector, model.predictor):
+        assert_haiku_init(head[0])
+        assert_haiku_init(head[3])
+    fresh_target(model, args)
+    hid, dim, pred = (official(IMAGENET, k) for k in ("hidden_dim", "dim", "pred_hidden_dim"))
+    ref = {"backbone": official_resnet18_cifar(), "projector": OfficialMLP(512, hid, dim)}
+    ref.update(predictor=OfficialMLP(dim, pred, dim), momentum_projector=OfficialMLP(512, hid, dim))
+    ref["momentum_backbone"] = official_resnet18_cifar()
+    for n, net in ref.items():
+        state = getattr(model, n).state_dict()
+        state = {official_name(f"{n}.{k}").partition(".")[2]: v for k, v in state.items()}
+        net.load_state_dict(state, strict=True)  # a wrong width or an extra bias fails here
+    params, excluded = online_params(ref), official_excluded(ref)
+    mu = {n: torch.zeros_like(p) for n, p in params}
+    wds, eta, xs = [official(IMAGENET, "wd"), WD], official(IMAGENET, "eta"), []
+    g = torch.Generator().manual_seed(5)
+    ref_losses, T = [], 4 * 16 // B
+    for k in range(2):
+        x1, x2 = torch.rand(2, B, 3, 16, 16, generator=g)
+        xs.append((x1, x2))
+        loss = official_forward_loss(ref, x1, x2)
+        grads = torch.autograd.grad(loss, [p for _, p in params])
+        lr = official_learning_schedule(k, B, 4.0, T, 0)  # BN parameters (unadapted) move ~5%
+        assert args.sched["lr"][k] == pytest.approx(lr, rel=1e-12), k
+        official_lars(params, grads, mu, excluded, lr, wds[k], eta)
+        tau = official_target_ema(k, 0.5, T)
+        with torch.no_grad():
+            for tn, on in TARGET.items():
+                for t, o in zip(ref[tn].parameters(), ref[on].parameters()):
+                    t.copy_(t + (1 - tau) * (o - t))
+        ref_losses.append(loss.item())
+    losses = run_project(model, opt, args, xs, wds)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for name, p in model.named_parameters():
+        net, _, rest = official_name(name).partition(".")
+        close(p, ref[net].get_parameter(rest), name)
+        if p.requires_grad:
+            close(opt.state[p]["mu"], mu[official_name(name)], f"mu {name}")
+    for name, b in model.named_buffers():
+        net, _, rest = official_name(name).partition(".")
+        close(b.double(), ref[net].get_buffer(rest).double(), name)
