@@ -5,27 +5,35 @@ DDP helpers concat_all_gather / _batch_shuffle_ddp / _batch_unshuffle_ddp, main_
 adjust_learning_rate and its torch.optim.SGD) and of its CIFAR-10 colab (colab/
 moco_cifar10_demo.ipynb: SplitBatchNorm, ModelBase, ModelMoCo) restated in plain PyTorch.
 MoCo v3: facebookresearch/moco-v3 (moco/builder.py MoCo.forward / contrastive_loss / _build_mlp,
-moco/optimizer.py LARS, vits.py VisionTransformerMoCo, main_moco.py train / adjust_learning_rate
-/ adjust_moco_momentum and its torch.optim.AdamW); the CIFAR preset takes solo-learn's backbone
-and optimizer, restated from vturrisi/solo-learn (solo/methods/base.py, solo/utils/lars.py,
-solo/utils/lr_scheduler.py). Each reference runs beside the project's real `train_step` (model,
-optimizer and `args.sched` exactly as `moco.main` builds them) for a few CPU steps from the same
-weights on the same inputs. Nothing below calls the project's loss, optimizer, schedule, EMA,
-queue ops, split BN, heads or ViT; only initial weights (deep copies of the small test CNN, or
-state_dicts loaded into the networks built here), the initial queue and the inputs are shared.
+moco/optimizer.py LARS, vits.py VisionTransformerMoCo over timm's VisionTransformer, main_moco.py
+train / adjust_learning_rate / adjust_moco_momentum, its torchvision resnet50 and
+torch.optim.AdamW); the CIFAR preset takes solo-learn's backbone and optimizer, restated from
+vturrisi/solo-learn (solo/methods/base.py, solo/utils/lars.py, solo/utils/lr_scheduler.py). Each
+reference runs beside the project's real `train_step` (model, optimizer and `args.sched` exactly
+as `moco.main` builds them) for a few CPU steps from the same weights on the same inputs; v1/v2
+also in 2 gloo processes, each side with its own collectives and DDP. Nothing below calls the
+project's loss, optimizer, schedule, EMA, queue ops, split BN, heads or ViT; only initial weights
+(deep copies of the small test CNN, or state_dicts loaded into the networks built here), the
+initial queue and the inputs are shared.
 """
 
 import copy
 import math
+import os
+import re
+import warnings
 from functools import partial
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from helpers import FT_SIMCLR_V2, TINY, Dev, Ref, built_by_main, official, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from test_ddp import spawn
 from torch import nn
 
+import common as C
 import moco
 
 # ---- the official values, pinned: one entry per preset x version (x ViT) --------------------
@@ -234,14 +242,15 @@ def built(tmp_path, monkeypatch, *flags, batch=B, n_img=N_IMG):
     return model, opt, args
 
 
-def close(a, b, msg="", scale=None):
+def close(a, b, msg="", scale=None, rtol=1e-5):
     """rtol 1e-5 with an absolute floor of 1e-5 x the tensor's magnitude (max |ref|, or `scale`):
-    5 steps of two different float summation orders differ by up to ~3e-6 of it (measured)."""
+    5 steps of two different float summation orders differ by up to ~3e-6 of it (measured). A
+    test whose network is measured noisier passes its own rtol (floor rtol x the magnitude)."""
     b = torch.as_tensor(b, dtype=a.dtype)
     if not (b.numel() and b.is_floating_point()):
         return torch.testing.assert_close(a, b, rtol=0, atol=0, msg=msg)
-    atol = 1e-5 * max(b.abs().max().item() if scale is None else scale, 1e-30)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=lambda m: f"{msg}: {m}")
+    atol = rtol * max(b.abs().max().item() if scale is None else scale, 1e-30)
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
 
 
 def inputs(steps=STEPS, batch=B, size=16):
@@ -268,7 +277,7 @@ def perturb_momentum_encoder(model, scale=0.5):
             p.add_(torch.randn(p.shape, generator=g) * scale * p.abs().mean())
 
 
-def compare_state(got: dict, want: dict, what: str):
+def compare_state(got: dict, want: dict, what: str, rtol=1e-5):
     """Parameters, BN buffers, optimizer states. A bias's scale is its layer's weight's too (a
     zero-initialised bias moved by a gradient sum that cancels: float noise is relative to the
     layer, not to the bias's few steps); a BN running mean's scale is the feature's std (after a
@@ -281,7 +290,7 @@ def compare_state(got: dict, want: dict, what: str):
         if sib in want:
             s = want[sib].abs().max().item()
             scale = max(want[k].abs().max().item(), s**0.5 if "running" in k else s)
-        close(v, want[k], f"{what}.{k}", scale)
+        close(v, want[k], f"{what}.{k}", scale, rtol)
 
 
 def compare_modules(model, ref, names):
@@ -352,6 +361,7 @@ class OfficialMoCo(nn.Module):
         super().__init__()
         self.encoder_q = colab_bn(nn.Sequential(*map(copy.deepcopy, q_nets)), splits)
         self.encoder_k = colab_bn(nn.Sequential(*map(copy.deepcopy, k_nets)), splits)
+        self.encoder_k.requires_grad_(False)  # param_k.requires_grad = False [ref: builder.py]
         self.register_buffer("queue", torch.zeros(queue.shape[1], K))
         self.queue.copy_(queue.T)  # the shared initial queue; K from the table
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
@@ -566,6 +576,134 @@ def test_official_v2_cifar_resnet18_colab(tmp_path, monkeypatch):
     assert model.queue_ptr.item() == ref.queue_ptr.item() == 8
 
 
+# ---- 2 processes: builder.py's cross-process helpers vs the project's train_step under DDP -------
+@torch.no_grad()
+def concat_all_gather(tensor):
+    # [ref: moco builder.py concat_all_gather] all_gather into ones_like buffers, no gradient
+    out = [torch.ones_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor, async_op=False)
+    return torch.cat(out, dim=0)
+
+
+class OfficialDDPMoCo(OfficialMoCo):
+    """builder.py MoCo across processes: per-GPU nn.BatchNorm2d (splits 1), _batch_shuffle_ddp,
+    _batch_unshuffle_ddp and _dequeue_and_enqueue of the gathered keys."""
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):  # [ref: builder.py] the keys of all GPUs first
+        super()._dequeue_and_enqueue(concat_all_gather(keys))
+
+    @torch.no_grad()
+    def _batch_shuffle_ddp(self, x):
+        # [ref: builder.py _batch_shuffle_ddp] gather, randperm on every rank, rank 0's broadcast,
+        # this rank's row of the shuffled index; idx_unshuffle = argsort
+        x_gather = concat_all_gather(x)
+        idx_shuffle = torch.randperm(x_gather.shape[0])
+        dist.broadcast(idx_shuffle, src=0)
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        idx_this = idx_shuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
+        return x_gather[idx_this], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
+        # [ref: builder.py _batch_unshuffle_ddp] gather, this rank's row of idx_unshuffle
+        x_gather = concat_all_gather(x)
+        return x_gather[idx_unshuffle.view(dist.get_world_size(), -1)[dist.get_rank()]]
+
+    def forward(self, im_q, im_k):
+        # [ref: builder.py MoCo.forward] as OfficialMoCo.forward with the DDP shuffle
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        self._dequeue_and_enqueue(k)
+        return logits, torch.zeros(logits.shape[0], dtype=torch.long)
+
+
+def as_official(model, names, fn) -> dict:
+    """fn(module) of the project's modules `names` under encoder_q / encoder_k's names (0., 1.)."""
+    out = {}
+    for i, n in enumerate(names):
+        out.update({f"{i}.{k}": v.clone() for k, v in fn(getattr(model, n)).items()})
+    return out
+
+
+def _two_process_steps(out_dir):
+    """In each of 2 gloo processes, for v1 and v2: moco.main (the ImageNet preset, global batch
+    8: per-GPU BN, bn_splits 1) up to fit, its model under DDP as fit wraps it, one train_step on
+    this rank's half of a fixed global batch; beside it builder.py's MoCo under DDP as
+    main_moco.py wraps it (broadcast_buffers on), criterion, backward and its SGD step. The key
+    encoder is perturbed and m is 0.9 on both sides, so the EMA shows."""
+    warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
+    got, res = {}, {}
+    moco.fit = lambda model, opt, data, args: got.update(m=model, o=opt, a=args)  # this process
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.rand(8, 3, 16, 16, generator=g), torch.rand(8, 3, 16, 16, generator=g)
+    x2[:4] *= 0.5  # the ranks' key batches differ in distribution: per-GPU BN statistics show
+    for version in ("v1", "v2"):
+        T = OFFICIAL[(*IV, version)]
+        flags = [*TINY, "--out-dir", os.path.join(out_dir, version), "--subset", 16, "--epochs", 1]
+        flags += [*IV, version, "--batch-size", 8, "--queue-size", 32, "--dim", 16, "--m", 0.9]
+        moco.main(C.parse_args(moco.Args, [*map(str, flags), "--lr", "4.8"]))
+        model, opt, args = got["m"], got["o"], got["a"]
+        assert args.world_size == 2 and type(model.backbone[1]) is nn.BatchNorm2d  # per GPU
+        perturb_momentum_encoder(model)
+        qk = [getattr(model, n) for n in ENC["q"]], [getattr(model, n) for n in ENC["k"]]
+        ref = OfficialDDPMoCo(*qk, model.queue, 0.9, official(T, "tau"), 32, 1)
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)  # as fit
+        mine = slice(args.rank * 4, args.rank * 4 + 4)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        torch.manual_seed(5 + args.rank)  # each rank draws its own permutation: rank 0's wins
+        stats = moco.train_step(ddp, ([x1[mine], x2[mine]], None, None), opt, scaler, 0, args)
+        grad = lambda mod: {k: p.grad for k, p in mod.named_parameters() if p.grad is not None}
+        params = list(ref.encoder_q.named_parameters())
+        ref_ddp = nn.parallel.DistributedDataParallel(ref)  # [ref: main_moco.py]
+        torch.manual_seed(5 + args.rank)
+        logits, labels = ref_ddp(x1[mine], x2[mine])
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()  # DDP: the gradients averaged over the 2 processes
+        ref_grads = {k: p.grad.clone() for k, p in params}
+        bufs = {}  # main_moco.py: lr 0.03 x 8 / 256 at batch 8 (README), epoch 0; wd the table's
+        official_sgd(params, bufs, 4.8 * 8 / 256, official(T, "wd"))
+        sd = lambda mod: mod.state_dict()
+        res[version] = {
+            "loss": (stats["loss"].detach(), loss.detach()),
+            "grads": (as_official(model, ENC["q"], grad), ref_grads),
+            "query": (as_official(model, ENC["q"], sd), ref.encoder_q.state_dict()),
+            "key": (as_official(model, ENC["k"], sd), ref.encoder_k.state_dict()),
+            "momentum": (as_official(model, ENC["q"], partial(opt_state, opt)), bufs),
+            "queue": (model.queue.clone(), ref.queue.T.clone()),
+            "ptr": (model.queue_ptr.item(), ref.queue_ptr.item()),
+        }
+    return res
+
+
+def test_official_v1v2_two_processes(tmp_path):
+    """2 gloo processes, one global batch of 8, v1 and v2 at the ImageNet preset: the project's
+    train_step under DDP and builder.py's concat_all_gather / _batch_shuffle_ddp /
+    _batch_unshuffle_ddp / enqueue of the gathered keys under DDP agree on every rank: loss, the
+    averaged gradients, both encoders after the step (with each rank's own per-GPU BN
+    statistics), the SGD momentum, the queue (the same on both ranks) and its pointer."""
+    ranks = spawn(_two_process_steps, 2, tmp_path, str(tmp_path))
+    for version in ("v1", "v2"):
+        for r in ranks:
+            got = r[version]
+            close(*got["loss"], f"{version} loss")
+            for what in ("grads", "query", "key", "momentum"):
+                compare_state(*got[what], f"{version} {what}")
+            close(*got["queue"], f"{version} queue")
+            assert got["ptr"][0] == got["ptr"][1] == 8
+        assert not torch.equal(ranks[0][version]["loss"][0], ranks[1][version]["loss"][0])
+        assert torch.equal(ranks[0][version]["queue"][0], ranks[1][version]["queue"][0])
+        k0, k1 = (r[version]["key"][0]["0.1.running_mean"] for r in ranks)
+        assert not torch.equal(k0, k1)  # per-GPU BN: each rank's own key batch statistics
+
+
 # ==== MoCo v3: facebookresearch/moco-v3 (+ solo-learn's optimizer for the CIFAR preset) =========
 V3 = {"base": ("backbone", "projector"), "m": ("momentum_backbone", "momentum_projector")}
 
@@ -704,4 +842,302 @@ def test_official_v3_step_parity(tmp_path, monkeypatch, preset, wd):
     got = {
         f"{n}.{k}": v for n in online for k, v in opt_state(opt, getattr(model, n), "mu").items()
     }
+    compare_state(got, bufs, "LARS momentum")
+
+
+# ---- v3 ViT: vits.py VisionTransformerMoCo (timm's VisionTransformer) restated ----------------
+class TimmAttention(nn.Module):
+    # [ref: timm vision_transformer.py Attention, qkv_bias=True as vits.py] qkv reshaped to
+    # (3, B, heads, N, head_dim), softmax(q k^T * head_dim^-0.5) v, heads concatenated, proj
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3, bias=True), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, Ch = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, Ch // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, Ch))
+
+
+class TimmMlp(nn.Module):  # [ref: timm layers Mlp] fc1, GELU, fc2 (dropout 0)
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TimmBlock(nn.Module):  # [ref: timm Block] pre-norm, LayerNorm eps 1e-6 (vits.py norm_layer)
+    def __init__(self, dim, num_heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), TimmAttention(dim, num_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), TimmMlp(dim, dim * mlp_ratio)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TimmPatchEmbed(nn.Module):  # [ref: timm PatchEmbed] conv patch x patch, flatten, transpose
+    def __init__(self, img_size, patch_size, dim):
+        super().__init__()
+        self.patch_size, self.grid_size = (patch_size,) * 2, (img_size // patch_size,) * 2
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def build_2d_sincos_position_embedding(grid_size, embed_dim, temperature=10000.0):
+    # [ref: moco-v3 vits.py] meshgrid(grid_w, grid_h) ("ij"), omega = 1 / T^(d / (D / 4)),
+    # [sin, cos](w * omega), [sin, cos](h * omega); a zero slot for [cls] first
+    h, w = grid_size
+    grid_w, grid_h = torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32)
+    grid_w, grid_h = torch.meshgrid(grid_w, grid_h, indexing="ij")
+    pos_dim = embed_dim // 4
+    omega = 1.0 / (temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim))
+    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
+    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
+    pos = [torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)]
+    return torch.cat([torch.zeros(1, embed_dim), torch.cat(pos, dim=1)])[None]
+
+
+def v3_build_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
+    # [ref: moco-v3 builder.py MoCo._build_mlp] Linear(bias=False), BN, ReLU; last: BN(affine=False)
+    mlp = []
+    for i in range(num_layers):
+        dim1 = input_dim if i == 0 else mlp_dim
+        dim2 = output_dim if i == num_layers - 1 else mlp_dim
+        mlp.append(nn.Linear(dim1, dim2, bias=False))
+        if i < num_layers - 1:
+            mlp += [nn.BatchNorm1d(dim2), nn.ReLU(inplace=True)]
+        elif last_bn:
+            mlp.append(nn.BatchNorm1d(dim2, affine=False))
+    return nn.Sequential(*mlp)
+
+
+class VisionTransformerMoCo(nn.Module):
+    """[ref: moco-v3 vits.py VisionTransformerMoCo over timm VisionTransformer] patch embedding,
+    [cls], fixed 2-D sin-cos positions, depth blocks, LayerNorm, head(x[:, 0]); the head is
+    builder.py MoCo_ViT's 3-layer projector (default init: built after the ViT's init)."""
+
+    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, mlp_dim, dim):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_embed = TimmPatchEmbed(img_size, patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        pos = build_2d_sincos_position_embedding(self.patch_embed.grid_size, embed_dim)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.blocks = nn.Sequential(*[TimmBlock(embed_dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        for name, m in self.named_modules():  # vits.py weight initialization
+            if isinstance(m, nn.Linear):
+                if "qkv" in name:  # the weights of Q, K, V separately
+                    val = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -val, val)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        val = math.sqrt(6.0 / float(3 * patch_size * patch_size + embed_dim))
+        nn.init.uniform_(self.patch_embed.proj.weight, -val, val)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        self.patch_embed.proj.requires_grad_(False)  # --stop-grad-conv1
+        self.head = v3_build_mlp(3, embed_dim, mlp_dim, dim)  # MoCo_ViT: 3-layer projector
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+VIT_NAMES = [  # the project's ViT names -> timm's, the projector -> head
+    (r"^patch_embed\.", "patch_embed.proj."),
+    (r"^blocks\.(\d+)\.(qkv|proj)\.", r"blocks.\1.attn.\2."),
+    (r"^blocks\.(\d+)\.mlp\.0\.", r"blocks.\1.mlp.fc1."),
+    (r"^blocks\.(\d+)\.mlp\.2\.", r"blocks.\1.mlp.fc2."),
+]
+
+
+def vit_names(backbone: dict, projector: dict) -> dict:
+    out = {}
+    for k, v in backbone.items():
+        for pattern, repl in VIT_NAMES:
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+    return {**out, **{f"head.{k}": v for k, v in projector.items()}}
+
+
+def check_vits_init(vit, patch, dim):
+    """The project's initial ViT against vits.py's formulas: uniform(+-bound) weights (max |w|
+    <= bound and within 2% of it; std within 6% of bound / sqrt(3)), zero biases, [cls]
+    N(0, 1e-6), the positions equal to build_2d_sincos_position_embedding, frozen."""
+
+    def uniform(w, bound, what):
+        assert w.abs().max() <= bound and w.abs().max() > 0.98 * bound, what
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.06, what
+
+    uniform(vit.patch_embed.weight, math.sqrt(6 / (3 * patch * patch + dim)), "patch_embed")
+    for name, m in vit.named_modules():
+        if isinstance(m, nn.Linear):
+            fan_out = m.out_features // 3 if name.endswith("qkv") else m.out_features
+            uniform(m.weight, math.sqrt(6 / (fan_out + m.in_features)), name)
+            assert not m.bias.any(), name
+    assert not vit.patch_embed.bias.any()
+    assert 0.8e-6 < vit.cls_token.std().item() < 1.2e-6 and vit.cls_token.abs().max() < 6e-6
+    close(vit.pos_embed.data, build_2d_sincos_position_embedding((16 // patch,) * 2, dim), "pos")
+    assert not (vit.pos_embed.requires_grad or vit.patch_embed.weight.requires_grad)
+
+
+def vit_inputs(steps, batch=4):
+    """Images of different brightness and colour offset: the [cls] features then differ across
+    the batch of 4, which the heads' BatchNorm divides by."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(2 * steps):
+        x = torch.rand(batch, 3, 16, 16, generator=g) * torch.rand(batch, 1, 1, 1, generator=g) * 2
+        out.append(x + torch.randn(batch, 3, 1, 1, generator=g))
+    return list(zip(out[::2], out[1::2]))
+
+
+def test_official_v3_vit_small_adamw(tmp_path, monkeypatch):
+    """The ImageNet ViT-S preset (12 heads, frozen patch projection, fixed sin-cos positions,
+    3-layer projector, 2-layer predictor with its last BN, AdamW, lr 1.5e-4 per 256, tau 0.2,
+    m 0.99 -> 1) at 16 px with 8 px patches, batch 4, 4 steps over 2 epochs (warm-up 1): the
+    initial weights match vits.py's formulas; vits.py + builder.py MoCo_ViT built here, loaded
+    with the project's weights (strict) and stepped with main_moco.py's torch.optim.AdamW, lr
+    and m schedules: loss, every parameter and BN buffer, AdamW's moments agree. wd 300 (lr x wd
+    = 7e-4 per step) so the decoupled decay shows. Tolerance 3e-4 of each tensor's scale: through
+    12 blocks and the heads' BatchNorm over 4 samples the official float32 gradients differ from
+    float64 by 3e-5 of it (measured); at this lr (2.3e-6 at batch 4) Adam's normalised steps on
+    entries whose gradient is float noise (the key bias) stay below it."""
+    key = (*IV, "v3", "--arch", VIT)
+    T = OFFICIAL[key]
+    flags = [*key, "--patch-size", 8, "--hidden-dim", 32, "--dim", 16, "--epochs", 2]
+    flags += ["--warmup-epochs", 1, "--wd", 300.0]
+    model, opt, args = built(tmp_path, monkeypatch, *flags, batch=4, n_img=8)
+    check_vits_init(model.backbone, 8, 384)
+    perturb_momentum_encoder(model)
+    mlp_dim, dim, heads = 32, 16, 12  # vits.py vit_small: num_heads=12
+    nets = {}
+    for side, names in V3.items():
+        nets[side] = VisionTransformerMoCo(16, 8, 384, 12, heads, mlp_dim, dim)
+        nets[side].load_state_dict(vit_names(*(getattr(model, n).state_dict() for n in names)))
+    predictor = v3_build_mlp(2, dim, mlp_dim, dim)  # MoCo_ViT: last_bn (default True)
+    predictor.load_state_dict(model.predictor.state_dict())
+    nets["m"].requires_grad_(False)  # builder.py: param_m.requires_grad = False
+    ref = {"backbone": nets["base"], "predictor": predictor, "momentum_backbone": nets["m"]}
+    ref.update(projector=nn.Identity(), momentum_projector=nn.Identity())  # inside head
+    # main_moco.py: torch.optim.AdamW(model.parameters(), lr, weight_decay=wd)
+    all_params = [*nets["base"].parameters(), *nets["m"].parameters(), *predictor.parameters()]
+    ref_opt = torch.optim.AdamW(all_params, 0.0, weight_decay=300.0)
+    spe, n, E, lr0 = args.steps_per_epoch, args.total_steps, 2, official(T, "lr") * 4 / 256
+    lrs = [official_v3_lr(s / spe, lr0, 1, E) for s in range(n)]
+    ms = [official_v3_m(s / spe, official(T, "m"), E) for s in range(n)]
+    close(torch.tensor(args.sched["lr"], dtype=torch.float64), lrs, "lr schedule")
+    close(torch.tensor(args.sched["m"], dtype=torch.float64), ms, "m schedule")
+    xs, ref_losses = vit_inputs(n), []
+    for k, (x1, x2) in enumerate(xs):  # main_moco.py train(): lr and m per iteration
+        for g in ref_opt.param_groups:
+            g["lr"] = lrs[k]
+        loss = official_v3_forward(ref, x1, x2, ms[k], official(T, "tau"))
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        ref_losses.append(loss.item())
+    losses = run_project(model, opt, args, xs)
+    close(torch.tensor(losses), ref_losses, "losses", rtol=3e-4)
+    for side, names in V3.items():
+        got = vit_names(*(getattr(model, n).state_dict() for n in names))
+        compare_state(got, nets[side].state_dict(), side, rtol=3e-4)
+    compare_state(model.predictor.state_dict(), predictor.state_dict(), "predictor", rtol=3e-4)
+    named = {**dict(nets["base"].named_parameters()), **dict(predictor.named_parameters())}
+    for moment in ("exp_avg", "exp_avg_sq"):
+        got = vit_names(*(opt_state(opt, getattr(model, n), moment) for n in V3["base"]))
+        got.update(opt_state(opt, model.predictor, moment))
+        want = {k: ref_opt.state[named[k]][moment] for k in got}
+        compare_state(got, want, moment, rtol=3e-4)
+
+
+# ---- v3 ResNet-50: main_moco.py's torchvision resnet50 + builder.py MoCo_ResNet ---------------
+def official_resnet50_v3(mlp_dim, dim):
+    # [ref: moco-v3 main_moco.py] torchvision resnet50(zero_init_residual=True,
+    # num_classes=mlp_dim); [ref: builder.py MoCo_ResNet] fc -> _build_mlp(2, 2048, mlp_dim, dim)
+    net = torchvision.models.resnet50(zero_init_residual=True, num_classes=mlp_dim)
+    net.fc = v3_build_mlp(2, net.fc.weight.shape[1], mlp_dim, dim)
+    return net
+
+
+def test_official_v3_resnet50_lars(tmp_path, monkeypatch):
+    """The ImageNet v3 preset on the real network: ResNet-50 built for 224 px (the ImageNet
+    stem; zero-init of each block's last BN), fed 32 px, batch 4, the 2-layer projector and the
+    predictor without its last BN (MoCo_ResNet), moco-v3's LARS (eta 1e-3, wd 1e-6), tau 1, m
+    0.99 -> 1 by cosine; 2 steps over 2 epochs with 1 of warm-up (lr 0, then half). The official
+    network built here, loaded with the project's weights (strict): loss, every parameter and BN
+    buffer of both encoders and the predictor, and LARS's momentum agree. --lr 40 per 256 (0.625
+    at batch 4) so the trust-scaled steps (lr x 1e-3 of each weight) show."""
+    key = (*IV, "v3")
+    T = OFFICIAL[key]
+    flags = [
+        *key,
+        "--arch",
+        "resnet50",
+        "--img-size",
+        224,
+        "--hidden-dim",
+        64,
+        "--dim",
+        16,
+        "--epochs",
+        2,
+    ]
+    flags += ["--warmup-epochs", 1, "--lr", 40.0]
+    model, opt, args = built(tmp_path, monkeypatch, *flags, batch=4, n_img=8)
+    assert official(T, "arch") == "resnet50" and official(T, "zero_init_residual")
+    for m in model.backbone.modules():  # torchvision zero_init_residual: bn3 weight 0
+        if isinstance(m, torchvision.models.resnet.Bottleneck):
+            assert not m.bn3.weight.any()
+    perturb_momentum_encoder(model)
+    nets = {}
+    for side, (bb, proj) in V3.items():
+        nets[side] = official_resnet50_v3(64, 16)
+        sd = getattr(model, bb).state_dict()
+        sd.update({f"fc.{k}": v for k, v in getattr(model, proj).state_dict().items()})
+        nets[side].load_state_dict(sd)
+    nets["m"].requires_grad_(False)  # builder.py: param_m.requires_grad = False
+    predictor = v3_build_mlp(2, 16, 64, 16, False)  # MoCo_ResNet: no last BN
+    predictor.load_state_dict(model.predictor.state_dict())
+    ref = {"backbone": nets["base"], "predictor": predictor, "momentum_backbone": nets["m"]}
+    ref.update(projector=nn.Identity(), momentum_projector=nn.Identity())  # inside fc
+    params = [*nets["base"].named_parameters(), *predictor.named_parameters(prefix="pred")]
+    spe, n, E, lr0 = args.steps_per_epoch, args.total_steps, 2, 40.0 * 4 / 256
+    lrs = [official_v3_lr(s / spe, lr0, 1, E) for s in range(n)]
+    ms = [official_v3_m(s / spe, official(T, "m"), E) for s in range(n)]
+    close(torch.tensor(args.sched["lr"], dtype=torch.float64), lrs, "lr schedule")
+    close(torch.tensor(args.sched["m"], dtype=torch.float64), ms, "m schedule")
+    g = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g))]
+    xs.append((torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)))
+    bufs, ref_losses = {}, []
+    for k, (x1, x2) in enumerate(xs):  # main_moco.py train()
+        loss = official_v3_forward(ref, x1, x2, ms[k], official(T, "tau"))
+        for _, p in params:
+            p.grad = None
+        loss.backward()
+        official_lars(params, bufs, lrs[k], official(T, "wd"))
+        ref_losses.append(loss.item())
+    losses = run_project(model, opt, args, xs)
+    close(torch.tensor(losses), ref_losses, "losses")
+    for side, (bb, proj) in V3.items():
+        got = getattr(model, bb).state_dict()
+        got.update({f"fc.{k}": v for k, v in getattr(model, proj).state_dict().items()})
+        compare_state(got, nets[side].state_dict(), side)
+    compare_state(model.predictor.state_dict(), predictor.state_dict(), "predictor")
+    got = {**opt_state(opt, model.backbone, "mu")}
+    got.update({f"fc.{k}": v for k, v in opt_state(opt, model.projector, "mu").items()})
+    got.update({f"pred.{k}": v for k, v in opt_state(opt, model.predictor, "mu").items()})
     compare_state(got, bufs, "LARS momentum")
