@@ -307,8 +307,8 @@ class ViT(nn.Module):  # -> final-norm [CLS] token [B, dim]; other sizes interpo
         rates = torch.linspace(0, drop_path, depth).tolist()  # block i's drop_path, 0 -> drop_path
         self.blocks = nn.Sequential(*[Block(dim, heads, drop_path=p) for p in rates])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        for m in (m for m in self.modules() if isinstance(m, nn.Linear)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+        for m in (m for m in self.modules() if isinstance(m, nn.Linear)):  # timm's init:
+            nn.init.normal_(m.weight, std=0.02)  # trunc_normal_ cut at +-2 (100 std): a normal
             nn.init.zeros_(m.bias)
 
     def forward(self, x):
@@ -446,12 +446,14 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import inspect
 import io
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -467,8 +469,7 @@ except ImportError:
 
 
 def fail(msg: str):
-    """One line on stderr that names the fix, no traceback; exit status 2, as argparse's errors
-    (str() of the SystemExit is the line, for callers that catch it)."""
+    """One line on stderr naming the fix, no traceback; exit 2 (str(): the line), as argparse."""
     end_bars()
     print(f"error: {msg}", file=sys.stderr, flush=True)
     e = SystemExit(f"error: {msg}")
@@ -588,8 +589,7 @@ def base_datasets(args) -> tuple:
 
 
 def open_rgb(path) -> Image.Image:
-    """PIL image (path or file object) -> RGB, any mode: grayscale, palette, RGBA (alpha
-    dropped), CMYK, and 16-bit grayscale scaled to 8 bits (PIL's convert clips it to 255)."""
+    """PIL image (path or file) -> RGB, any mode; 16-bit grayscale scaled, not clipped to 255."""
     with Image.open(path) as im:
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG / TIFF grayscale
             x = (np.asarray(im, np.float32) / 257).round().clip(0, 255).astype(np.uint8)
@@ -599,8 +599,7 @@ def open_rgb(path) -> Image.Image:
 
 class ImageFiles(torchvision.datasets.ImageFolder):
     """ImageFolder that never stops a run on a bad file: any format and mode PIL reads -> RGB; an
-    undecodable file (truncated, empty, not an image) is marked in `bad` (shared memory: workers
-    mark it too; skipped() lists them) and replaced by the next decodable one (same batch size)."""
+    undecodable one is marked in `bad` (shared memory: workers' too) and replaced by the next."""
 
     def __init__(self, root: str):
         super().__init__(root, loader=open_rgb)
@@ -614,14 +613,12 @@ class ImageFiles(torchvision.datasets.ImageFolder):
                 self.bad[j % len(self.samples)] = True
         raise RuntimeError(f"no file under {self.root} can be decoded as an image")
 
-    def skipped(self) -> list[str]:
-        return [self.samples[j][0] for j in self.bad.nonzero()[:, 0].tolist()]
-
 
 def skipped_files(data) -> list[str]:
     """The undecodable files met so far in the training and test folders (none for arrays)."""
-    sets = (getattr(d, "dataset", None) for d in (data.train, data.test))
-    return [p for ds in sets if isinstance(ds, ImageFiles) for p in ds.skipped()]
+    sets = [getattr(d, "dataset", None) for d in (data.train, data.test)]
+    sets = [ds for ds in sets if isinstance(ds, ImageFiles)]
+    return [ds.samples[j][0] for ds in sets for j in ds.bad.nonzero()[:, 0].tolist()]
 
 
 class Indexed(torch.utils.data.Dataset):
@@ -656,23 +653,34 @@ def dataset_mean_std(args) -> tuple:  # the per-channel mean and std of --datase
 
 
 def build_data(args, views, mean_std) -> SimpleNamespace:
-    """Pretraining set (views: one image -> its list of views), kNN/linear sets under the same
-    mean_std (None: none), derived step counts."""
+    """Pretraining set (views: one image -> its views), kNN/linear sets under mean_std (None: none),
+    step counts; the batch, the evaluation's limits and what it cannot do, checked now."""
     train, test, nc = base_datasets(args)
-    size, n, cap = args.img_size, args.subset, args.knn_subset
+    size, n, cap, ff = args.img_size, args.subset, args.knn_subset, args.finetune_fraction
     ev, seed = eval_transform(size, mean_std), args.seed
     data = SimpleNamespace(num_classes=nc, train=Indexed(train, views, n, seed=seed))
     data.train_eval = Indexed(train, ev, cap or n, labelled_only=True)
     data.train_linear = Indexed(train, eval_transform(size, mean_std, train=True), n, True, seed)
     data.test = Indexed(test, ev, cap) if test is not None else None
-    args.steps_per_epoch = len(data.train) // args.batch_size
-    if args.steps_per_epoch == 0:
-        fail(f"{len(data.train)} images < one global batch; lower --batch-size {args.batch_size}")
-    args.total_steps = args.steps_per_epoch * args.epochs
-    if data.test is not None and args.linear_epochs:  # the linear probe's limits, checked now
+    n, B = len(data.train), args.batch_size
+    if n < B:
+        fail(f"--batch-size {B} is larger than the {n} training images; pass {n} or less")
+    args.steps_per_epoch, args.total_steps = n // B, n // B * args.epochs
+    monitors, val = args.knn_every or args.linear_epochs, os.path.join(args.data_dir, "val")
+    if test is None and ff:  # asked for, with nothing to measure it on
+        d = getattr(args, "distill_epochs", 0)  # SimCLR v2 distils the fine-tuned network
+        what = f"--finetune-fraction {ff}" + (f" and --distill-epochs {d}" if d else "")
+        drop = "--finetune-fraction" + (" and --distill-epochs" if d else "")
+        fail(f"{what}: no test split ({val} not found); add a val/ folder or drop {drop}")
+    elif test is None and monitors and args.is_main:
+        why = f"no test split ({val} not found): no kNN monitor or linear probe"
+        print(f"note: {why}", file=sys.stderr)
+    elif nc == 1 and (monitors or ff) and args.is_main:  # a folder without class folders
+        why = f"all labelled images are of one class ({train.classes[0]}): every accuracy is 100%"
+        print(f"warning: {why}, meaningless; give each class its own folder", file=sys.stderr)
+    if test is not None and args.linear_epochs:  # the linear probe's limits
         linear_batch_size(data, args, warn=False)
-    if data.test is not None and args.finetune_fraction:  # fine-tuning's
-        ff = args.finetune_fraction
+    if test is not None and ff:  # fine-tuning's
         n, source = len(labelled_subset(data.train_linear, args)), f"--finetune-fraction {ff}"
         capped_batch(n, "ft_batch_size", args, "labelled images", source, warn=False)
     return data
@@ -1042,9 +1050,13 @@ def on_device(args) -> bool:  # --pipeline resolved (auto: device on CUDA)
 
 # ==== 2.4 checkpoints, resume, SIGTERM, the out-dir lock ==================================
 def save_checkpoint(path: str, state: dict):
-    """Atomic: write a temp file, then rename it over the old checkpoint."""
-    torch.save(state, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    """Atomic (a temp file renamed over the old one); a refused write: an OSError naming it."""
+    try:
+        with open(f"{path}.tmp", "wb") as f:
+            torch.save(state, f)
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:  # the partial temp file goes at the next start (claim_out_dir)
+        raise OSError(e.errno, e.strerror, e.filename or f"{path}.tmp") from e
 
 
 def load_checkpoint(path: str) -> dict:
@@ -1055,21 +1067,24 @@ def load_checkpoint(path: str) -> dict:
 
 
 _RUN = SimpleNamespace(saved=None, sigterm=False, previous=None, training=None)  # fit's guards
+_RUN.kept, _RUN.saved_at = None, 0.0  # the last good checkpoint's path; when it was saved or read
+EXPLODED = 1e4  # a parameter this large in magnitude: the weights exploded (a loss may not show it)
 ANEW = "pass --resume none or another --out-dir"
 
 
 def save_state(path: str, model, optimizer, scaler, step: int, args, finite=None):
     """Rank 0 saves model, optimizer, scaler, step, config; all ranks RNG + `per_rank` buffers,
     after taking rank 0's buffers. finite (fit's loss flag): one collective on loss, state and
-    SIGTERM; non-finite never replaces a good checkpoint (`diverged`); SIGTERM exits once saved."""
+    SIGTERM; a non-finite loss or state, or exploded weights, never replaces a good checkpoint
+    (`diverged`); SIGTERM exits once saved."""
     sync_buffers(model)
     net, stop = unwrap(model), False
     if finite is not None:
         opt = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        state_ok = all_finite([*net.parameters(), *net.buffers(), *opt])
-        bad_loss, bad_state, stop = agreed(~finite, ~state_ok, _RUN.sigterm)
+        ok = all_finite([*net.buffers(), *opt]) & all_finite(net.parameters(), EXPLODED)
+        bad_loss, bad_state, stop = agreed(~finite, ~ok, _RUN.sigterm)
         if bad_loss or bad_state:
-            fail(diverged(step, "loss" if bad_loss else "weights or state"))
+            fail(diverged(step, "loss" if bad_loss else "or exploded weights or state", args))
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     rng.update({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
     rng["buffers"] = {k: net.get_buffer(k).cpu() for k in getattr(net, "per_rank", ())}
@@ -1080,7 +1095,7 @@ def save_state(path: str, model, optimizer, scaler, step: int, args, finite=None
         state = {"model": net.state_dict(), "optimizer": optimizer.state_dict()}
         state.update(scaler=scaler.state_dict(), step=step, args=config_dict(args), ranks=ranks)
         save_checkpoint(path, state)
-    _RUN.saved = step
+    _RUN.saved, _RUN.kept, _RUN.saved_at = step, path, time.monotonic()
     if finite is not None and step >= last_step(args):
         catch_sigterm(False)  # trained: a SIGTERM during the final evaluation ends it at once
     if stop:
@@ -1088,12 +1103,12 @@ def save_state(path: str, model, optimizer, scaler, step: int, args, finite=None
 
 
 @torch.no_grad()
-def all_finite(tensors) -> torch.Tensor:
-    """0-dim bool, not read here: no NaN or inf in the floating tensors. One fused reduction,
-    the max-abs norm of each (NaN propagates; finite values cannot overflow it)."""
+def all_finite(tensors, bound: float = math.inf) -> torch.Tensor:
+    """0-dim bool, not read here: every value of the floating tensors below bound in magnitude
+    (so no NaN or inf). One fused reduction, the max-abs norm of each (NaN propagates)."""
     ts = [t for t in tensors if t.is_floating_point() and t.numel()]
     dev = ts[0].device  # optimizer step counters may live on the CPU
-    return torch.stack([n.to(dev) for n in torch._foreach_norm(ts, math.inf)]).isfinite().all()
+    return (torch.stack([n.to(dev) for n in torch._foreach_norm(ts, math.inf)]) < bound).all()
 
 
 def agreed(*flags) -> list[bool]:
@@ -1106,20 +1121,39 @@ def agreed(*flags) -> list[bool]:
     return [bool(x) for x in v.tolist()]
 
 
-def check_step(finite: torch.Tensor, step: int) -> bool:
+def check_step(finite: torch.Tensor, step: int, args) -> bool:
     """At a log step, one collective: a non-finite loss so far (fit's flag) stops every rank
-    (`diverged`); -> whether any rank has had SIGTERM, so that all stop after this same step."""
-    bad, stop = agreed(~finite, _RUN.sigterm)
+    (`diverged`); -> whether all save a checkpoint after this same step: any rank has had SIGTERM
+    (then exit) or is --ckpt-minutes past the last checkpoint (then train on)."""
+    due = 0 < args.ckpt_minutes * 60 < time.monotonic() - _RUN.saved_at
+    bad, stop, save = agreed(~finite, _RUN.sigterm, due)
     if bad:
-        fail(diverged(step, "loss"))
-    return stop
+        fail(diverged(step, "loss", args))
+    return stop or save
 
 
-def diverged(step: int, what: str) -> str:
-    """The line that ends a diverged run: what, by which step, the checkpoint kept, the way out."""
-    kept, way = f"the last good checkpoint (step {_RUN.saved}) is kept", "resume"
-    kept, way = ("no checkpoint was saved", "start again") if _RUN.saved is None else (kept, way)
-    return f"non-finite {what} by step {step}; {kept}: lower --lr (or pass --amp off) and {way}"
+def diverged(step: int, what: str, args) -> str:
+    """The line that ends a diverged run: what, by which step, the checkpoint kept and the command
+    that goes on from it (or anew) at a lower lr: a tenth, at most the recipe's."""
+    kept = f"the last good checkpoint (step {_RUN.saved}) is kept"
+    kept = "no checkpoint was saved" if _RUN.kept is None else kept
+    cls, params = type(args), inspect.signature(type(args).recipe).parameters
+    picks = {k: getattr(args, k) for k in params if k in vars(args)}
+    base = {**{f.name: f.default for f in dataclasses.fields(cls)}, **cls.recipe(**picks)}
+    given = {**vars(args), "lr": float(f"{min(args.lr / 10, base['lr']):.3g}")}
+    given["resume"] = _RUN.kept or "none"
+    cmd = [f"torchrun --nproc_per_node={args.world_size}" if args.world_size > 1 else "python"]
+    cmd.append(os.path.basename(sys.modules[cls.__module__].__file__))
+    for f in dataclasses.fields(cls):  # the flags off the recipe that the picks select
+        k, v = f.name.replace("_", "-"), given[f.name]
+        if f.metadata.get("derived") or (f.name not in (*picks, "lr") and v == base[f.name]):
+            continue
+        if isinstance(v, bool):
+            cmd.append(f"--{'' if v else 'no-'}{k}")
+        else:
+            cmd += [f"--{k}", *map(shlex.quote, map(str, v if isinstance(v, tuple) else [v]))]
+    way = f"go on at a lower lr (or --amp off): {' '.join(cmd)}"
+    return f"non-finite {what} by step {step}; {kept}; {way}"
 
 
 def catch_sigterm(catch: bool = True):
@@ -1161,9 +1195,10 @@ def stopped(step: int, args):
 # resuming continues the same run: these must not change (a step's samples and its place in the
 # schedules); others may (e.g. --lr, --amp after a divergence) and are listed in a note, but for
 # these, which change no result of training, and the linear_* evaluation settings
-RESUME_FIXED = ("dataset", "subset", "seed", "batch_size", "epochs", "warmup_epochs")
+RESUME_FIXED = ("version", "dataset", "subset", "seed", "batch_size", "epochs", "warmup_epochs")
 RESUME_QUIET = ("data_dir", "workers", "out_dir", "resume", "device", "compile", "log_every")
 RESUME_QUIET += ("max_steps", "knn_every", "knn_k", "knn_t", "knn_subset", "batch_size_per_gpu")
+RESUME_QUIET += ("ckpt_minutes",)
 
 
 def check_config(saved: dict, args, step: int) -> str:
@@ -1171,6 +1206,9 @@ def check_config(saved: dict, args, step: int) -> str:
     or the samples' order, else a note of the other changes (printed once loaded). Another world
     size keeps both (ResumableSampler): mid-epoch each rank skips its share of the batches done."""
     now, show = config_dict(args), lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else v
+    if saved.get("method", now["method"]) != now["method"]:  # said before settings and tensors
+        where = os.path.join(args.out_dir, "ckpt.pth") if args.resume == "auto" else args.resume
+        fail(f"{where} is a {saved['method']}.py checkpoint, not {now['method']}.py's; {ANEW}")
     name = lambda k: "world size" if k == "world_size" else "--" + k.replace("_", "-")
     diff = [k for k in now if k in saved and now[k] != saved[k]]
     for k in (k for k in (*RESUME_FIXED, "steps_per_epoch") if k in diff):
@@ -1229,8 +1267,8 @@ def load_state(path: str, model, optimizer, scaler, args) -> int:
 
 def resume(ckpt: str, model, optimizer, scaler, args) -> int:
     """--resume auto (ckpt if present), a path or none -> the step to start from. A fresh run
-    empties metrics.jsonl and seeds per-rank streams (e.g. MoCo's key permutation); config.json is
-    written only now (a refused resume leaves it as it was); then SIGTERM saves and ends the run."""
+    seeds per-rank streams (e.g. MoCo's key permutation); config.json is written only now (a
+    refused resume leaves it as it was); then SIGTERM saves and ends the run."""
     path, step = ckpt if args.resume == "auto" else args.resume, 0
     loaded = args.resume != "none" and os.path.isfile(path)
     if loaded:
@@ -1245,8 +1283,8 @@ def resume(ckpt: str, model, optimizer, scaler, args) -> int:
                 f.write(json.dumps(config_dict(args), indent=1))
         except OSError as e:
             fail(f"--out-dir {args.out_dir}: {e.strerror or e}; pass a folder you can write to")
-        trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), step)
     _RUN.saved, _RUN.sigterm = step if loaded else None, False
+    _RUN.kept, _RUN.saved_at = path if loaded else None, time.monotonic()
     catch_sigterm(step < last_step(args))  # none when only the final evaluation is left
     return step
 
@@ -1255,30 +1293,46 @@ def last_step(args) -> int:  # where fit's training ends: --max-steps, else all 
     return min(args.max_steps or args.total_steps, args.total_steps)
 
 
-def trim_metrics(path: str, step: int):
-    """Keep the records of steps <= step (none at step 0), rewritten atomically. Lines cut short by
-    a killed run and records without a step (InstDisc's paper kNN) go: the run writes its own."""
-    if not os.path.isfile(path):
-        return
-    keep = []
-    with open(path) as f:
+def trim_metrics(path: str, step: int) -> dict:
+    """-> {(kind, step): record} of steps <= step (none at step 0), rewritten. Lines cut short by
+    a killed run and records fit does not write (InstDisc's paper kNN, the distillation's) go:
+    the run writes its own; of a (kind, step) twice, the last stays."""
+    keep = {}
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
         for line in f:
             with contextlib.suppress(ValueError):  # a line cut short
                 r = json.loads(line)
-                if step and isinstance(r, dict) and r.get("step", math.inf) <= step:
-                    keep.append(line.rstrip("\n") + "\n")
+                if step and isinstance(r, dict) and record_kind(r) and r["step"] <= step:
+                    keep[record_kind(r), r["step"]] = finite_record(r)
+    write_records(path, keep.values())
+    return keep
+
+
+KINDS = {"skipped_files": "skipped", "loss": "train", "finetune_top1": "finetune", "epoch": "eval"}
+
+
+def record_kind(r: dict) -> str:  # the kind of record its first key in KINDS says; "": not fit's
+    return next((v for k, v in KINDS.items() if k in r), "")
+
+
+def finite_record(r: dict) -> dict:  # strict JSON: non-finite numbers null, named in "nonfinite"
+    bad = [k for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
+    return {**r, **dict.fromkeys(bad), "nonfinite": bad} if bad else r
+
+
+def write_records(path: str, records):  # atomically, as strict JSON
     with open(f"{path}.tmp", "w") as f:
-        f.writelines(keep)
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
     os.replace(f"{path}.tmp", path)
 
 
 _OUT_DIR_LOCK = []  # the lock file this process holds open while main() runs
+REFUSED = {errno.ENOSPC: "free space", errno.EDQUOT: "free space"}  # writes, and the way on
+REFUSED.update({errno.EROFS: "make it writable", errno.EACCES: "make it writable"})
 
 
 def claim_out_dir(out_dir: str):
-    """One run per folder: rank 0 holds an exclusive flock on out_dir/run.lock until main()
-    returns or fails (one_run_per_out_dir) or its process dies (the OS drops it: a killed run
-    leaves no stale lock). Then removes the temp files of saves cut short (save_checkpoint)."""
+    """One run per folder (a flock on run.lock till main() or its process ends); removes *.tmp."""
     f = open(os.path.join(out_dir, "run.lock"), "a+")
     try:
         if fcntl is None:
@@ -1302,21 +1356,33 @@ def claim_out_dir(out_dir: str):
 
 
 def one_run_per_out_dir(main):
-    """Decorator of every main(): when it returns or fails, the out-dir lock is dropped and
-    SIGTERM's handler restored, so one process may run main() again (tests, notebooks). A crash
-    first closes the progress bars: no bar is glued to or redrawn after its traceback."""
+    """Decorator of every main(): at its end the out-dir lock and SIGTERM's handler go (main() may
+    run again); a refused write, all images broken: one line; a crash first ends the bars."""
 
     @wraps(main)
     def run(args):
+        _RUN.saved, made = None, not os.path.exists(args.data_dir)
         try:
             return main(args)
-        except BaseException:
+        except BaseException as e:
             end_bars()
+            if isinstance(e, OSError) and e.errno in REFUSED:
+                ckpt, way = os.path.join(run_dir(args), "ckpt.pth"), "and rerun to resume"
+                kept = f"{ckpt} (step {_RUN.saved}) is intact"
+                if _RUN.saved is None or not os.path.isfile(ckpt):
+                    kept, way = "no checkpoint was saved", "and rerun"
+                fail(f"cannot write {e.filename}: {e.strerror}; {kept}: {REFUSED[e.errno]} {way}")
+            last = str(e).strip().split("RuntimeError: ")[-1]  # ImageFiles' (or a worker's)
+            if isinstance(e, RuntimeError) and last.endswith("can be decoded as an image"):
+                fail(f"{last}; pass --data-dir to a folder of image files PIL can read")
             raise
         finally:
             catch_sigterm(False)
             while _OUT_DIR_LOCK:
                 _OUT_DIR_LOCK.pop().close()  # closing the file drops its flock
+            if made:  # the --data-dir of a download that failed: rmdir removes it if empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(args.data_dir)
 
     return run
 
@@ -1366,8 +1432,7 @@ def capped_batch(n: int, field: str, args, what: str, source: str, warn: bool, l
 
 
 def linear_batch_size(data, args, warn: bool = True) -> int:
-    """--linear-batch-size, or all the probe's training images when fewer (capped_batch); its lr
-    x B/256 follows. build_data checks it first (warn=False)."""
+    """--linear-batch-size, or all the probe's training images when fewer (capped_batch)."""
     B, w, cached = args.linear_batch_size, args.world_size, args.linear_cached
     if B % w:
         fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
@@ -1416,15 +1481,13 @@ def knn_eval(fn, data, args) -> float:
 
 
 # DEVIATION: every CIFAR preset fine-tunes at batch 256 (SwAV's and Barlow Twins' own): the
-# ImageNet recipes' 1024 / 4096 exceed CIFAR-10's 1% labelled set (500 images), whose every batch
-# then holds each image 2-8 times; SimCLR v1's at 4096 (lr 0.8, 8 steps in all) diverges there,
-# 1% top-1 10.0 (random init 16.2) vs 42.7 at 256 (the cpu-smoke SimCLR v1 checkpoint)
+# ImageNet recipes' 1024 / 4096 hold each of CIFAR-10's 1% (500 images) 2-8 times a batch; SimCLR
+# v1's at 4096 (lr 0.8, 8 steps) diverges: 1% top-1 10.0 (random init 16.2) vs 42.7 at 256
 FT_CIFAR_BATCH = 256
 
 
 def check_finetune(args):
-    """The fine-tuning flags together (parse_args): a 1% and a 10% value per tuple, the image
-    list, distillation only after fine-tuning."""
+    """The fine-tuning flags together: 1% and 10% values, the image list, distillation after."""
     for name in ("ft_epochs", "ft_lr", "ft_head_lr"):  # the 1% and the 10% value
         check_pair(args, name, ordered=False)
     path, ds = args.finetune_list, args.dataset
@@ -1433,29 +1496,25 @@ def check_finetune(args):
     if path and ds not in ("imagenet", "folder"):
         fail(f"--finetune-list {path}: --dataset {ds} has no image files; pass imagenet or folder")
     if args.finetune_fraction and ds == "imagenet" and not path:
-        fail(
-            f"--finetune-fraction {args.finetune_fraction} on imagenet: the standard subsets are "
-            "lists; pass --finetune-list (google-research/simclr imagenet_subsets/1percent.txt)"
-        )
+        why = "the subsets are lists; pass --finetune-list (simclr imagenet_subsets/1percent.txt)"
+        fail(f"--finetune-fraction {args.finetune_fraction} on imagenet: {why}")
     if getattr(args, "distill_epochs", 0) and not args.finetune_fraction:
         why = "it distils the fine-tuned network; pass --finetune-fraction too"
         fail(f"--distill-epochs {args.distill_epochs}: {why}")
 
 
 def labelled_subset(ds, args) -> list[int]:
-    """Positions in ds that keep their label: the files named in --finetune-list (a file name a
-    line, as google-research/simclr imagenet_subsets), else per class the first round(fraction x
-    class size) of a permutation drawn from --seed (the same for every rank and method)."""
+    """Positions in ds that keep their label: the files named in --finetune-list (one a line, as
+    simclr's imagenet_subsets), else per class the first round(fraction x class size) of a
+    permutation drawn from --seed (the same for every rank and method)."""
     if args.finetune_list:
         with open(args.finetune_list) as f:
             names = [line.strip() for line in f if line.strip()]
         where = {os.path.basename(ds.dataset.samples[j][0]): i for i, j in enumerate(ds.indices)}
         missing = [n for n in names if n not in where]
         if missing:
-            fail(
-                f"--finetune-list {args.finetune_list}: {len(missing)} of its {len(names)} files "
-                f"are not in the training set (e.g. {missing[0]}); pass a list of its images"
-            )
+            why = f"{len(missing)} of its {len(names)} files are not in the training set"
+            fail(f"--finetune-list {args.finetune_list}: {why}, e.g. {missing[0]}; list its images")
         return sorted(where[n] for n in names)
     arrays = image_arrays(ds.dataset)
     y = (arrays[1] if arrays is not None else torch.tensor(ds.dataset.targets))[ds.indices]
@@ -1469,10 +1528,9 @@ def labelled_subset(ds, args) -> list[int]:
 
 class StreamBatches:
     """Batch sampler: steps start..total-1 of `batch` images from an endless stream of epochs, each
-    a permutation seeded by (seed, epoch), as the official TF pipelines (repeat, then batch); this
-    rank takes its batch / W of each step as (index, epoch) keys, which seed Indexed's augmentation:
-    the same global batches at any world size, continued on resume. (DEVIATION: SwAV's and Barlow
-    Twins' PyTorch loops end each epoch with a smaller batch.)"""
+    a permutation seeded by (seed, epoch), as the official TF pipelines; this rank takes its batch
+    / W of each step as (index, epoch) keys: the same global batches at any world size and on
+    resume. (DEVIATION: SwAV's and Barlow Twins' loops end each epoch with a smaller batch.)"""
 
     def __init__(self, n: int, batch: int, start: int, total: int, args):
         self.n, self.batch, self.start, self.total, self.seed = n, batch, start, total, args.seed
@@ -1516,11 +1574,10 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, args, track=None):
-    """Train net len(sched) steps of `batch` images of ds (StreamBatches), lr = "lr0" of each of
-    opt's groups x sched[step], on loss_fn(x, y), gradients averaged over processes. Each epoch's
-    end: rank 0's buffers on every rank (per-process BN), track(net) appended to the history (e.g.
-    test accuracy), rank 0 writes `path` (net, optimizer, step, history, key): a rerun with the
-    same key continues it (--resume none: anew). -> {"loss": the last step's, "history": [...]}"""
+    """Train net len(sched) steps of `batch` images of ds (StreamBatches) on loss_fn(x, y), each
+    group's lr "lr0" x sched[step], gradients averaged over processes. Each epoch's end: rank 0's
+    buffers everywhere, track(net) (e.g. test accuracy) appended to the history, `path` written
+    (a rerun with the same key continues it). -> {"loss": the last step's, "history": [...]}"""
     n, total, device = len(ds), len(sched), torch.device(args.device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, history, loss = 0, [], torch.tensor(math.nan)
@@ -1532,12 +1589,11 @@ def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, arg
             scaler.load_state_dict(saved["scaler"])
             step, history, loss = saved["step"], saved["history"], torch.tensor(saved["loss"])
         elif args.is_main:
-            print(f"note: {path} is of other weights or flags: starting anew", file=sys.stderr)
+            tqdm.write(f"note: {path} is of other weights or flags: starting anew", sys.stderr)
     params = [p for g in opt.param_groups for p in g["params"]]
-    sampler, pin = StreamBatches(n, batch, step, total, args), device.type == "cuda"
-    loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin
-    )
+    sampler = StreamBatches(n, batch, step, total, args)
+    kw = {"num_workers": args.workers, "pin_memory": device.type == "cuda"}
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, **kw)
     bar = tqdm(None, os.path.basename(path)[:-4], total, initial=step, disable=not args.is_main)
     net.train()
     for x, y, _ in loader:
@@ -1583,9 +1639,8 @@ def projector_layers(model, k: int) -> nn.Module:
 
 class FineTuneNet(nn.Module):
     """x -> linear head of fn(copy, x) [-> the first proj_layers projector layers]. copy: model,
-    deep-copied but for the tensors of the modules this never runs (the model's, unchanged). The
-    modules it runs (found by forward pre-hooks, model in eval mode) are new, trainable `parts`:
-    net.state_dict() is what fine-tuning trains. BatchNorm: global or per process (sync_bn)."""
+    deep-copied but for the tensors of the modules this never runs (the model's); those it runs
+    (forward pre-hooks, in eval mode) are new, trainable `parts`. BN: global or per process."""
 
     def __init__(self, fn, model, x, num_classes: int, proj_layers=0, sync_bn=True, head="zero"):
         super().__init__()
@@ -1647,9 +1702,8 @@ def finetune_net(fn, model, data, args) -> FineTuneNet:
 def finetune(fn, model, data, args) -> dict:
     """Semi-supervised fine-tuning [SimCLR §6, Tab. 7; SimCLRv2 §2] (--finetune-fraction): a copy
     of what fn reads (SimCLR v2: and --ft-proj-layers projector layers) + a new linear head, trained
-    on the labelled images (crop + flip) with the Args' ft_* (1% values below a 3% fraction, else
-    10%); -> top-1/top-5 on the test split. Model and checkpoint stay untouched; finetune.pth (each
-    epoch) holds the network, which a rerun continues. In eval_rng: the same on every rank."""
+    on the labelled images (crop + flip) with the ft_* flags' 1% values below 3%, else 10%; -> top-1
+    /top-5 on the test split. Model and checkpoint untouched; finetune.pth lets a rerun continue."""
     if not args.finetune_fraction or data.test is None:
         return {}
     tl, col = data.train_linear, int(args.finetune_fraction >= 0.03)  # the 1% or the 10% values
@@ -1683,10 +1737,9 @@ def finetune(fn, model, data, args) -> dict:
     out = fit_classifier(net, opt, loss_fn, ds, sched, B, path, key, args, track)
     acc = out["history"] or [classifier_accuracy(net, data, args)]
     top1, top5 = max(acc, key=lambda a: a[0]) if args.ft_best else acc[-1]  # max: the first best
-    res = {"finetune_fraction": args.finetune_fraction, "finetune_images": n}
-    res.update(finetune_optimizer=args.ft_optimizer, finetune_batch=B, finetune_epochs=E)
-    res.update(finetune_top1=top1, finetune_top5=top5, finetune_top1_last=acc[-1][0])
-    return {**res, "finetune_loss": out["loss"]}
+    res = {"finetune_fraction": args.finetune_fraction, "finetune_images": n, "finetune_batch": B}
+    res.update(finetune_optimizer=args.ft_optimizer, finetune_epochs=E, finetune_loss=out["loss"])
+    return {**res, "finetune_top1": top1, "finetune_top5": top5, "finetune_top1_last": acc[-1][0]}
 
 
 # ==== 2.6 config, CLI and logging =========================================================
@@ -1709,8 +1762,7 @@ def in_range(x, spec: str) -> bool:  # NaN is in no range, inf only in one close
 
 
 def describe(spec: str, integer: bool) -> str:
-    """The range in words: "[0, inf)" -> ">= 0", "[0, 1]" -> "in [0, 1]"; integers get closed
-    bounds: "(0, inf)" -> ">= 1"."""
+    """The range in words: "[0, inf)" -> ">= 0", "[0, 1]" -> "in [0, 1]"; int "(0, inf)": ">= 1"."""
     a, lo, hi, b = RANGE.fullmatch(spec).groups()
     lo, hi = float(lo), float(hi)
     if integer:
@@ -1750,14 +1802,12 @@ def check_ranges(args, defaults: dict):
 PRESETS, PIPELINES = ("imagenet", "cifar"), ("auto", "device", "cpu")
 AMPS, SCALINGS = ("auto", "bf16", "fp16", "off"), ("linear", "sqrt")
 FT_OPTS, HEADS = ("sgd", "nesterov", "lars"), ("zero", "torch", "normal", "haiku")
-FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]"  # where no official one
+FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]"  # no wd, no warm-up
 
 
 @dataclasses.dataclass
 class RunArgs:
-    """The flags every method file shares and the fields derived at run time; each file's
-    Args(RunArgs) adds the method's own cited fields, and overrides the fine-tuning protocol
-    (SimCLR v2's here) where its official code has one."""
+    """The shared flags and derived fields; each Args adds its own (and its fine-tuning recipe)."""
 
     IMG_SIZES = {"imagenet": 224, "folder": 224, "stl10": 96}  # --img-size 0; else 32 px
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
@@ -1767,20 +1817,17 @@ class RunArgs:
     subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
     workers: int = ge0(8, "DataLoader worker processes per process")
     pipeline: str = arg(
-        "auto",
-        "device: uint8 data + batched aug on the GPU; cpu: workers (auto: device on CUDA)",
-        choices=PIPELINES,
+        "auto", "device: batched aug on the GPU; cpu: workers (auto: on CUDA)", choices=PIPELINES
     )
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
-    seed: int = arg(  # 99999: the augmentation's seed still fits torch's 64 bits
-        0, "model init (all ranks alike); augmentation by (seed, epoch, index)", range="[0, 99999]"
-    )
+    seed: int = arg(0, "model init (all ranks alike), aug (seed, epoch, index)", range="[0, 99999]")
     amp: str = arg("auto", "autocast (auto: bf16 on CUDA, off on CPU)", choices=AMPS)
     compile: bool = arg(False, "torch.compile the backbone")
     device: str = arg("", "cuda / cpu (default: cuda if available)")
     log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
     max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
+    ckpt_minutes: float = ge0(15.0, "also checkpoint at the first log step N minutes on (0: off)")
     knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
     knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
     knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
@@ -1788,28 +1835,22 @@ class RunArgs:
     linear_cached: bool = arg(False, "linear probe on cached un-augmented features (DEVIATION)")
     finetune_fraction: float = unit(0.0, "fine-tune on this fraction of labels (0: off; 0.01, 0.1)")
     finetune_list: str = arg("", "ImageNet: the fraction's file list (simclr imagenet_subsets/)")
-    # the fine-tuning protocol (finetune); none has weight decay or warm-up
     ft_epochs: tuple = gt0((60, 30), f"fine-tuning epochs at 1% / 10% labels {FT}")
     ft_batch_size: int = gt0(1024, f"fine-tuning global batch {FT}; CIFAR 256 (FT_CIFAR_BATCH)")
     ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr at 1% / 10%, x --ft-lr-scaling {FT}")
     ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr at 1% / 10%, x --ft-lr-scaling {FT}")
     ft_lr_scaling: str = arg("sqrt", f"x sqrt(batch) or x batch/256 {FT}", choices=SCALINGS)
     ft_optimizer: str = arg(
-        "lars",
-        f"lars: SimCLR's, classic momentum, head not adapted; sgd, nesterov {FT}",
-        choices=FT_OPTS,
+        "lars", f"lars (SimCLR's: head not adapted), sgd or nesterov {FT}", choices=FT_OPTS
     )
     ft_milestones: tuple = ge0((), f"lr x --ft-decay from these epochs (none: cosine to 0) {FT}")
     ft_decay: float = unit(0.1, "lr factor per --ft-milestones epoch")
     ft_epoch_lr: bool = arg(False, f"cosine lr set once per epoch, not per step {FT}")
     ft_sync_bn: bool = arg(True, f"BatchNorm over the global batch, not each process's {FT}")
     ft_head_init: str = arg(
-        "zero",
-        f"head init: zero, torch (nn.Linear), normal (N(0, 0.01)), haiku {FT}",
-        choices=HEADS,
+        "zero", f"head: zero, torch (nn.Linear), normal (N(0, 0.01)), haiku {FT}", choices=HEADS
     )
     ft_best: bool = arg(False, f"top-1 of the best epoch, not the last {FT}")
-    # -- derived at runtime (not flags) --
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
     local_rank: int = arg(0, "", derived=True)
@@ -1819,24 +1860,26 @@ class RunArgs:
     total_steps: int = arg(0, "", derived=True)
     sched: dict = dataclasses.field(default_factory=dict, metadata={"derived": True})
 
+    def check_batch_norm(self):  # a CNN's BatchNorm trains on batch statistics, not one image's
+        if self.batch_size < 2 and self.arch not in VIT_SIZES:
+            fail(f"--batch-size 1: {self.arch}'s BatchNorm needs >= 2 images; pass >= 2 or a ViT")
+
 
 def resolve_sizes(args):
-    """--img-size 0: the dataset's usual size (IMG_SIZES, else 32); --local-size 0 (SwAV, DINO):
-    img_size x 96/224, at least 8 [SwAV, DINO: 96 px local crops at 224]."""
+    """--img-size 0: IMG_SIZES', else 32; --local-size 0: img_size x 96/224 [SwAV, DINO], >= 8."""
     args.img_size = args.img_size or args.IMG_SIZES.get(args.dataset, 32)
     if getattr(args, "local_size", None) == 0:
         args.local_size = max(8, round(args.img_size * 96 / 224))
 
 
-def check_patch(args, patch: int, flag: str, px: int):
-    """A ViT embeds patch x patch tiles (a Conv2d of stride patch): a crop needs at least one."""
-    if args.arch in VIT_SIZES and px < patch:
+def check_patch(args, patch: int, flag: str, px: int, cnn: int = 8):
+    """The least crop: a ViT's patch (0: vit_patch's), a CNN's cnn px (8: halved 3x to 1x1)."""
+    vit, patch = args.arch in VIT_SIZES, vit_patch(args.img_size, patch)
+    least = patch if vit else cnn
+    if px < least:
         given = getattr(args, flag[2:].replace("-", "_"))
-        why = f"{px} px crops are smaller than the ViT's {patch} px patch"
-        alt = ""
-        if hasattr(args, "patch_size") and "patch" not in flag:  # CPC's --patch-size is its crop
-            alt = " or a smaller --patch-size"
-        fail(f"{flag} {given}: {why}; pass {flag} >= {patch}{alt}")
+        what = f"the ViT's {patch} px patch" if vit else f"the {cnn} px that {args.arch} takes"
+        fail(f"{flag} {given}: {px} px crops are smaller than {what}; pass {flag} >= {least}")
 
 
 def check_pair(args, name: str, ordered: bool = True):
@@ -1848,14 +1891,12 @@ def check_pair(args, name: str, ordered: bool = True):
 
 
 def run_dir(args) -> str:  # --out-dir, default runs/<method>
-    method = os.path.basename(sys.modules[type(args).__module__].__file__).removesuffix(".py")
-    return args.out_dir or os.path.join("runs", method)
+    return args.out_dir or os.path.join("runs", config_dict(args)["method"])
 
 
 def check_out_dir(args):
     """--out-dir is a writable folder, or the nearest existing folder above it is."""
-    path = run_dir(args)
-    p = os.path.abspath(path)
+    path, p = run_dir(args), os.path.abspath(run_dir(args))
     while not os.path.exists(p):
         p = os.path.dirname(p)
     if not os.path.isdir(p):
@@ -1865,21 +1906,17 @@ def check_out_dir(args):
 
 
 def parse_args(cls, argv=None):
-    """argparse from the fields' metadata. Values: field defaults (the paper's ImageNet recipe) <
-    cls.recipe(version, preset, arch, ...) (e.g. the CIFAR preset) < given flags, checked before
-    anything is built or loaded (ranges, --out-dir, then args.check(): the method's limits over
-    several fields): a bad one exits 2 with one line "error: --flag value: why; what to pass"."""
+    """argparse from the fields' metadata: defaults (the paper's ImageNet recipe) < recipe() (e.g.
+    CIFAR) < flags; checked first (ranges, --out-dir, sizes, args.check()): else C.fail exits 2."""
     doc, raw = sys.modules[cls.__module__].__doc__, argparse.RawDescriptionHelpFormatter
     fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
-    # --help shows the recipe selected by the flags it takes (--preset/version/arch; BYOL --epochs)
     pick = {f.name: f for f in fields if f.name in inspect.signature(cls.recipe).parameters}
     pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     for name in [*pick, "dataset"]:
         pre.add_argument("--" + name, type=value_type(pick[name]) if name in pick else str)
-    try:
+    known = {}
+    with contextlib.suppress(argparse.ArgumentError):  # e.g. --preset without a value: see below
         known = vars(pre.parse_known_args(argv)[0])
-    except argparse.ArgumentError:  # e.g. --preset without a value: the parse below says so
-        known = {}
     sel = {k: known[k] for k in pick if known.get(k) is not None}  # a bad choice: reported below
     sel = {k: v for k, v in sel.items() if v in pick[k].metadata.get("choices", [v])}
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
@@ -1909,19 +1946,20 @@ def parse_args(cls, argv=None):
     check_ranges(args, {**defaults, **recipe})
     check_out_dir(args)
     check_finetune(args)
+    check_patch(args, getattr(args, "patch_size", 0), "--img-size", args.img_size)
     args.check()
     return args
 
 
-def config_dict(args) -> dict:
+def config_dict(args) -> dict:  # the method (the file that defines type(args)), the settings
     names = [f.name for f in dataclasses.fields(args) if not f.metadata.get("derived")]
     names += ["world_size", "batch_size_per_gpu", "steps_per_epoch"]
-    return {k: getattr(args, k) for k in names}
+    method = os.path.basename(sys.modules[type(args).__module__].__file__).removesuffix(".py")
+    return {"method": method, **{k: getattr(args, k) for k in names}}
 
 
 def prepare_run(args):
-    """Create out-dir, print the resolved config (resume saves it, once the checkpoint is
-    loaded); seed model init the same on all ranks."""
+    """Create out-dir, print the config (resume saves it); seed model init alike on all ranks."""
     args.out_dir = run_dir(args)
     if args.is_main:
         try:  # checked by parse_args already; this catches what changed since (or main(args))
@@ -1935,14 +1973,33 @@ def prepare_run(args):
 
 
 class Logger:
-    """metrics.jsonl (a line per log step or evaluation) + tqdm bar, on the main process; data:
-    its image folders' undecodable files are reported (count, first paths) as they are met."""
+    """metrics.jsonl (a line per log step or evaluation: one of each (kind, step), the records up
+    to `initial` kept, known to every rank) + tqdm bar, on the main process; data: its image
+    folders' undecodable files are reported (count, first paths) as they are met."""
 
     def __init__(self, args, total: int, initial: int, data=None):
         self.batch, self.last, self.data, self.skipped = args.batch_size, initial, data, 0
-        self.start = self.t0 = time.time()
+        self.start, self.t0, self.args = time.time(), time.time(), args
         self.path = os.path.join(args.out_dir, "metrics.jsonl") if args.is_main else None
         self.bar = tqdm(total=total, initial=initial, disable=not args.is_main, dynamic_ncols=True)
+        kept = [trim_metrics(self.path, initial) if self.path else {}]
+        if args.world_size > 1:
+            dist.broadcast_object_list(kept)
+        self.records = kept[0]
+
+    def due(self, kind: str, step: int, final: bool) -> dict | None:
+        """A new record of kind at step ({"step", "epoch", "flags" at the end}), or None: this run
+        has it (at the end: made with the same flags) or makes none (fine-tuning: off, or not the
+        end)."""
+        old, pre = self.records.get((kind, step)), ("knn_", "linear_")
+        if kind == "finetune" and not (final and self.args.finetune_fraction):
+            return None
+        rec = {"step": step, "epoch": step / self.args.steps_per_epoch}
+        if final and (kind == "finetune" or self.args.linear_epochs):
+            pre = ("ft_", "finetune_") if kind == "finetune" else pre
+            flags = {k: v for k, v in config_dict(self.args).items() if k.startswith(pre)}
+            rec["flags"] = json.loads(json.dumps(flags))  # as read back: lists, not tuples
+        return None if old and (not final or old.get("flags") == rec.get("flags")) else rec
 
     def report_skipped(self, step: int):
         """A record and a warning when more undecodable files were met (replaced, not dropped)."""
@@ -1965,24 +2022,44 @@ class Logger:
         self.report_skipped(step)
 
     def write(self, record: dict, echo: bool = True):
-        if self.path:
-            if echo:
-                tqdm.write(json.dumps(record))
+        """Appended, or in place of the run's record of the same (kind, step), with a note that
+        names the flags it was made with (e.g. another fine-tuning)."""
+        record = finite_record(record)
+        key = (record_kind(record), record.get("step"))
+        old, self.records[key] = self.records.get(key), record
+        if not self.path:
+            return
+        if echo:
+            tqdm.write(json.dumps(record))
+        if old is None:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+            return
+        write_records(self.path, self.records.values())
+        new, was = record.get("flags", {}), old.get("flags", {})
+        show = lambda k, v: (
+            f"--{k.replace('_', '-')} {shown(tuple(v) if isinstance(v, list) else v)}"
+        )
+        what = [f"{show(k, v)} (was {show(k, was.get(k))[3 + len(k) :]})" for k, v in new.items()]
+        kind = "fine-tuning" if key[0] == "finetune" else key[0]
+        changed = ", ".join(w for w, (k, v) in zip(what, new.items()) if v != was.get(k))
+        tqdm.write(f"note: the {kind} record of step {key[1]} is replaced: {changed}", sys.stderr)
 
     def close(self, final: dict | None):
         """Close the bar; on the main process print where the results are and the final figures
-        (final: the last evaluation's record, None when there was none)."""
+        (final: the last evaluation's record, None without a test split: nothing evaluated)."""
         self.bar.close()
         if not self.path:
             return
-        out, t = os.path.dirname(self.path), round(time.time() - self.start)
+        out, t, final = os.path.dirname(self.path), round(time.time() - self.start), final or {}
+        final = {**self.records.get(("finetune", final.get("step")), {}), **final}  # + its own
         lines = [f"done in {t // 3600}:{t // 60 % 60:02d}:{t % 60:02d}; results in {out}"]
         lines += [f"  {k:<15}{v}" for k, v in RESULTS.items() if os.path.isfile(f"{out}/{k}")]
         names = {"knn_top1": "kNN top-1", "linear_top1": "linear top-1", "linear_top5": "top-5"}
-        figs = [f"{v} {final[k]:.2f}%" for k, v in names.items() if k in (final or {})]
-        step = f" (step {final['step']})" if final else ""
+        labels = 100 * final.get("finetune_fraction", 0)  # the fine-tuning's share of labels
+        names["finetune_top1"] = f"{labels:g}%-label fine-tuning top-1"
+        figs = [f"{v} {final[k]:.2f}%" for k, v in names.items() if k in final]
+        step = f" (step {final['step']})" if final else " (no test split)"
         print("\n".join(lines + [f"  final{step}: {', '.join(figs) or 'not evaluated'}"]))
 
 

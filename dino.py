@@ -51,7 +51,7 @@ class DINOHead(nn.Module):
         )
         for m in self.mlp:
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=0.02)  # = trunc_normal_ cut at +-2 (see ViT)
                 nn.init.zeros_(m.bias)
         # v keeps nn.Linear's default init, as officially (the init above runs before it)
         wn = nn.utils.parametrizations.weight_norm  # weight = g * v / |v| per output row
@@ -65,16 +65,16 @@ class DINOHead(nn.Module):
 
 
 class ViT(C.ViT):
-    """common's ViT (pre-norm blocks, final-norm [CLS]) with DINO's init and position
-    interpolation [ref: vision_transformer.VisionTransformer]: pos_embed (the [CLS] slot too) and
-    cls_token trunc-normal std 0.02; Linear trunc-normal 0.02 / zero bias, LayerNorm 1 / 0 and
-    the patch conv's torch default as in common's ViT. Another grid: bicubic with DINO's scale
-    factor (g' + 0.1) / g, not size=g' (interpolate_pos_encoding; dino issue #8)."""
+    """common's ViT with DINO's init and position interpolation [ref: vision_transformer.py]:
+    pos_embed (the [CLS] slot too), cls_token, Linear N(0, 0.02) (its trunc_normal_ cuts at +-2,
+    100 std; torch < 2.14's returns +-2 itself now and then), zero bias, LayerNorm 1 / 0, the patch
+    conv's torch default. Another grid: bicubic with DINO's scale factor (g' + 0.1) / g, not
+    size=g' (interpolate_pos_encoding; dino issue #8)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)  # [1, 1 + g^2, dim]
-        nn.init.trunc_normal_(self.cls_token, std=0.02)  # [1, 1, dim]
+        nn.init.normal_(self.pos_embed, std=0.02)  # [1, 1 + g^2, dim]
+        nn.init.normal_(self.cls_token, std=0.02)  # [1, 1, dim]
 
     def pos_for(self, h: int, w: int, square: bool) -> torch.Tensor:
         """[ref: interpolate_pos_encoding] as is for the training grid of a square image."""
@@ -339,7 +339,7 @@ class Args(C.RunArgs):
         """The limits over several fields, after each field's range (C.parse_args calls it)."""
         C.check_pair(self, "global_scale")
         C.check_pair(self, "local_scale")
-        C.check_patch(self, self.patch_size, "--img-size", self.img_size)
+        self.check_batch_norm()  # the centre is an EMA over steps: one image is a batch
         if self.n_local:
             C.check_patch(self, self.patch_size, "--local-size", self.local_size)
 
@@ -404,33 +404,35 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
 
 def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
     """kNN top-1 on the test split; at the end also the linear probe, after which the model
-    must be bit-identical (the sanity check of MoCo's main_lincls.py). In its own random
-    streams (C.eval_rng): training draws what it would without evaluation. -> the record."""
-    model = C.unwrap(model)
-    if data.test is None:
-        return
+    must be bit-identical (the sanity check of MoCo's main_lincls.py), and fine-tuning. Each in
+    its own random streams (C.eval_rng): training draws what it would without evaluation. What
+    this run has recorded (logger.due) is not made again. -> the evaluation record."""
+    model, res = C.unwrap(model), logger.records.get(("eval", step))
+    new, tune = logger.due("eval", step, final), logger.due("finetune", step, final)
+    if data.test is None or not (new or tune):
+        return res
     model.eval()
     fn = lambda x: features(model, x)
-    res = {"step": step, "epoch": step / args.steps_per_epoch}
     with C.eval_rng(args):
-        if args.knn_every:
-            res["knn_top1"] = C.knn_eval(fn, data, args)
-        if final and args.linear_epochs:
+        if new and args.knn_every:
+            new["knn_top1"] = C.knn_eval(fn, data, args)
+        if new and final and args.linear_epochs:
             before = {k: v.clone() for k, v in model.state_dict().items()}
-            res.update(linear_probe(fn, model.feat_dim, data, args))
+            new.update(linear_probe(fn, model.feat_dim, data, args))
             if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
                 raise RuntimeError("linear eval changed the frozen model")
-        if final:  # off unless --finetune-fraction; the model and its checkpoint stay untouched
-            res.update(C.finetune(features, model, data, args))
-    logger.write(res)
+    with C.eval_rng(args):  # --finetune-fraction; the model and its checkpoint stay untouched
+        tune = tune and {**tune, **C.finetune(features, model, data, args)}
+    for record in [r for r in (new, tune) if r]:
+        logger.write(record)
     logger.report_skipped(step)
     model.train()
-    return res
+    return new or res
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
-    paper evaluates (encoder(model)) and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch and --ckpt-minutes), then export
+    the encoder the paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -448,12 +450,12 @@ def fit(model, optimizer, data, args):
     loader = C.train_loader(data, args)
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
-    end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 and end > 0 and args.knn_every:
-        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
-    finite, stop = torch.ones((), dtype=torch.bool, device=device), False
+    end = C.last_step(args)
     while step < end:
+        finite, stop = torch.ones((), dtype=torch.bool, device=device), False
         epoch, skip = divmod(step, args.steps_per_epoch)
+        if not skip and args.knn_every and epoch % args.knn_every == 0:  # at 0: random init
+            evaluate(model, data, args, logger, step, final=False)  # unless recorded (resumed)
         loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
         for views, y, idx in loader:
             views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
@@ -462,14 +464,11 @@ def fit(model, optimizer, data, args):
             step += 1
             finite &= torch.isfinite(stats["loss"])
             if step % args.log_every == 0 or step == end:  # every rank stops at the same step:
-                stop = C.check_step(finite, step)  # non-finite loss (fails) or SIGTERM (True)
+                stop = C.check_step(finite, step, args)  # non-finite loss (fails); save?
                 logger.log(step, {"epoch": epoch, **stats})
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
-        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
-            evaluate(model, data, args, logger, step, final=False)
     if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
         # evaluation that fails keeps them
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())

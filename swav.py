@@ -280,16 +280,14 @@ class Args(C.RunArgs):
 
     def check(self):
         """The limits over several fields, after each field's range (C.parse_args calls it)."""
-        B = self.batch_size
-        if self.queue_length % B:  # the official code cuts it to k
-            k, why = self.queue_length // B * B or B, f"not a multiple of the global batch {B}"
-            C.fail(f"--queue-length {self.queue_length}: {why}; pass a multiple, e.g. {k}")
         C.check_pair(self, "global_scale")
         C.check_pair(self, "local_scale")
-        patch = C.vit_patch(self.img_size)
-        C.check_patch(self, patch, "--img-size", self.img_size)
+        if self.batch_size < 2:  # Sinkhorn spreads each prototype's mass equally over the batch
+            C.fail(
+                f"--batch-size {self.batch_size}: the codes of one sample are all 1/K; pass >= 2"
+            )
         if self.n_local:
-            C.check_patch(self, patch, "--local-size", self.local_size)
+            C.check_patch(self, 0, "--local-size", self.local_size)
 
 
 # ==== 6. the run: fit, linear eval, evaluate (identical text in every file) ===============
@@ -352,33 +350,35 @@ def linear_probe(fn, feat_dim: int, data, args) -> dict:
 
 def evaluate(model, data, args, logger, step: int, final: bool) -> dict | None:
     """kNN top-1 on the test split; at the end also the linear probe, after which the model
-    must be bit-identical (the sanity check of MoCo's main_lincls.py). In its own random
-    streams (C.eval_rng): training draws what it would without evaluation. -> the record."""
-    model = C.unwrap(model)
-    if data.test is None:
-        return
+    must be bit-identical (the sanity check of MoCo's main_lincls.py), and fine-tuning. Each in
+    its own random streams (C.eval_rng): training draws what it would without evaluation. What
+    this run has recorded (logger.due) is not made again. -> the evaluation record."""
+    model, res = C.unwrap(model), logger.records.get(("eval", step))
+    new, tune = logger.due("eval", step, final), logger.due("finetune", step, final)
+    if data.test is None or not (new or tune):
+        return res
     model.eval()
     fn = lambda x: features(model, x)
-    res = {"step": step, "epoch": step / args.steps_per_epoch}
     with C.eval_rng(args):
-        if args.knn_every:
-            res["knn_top1"] = C.knn_eval(fn, data, args)
-        if final and args.linear_epochs:
+        if new and args.knn_every:
+            new["knn_top1"] = C.knn_eval(fn, data, args)
+        if new and final and args.linear_epochs:
             before = {k: v.clone() for k, v in model.state_dict().items()}
-            res.update(linear_probe(fn, model.feat_dim, data, args))
+            new.update(linear_probe(fn, model.feat_dim, data, args))
             if any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items()):
                 raise RuntimeError("linear eval changed the frozen model")
-        if final:  # off unless --finetune-fraction; the model and its checkpoint stay untouched
-            res.update(C.finetune(features, model, data, args))
-    logger.write(res)
+    with C.eval_rng(args):  # --finetune-fraction; the model and its checkpoint stay untouched
+        tune = tune and {**tune, **C.finetune(features, model, data, args)}
+    for record in [r for r in (new, tune) if r]:
+        logger.write(record)
     logger.report_skipped(step)
     model.train()
-    return res
+    return new or res
 
 
 def fit(model, optimizer, data, args):
-    """Train until --epochs (auto-resume, checkpoint every epoch), then export the encoder the
-    paper evaluates (encoder(model)) and evaluate."""
+    """Train until --epochs (auto-resume, checkpoint every epoch and --ckpt-minutes), then export
+    the encoder the paper evaluates (encoder(model)) and evaluate."""
     device = torch.device(args.device)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -396,12 +396,12 @@ def fit(model, optimizer, data, args):
     loader = C.train_loader(data, args)
     logger = C.Logger(args, args.total_steps, step, data)
     loader = C.Tracked(loader, logger.bar)  # the bar moves at every step, host-side only
-    end = min(args.max_steps or args.total_steps, args.total_steps)
-    if step == 0 and end > 0 and args.knn_every:
-        evaluate(model, data, args, logger, step, final=False)  # the random-init baseline
-    finite, stop = torch.ones((), dtype=torch.bool, device=device), False
+    end = C.last_step(args)
     while step < end:
+        finite, stop = torch.ones((), dtype=torch.bool, device=device), False
         epoch, skip = divmod(step, args.steps_per_epoch)
+        if not skip and args.knn_every and epoch % args.knn_every == 0:  # at 0: random init
+            evaluate(model, data, args, logger, step, final=False)  # unless recorded (resumed)
         loader.sampler.set_epoch(epoch, skip * loader.batch_size)  # skip what was already done
         for views, y, idx in loader:
             views = [v.to(device, non_blocking=True, memory_format=fmt) for v in views]
@@ -410,14 +410,11 @@ def fit(model, optimizer, data, args):
             step += 1
             finite &= torch.isfinite(stats["loss"])
             if step % args.log_every == 0 or step == end:  # every rank stops at the same step:
-                stop = C.check_step(finite, step)  # non-finite loss (fails) or SIGTERM (True)
+                stop = C.check_step(finite, step, args)  # non-finite loss (fails); save?
                 logger.log(step, {"epoch": epoch, **stats})
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-        epochs_done, mid_epoch = divmod(step, args.steps_per_epoch)
-        if step < end and not mid_epoch and args.knn_every and epochs_done % args.knn_every == 0:
-            evaluate(model, data, args, logger, step, final=False)
     if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
         # evaluation that fails keeps them
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
@@ -436,6 +433,10 @@ def main(args: Args):
     g = C.augmentation(args.img_size, ms, scale=tuple(args.global_scale), **kw)
     loc = C.augmentation(args.local_size, ms, scale=tuple(args.local_scale), **kw)
     data = C.build_data(args, C.multicrop_augment(g, loc, 2, args.n_local), ms)
+    B = args.batch_size  # after build_data's check of the batch against the data size
+    if args.queue_length % B:  # the official code cuts it to k
+        k, why = args.queue_length // B * B or B, f"not a multiple of the global batch {B}"
+        C.fail(f"--queue-length {args.queue_length}: {why}; pass a multiple, e.g. {k}")
     C.prepare_run(args)
     # SyncBN everywhere, global (DEVIATION: the 4096 runs synced apex BN in groups of 8 GPUs)
     model = C.convert_sync_bn(SwAV(args)).to(device)

@@ -4,6 +4,7 @@ is smaller than one batch, the evaluation's settings checked before training, th
 when the final evaluation fails, and the end-of-run summary."""
 
 import json
+import os
 import re
 
 import pytest
@@ -13,6 +14,7 @@ from helpers import TINY, error_lines, one_thread, python, tiny_args, torchrun  
 import common as C
 import moco
 import simclr
+import swav
 
 
 # ==== --help: the resolved value of every flag ==============================================
@@ -207,3 +209,108 @@ def test_a_crash_is_the_last_line_on_its_own(tmp_path):
     r = python("-c", CRASH, *flags, "--out-dir", tmp_path, timeout=120)
     lines = [s for s in r.stderr.replace("\r", "\n").split("\n") if s.strip()]
     assert r.returncode == 1 and lines[-1] == "RuntimeError: illegal memory access", lines[-3:]
+
+
+# ==== work that cannot be done, said at start; the summary names what ran ===================
+def image_folder(root, splits=("train", "val"), classes=2, n=16):
+    """n 16 px images a split, round-robin in class folders c0, c1, ..."""
+    from PIL import Image
+
+    for split in splits:
+        for i in range(n):
+            d = root / split / f"c{i % classes}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16), (i * 15, 0, 0)).save(d / f"{i}.png")
+    return ["--dataset", "folder", "--data-dir", root, "--batch-size", 8, "--epochs", 1]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_fine_tuning_without_a_test_split_is_refused_before_training(tmp_path, version):
+    """No val/: fine-tuning (and SimCLR v2's distillation of it) has nothing to be measured on:
+    one line naming the way out, exit 2, before the first step."""
+    flags = image_folder(tmp_path / "data", ["train"]) + ["--finetune-fraction", 0.5]
+    flags += ["--version", version] + (["--distill-epochs", 1] if version == "v2" else [])
+    with pytest.raises(SystemExit) as e:
+        simclr.main(tiny_args(simclr, tmp_path / "out", *flags))
+    what = "--finetune-fraction 0.5" + (" and --distill-epochs 1" if version == "v2" else "")
+    drop = "--finetune-fraction" + (" and --distill-epochs" if version == "v2" else "")
+    why = f"no test split ({tmp_path / 'data' / 'val'} not found)"
+    assert (
+        e.value.code == 2
+        and str(e.value) == f"error: {what}: {why}; add a val/ folder or drop {drop}"
+    )
+    assert not (tmp_path / "out" / "ckpt.pth").exists()
+
+
+def test_monitors_without_a_test_split_are_noted_at_start(tmp_path, capsys):
+    flags = image_folder(tmp_path / "data", ["train"]) + ["--knn-every", 1, "--linear-epochs", 1]
+    simclr.main(tiny_args(simclr, tmp_path / "out", *flags))
+    out, err = capsys.readouterr()
+    notes = [x for x in err.splitlines() if x.startswith("note: ")]
+    val = tmp_path / "data" / "val"
+    assert notes == [f"note: no test split ({val} not found): no kNN monitor or linear probe"]
+    assert out.splitlines()[-1] == "  final (no test split): not evaluated"
+
+
+def test_labels_of_one_class_are_warned_of(tmp_path, capsys):
+    flags = image_folder(tmp_path / "data", classes=1) + ["--knn-every", 1]
+    simclr.main(tiny_args(simclr, tmp_path / "out", *flags))
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
+    why = "all labelled images are of one class (c0): every accuracy is 100%, meaningless"
+    assert warnings == [f"warning: {why}; give each class its own folder"]
+
+
+def test_the_summary_names_the_fine_tuning_result(tmp_path, capsys):
+    flags = ["--subset", 60, "--batch-size", 16, "--epochs", 0, "--finetune-fraction", 0.5]
+    simclr.main(tiny_args(simclr, tmp_path, *flags, "--ft-epochs", 1, 1, "--ft-batch-size", 10))
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    top1 = f"{last['finetune_top1']:.2f}%"
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == f"  final (step 0): 50%-label fine-tuning top-1 {top1}"
+    )
+
+
+@pytest.mark.parametrize("module", [simclr, swav])  # SwAV's queue length is checked after it
+def test_a_batch_larger_than_the_data_names_the_data_size(tmp_path, module):
+    with pytest.raises(SystemExit) as e:
+        module.main(tiny_args(module, tmp_path, "--subset", 16, "--batch-size", 32))
+    assert (
+        str(e.value)
+        == "error: --batch-size 32 is larger than the 16 training images; pass 16 or less"
+    )
+
+
+# ==== a note printed while a bar runs stands on its own line ===============================
+def test_notes_during_a_bar_start_their_own_line(tmp_path, capsys):
+    """The second run finds the first's fine-tuning checkpoint of other flags: its note comes
+    while the run's bar is open, and starts a line of its own (not glued to the bar)."""
+    flags = ["--subset", 60, "--batch-size", 16, "--epochs", 0, "--finetune-fraction", 0.5]
+    flags += ["--ft-epochs", 1, 1, "--ft-batch-size", 10]
+    simclr.main(tiny_args(simclr, tmp_path, *flags))
+    capsys.readouterr()
+    simclr.main(tiny_args(simclr, tmp_path, *flags, "--ft-lr", 0.01, 0.01))
+    err = capsys.readouterr().err
+    starts = [m.start() for m in re.finditer(r"(note|warning): ", err)]
+    # column 0: after a newline, or after the carriage return with which tqdm clears its bar
+    assert starts and all(i == 0 or err[i - 1] in "\r\n" for i in starts), repr(err[-600:])
+
+
+def test_a_failed_download_leaves_no_empty_data_folder(tmp_path, monkeypatch):
+    """Offline, `python simclr.py` cannot fetch CIFAR-10: the one-line error, and the ./data it
+    made for the download is gone again; a folder that was there before stays."""
+
+    def offline(root, *a, **kw):  # as torchvision's: the folder first, then the network
+        os.makedirs(root, exist_ok=True)
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(C.torchvision.datasets, "CIFAR10", offline)
+    for there in (False, True):
+        data = tmp_path / f"data{there}"
+        if there:
+            data.mkdir()
+        args = C.parse_args(simclr.Args, ["--data-dir", str(data), "--out-dir", str(tmp_path)])
+        with pytest.raises(SystemExit) as e:
+            simclr.main(args)
+        assert e.value.code == 2 and "not downloadable" in str(e.value)
+        assert data.exists() == there

@@ -231,6 +231,21 @@ def test_a_checkpoint_of_another_model_is_named_in_one_line(tmp_path):
     assert str(e.value) == f"{head}{shapes} ...{tail}"
 
 
+def test_a_checkpoint_of_another_method_or_version_is_named_first(tmp_path):
+    """Another method file's checkpoint (in --out-dir, or given to --resume), or another
+    --version's: said first, in one line, before any setting or tensor is compared."""
+    simclr.main(tiny_args(simclr, tmp_path / "a", *BASE, "--max-steps", 1))
+    path, way = tmp_path / "a" / "ckpt.pth", "pass --resume none or another --out-dir"
+    for out, flags in (("a", []), ("b", ["--resume", path])):
+        with pytest.raises(SystemExit) as e:
+            moco.main(tiny_args(moco, tmp_path / out, *BASE, "--queue-size", 32, *flags))
+        assert str(e.value) == f"error: {path} is a simclr.py checkpoint, not moco.py's; {way}"
+    with pytest.raises(SystemExit) as e:
+        simclr.main(tiny_args(simclr, tmp_path / "a", *BASE, "--version", "v2"))
+    why = "--version v2 differs from the checkpoint's v1; pass --version v1 to resume"
+    assert str(e.value) == f"error: {why}, {ANEW}"
+
+
 class Keys(torch.utils.data.Dataset):
     def __len__(self):
         return 50

@@ -4,6 +4,7 @@ ends the run with a checkpoint at the step every rank agreed on, from which it r
 
 import importlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import simclr
 # 4 steps an epoch, logged only at the end of the run: the first check of the second epoch is
 # its checkpoint at step 8
 DIVERGE = ["--subset", 64, "--batch-size", 16, "--epochs", 3, "--log-every", 100]
-KEPT = "the last good checkpoint (step 4) is kept: lower --lr (or pass --amp off) and resume"
+KEPT = "the last good checkpoint (step 4) is kept; go on at a lower lr (or --amp off): python "
 
 
 def load(path) -> dict:
@@ -46,13 +47,37 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path, name):
     with pytest.raises(SystemExit) as e:
         run("--lr", 1e12)
     assert e.value.code == 2
-    assert str(e.value) in (
-        f"error: non-finite {w} by step 8; {KEPT}" for w in ("loss", "weights or state")
-    )
+    whats = ("non-finite loss", "non-finite or exploded weights or state")
+    assert any(str(e.value).startswith(f"error: {w} by step 8; {KEPT}") for w in whats)
     assert_same_tree(load(tmp_path / "ckpt.pth"), good)
-    run("--max-steps", 8)
-    ckpt = load(tmp_path / "ckpt.pth")
-    assert ckpt["step"] == 8 and all_finite(ckpt)
+    go_on(module, e.value, f"--resume {tmp_path / 'ckpt.pth'}", 12)
+
+
+def go_on(module, error, resume: str, steps: int):
+    """Run the command the error line ends with: it names --resume as given and trains on to
+    the last step, with finite weights."""
+    cmd = shlex.split(str(error).split(": ")[-1])
+    assert cmd[:2] == ["python", f"{module.__name__}.py"] and resume in shlex.join(cmd)
+    args = C.parse_args(module.Args, cmd[2:])
+    module.main(args)
+    ckpt = load(os.path.join(args.out_dir, "ckpt.pth"))
+    assert ckpt["step"] == steps and all_finite(ckpt)
+
+
+@pytest.mark.parametrize("name", ["simclr_v1", "moco_v2", "swav"])
+def test_the_command_printed_by_a_diverged_run_trains_to_the_end(tmp_path, name):
+    """--lr 1e6 from the start: the weights explode (SimCLR's LARS: x 1000 a step, the loss stays
+    finite) or the loss does. No checkpoint of exploded weights is kept, and the command the
+    error line prints (a lower lr, --resume: the checkpoint kept, or none) trains to the end."""
+    module, flags = importlib.import_module(VARIANTS[name][0]), VARIANTS[name][1]
+    flags = [*flags, "--subset", 64, "--batch-size", 16, "--epochs", 2]
+    with pytest.raises(SystemExit) as e:
+        module.main(tiny_args(module, tmp_path, *flags, "--lr", 1e6))
+    assert e.value.code == 2
+    kept = "no checkpoint was saved" not in str(e.value)
+    if kept:
+        assert all_finite(load(tmp_path / "ckpt.pth"))
+    go_on(module, e.value, f"--resume {tmp_path / 'ckpt.pth'}" if kept else "--resume none", 8)
 
 
 @pytest.mark.parametrize("what", ["bn_running_var", "optimizer_state"])
@@ -75,7 +100,8 @@ def test_non_finite_state_is_not_saved_though_the_loss_is_finite(tmp_path, monke
     good = load(tmp_path / "ckpt.pth")
     with pytest.raises(SystemExit) as e:
         simclr.main(tiny_args(simclr, tmp_path, *DIVERGE))
-    assert str(e.value) == f"error: non-finite weights or state by step 8; {KEPT}"
+    what = "non-finite or exploded weights or state"
+    assert str(e.value).startswith(f"error: {what} by step 8; {KEPT}")
     assert_same_tree(load(tmp_path / "ckpt.pth"), good)
     assert all(r["loss"] == r["loss"] for r in records(tmp_path) if "loss" in r)  # finite
 
@@ -199,3 +225,33 @@ def test_torchrun_sigterm_to_one_rank_stops_both_at_a_log_step(tmp_path):
     line = f"stopped by SIGTERM at step {k}; checkpoint saved, run the same command to resume"
     assert line in err.splitlines() and k % 3 == 0 and len(ckpt["ranks"]) == 2, err[-3000:]
     assert p.returncode != 0 and "exitcode  : 143" in err, err[-3000:]
+
+
+def test_a_timed_checkpoint_survives_a_hard_kill_and_resumes_exactly(tmp_path, monkeypatch):
+    """--ckpt-minutes (a tiny fraction: due at every log step) checkpoints mid-epoch (4 steps an
+    epoch, a log step every 2): a run killed inside step 4, which saves nothing on the way out,
+    resumes from step 2 and ends as a straight run, as does one that is not killed."""
+    flags = ["--subset", 64, "--batch-size", 16, "--epochs", 2, "--log-every", 2]
+    run = lambda out, *extra: simclr.main(tiny_args(simclr, tmp_path / out, *flags, *extra))
+    run("a", "--max-steps", 6, "--ckpt-minutes", 0)
+    run("c", "--max-steps", 6, "--ckpt-minutes", 1e-9)
+    real = simclr.train_step
+
+    def killed(model, batch, optimizer, scaler, step, args):
+        if step == 3:
+            raise KeyboardInterrupt  # as a SIGKILL: no checkpoint on the way out
+        return real(model, batch, optimizer, scaler, step, args)
+
+    monkeypatch.setattr(simclr, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run("b", "--ckpt-minutes", 1e-9)
+    assert load(tmp_path / "b" / "ckpt.pth")["step"] == 2
+    monkeypatch.setattr(simclr, "train_step", real)
+    run("b", "--max-steps", 6, "--ckpt-minutes", 1e-9)
+    a = load(tmp_path / "a" / "ckpt.pth")
+    for out in "bc":
+        b = load(tmp_path / out / "ckpt.pth")
+        assert a["step"] == b["step"] == 6
+        for key in ("model", "optimizer", "scaler", "ranks"):
+            assert_same_tree(a[key], b[key], key)
+        assert_same_records(records(tmp_path / "a"), records(tmp_path / out))

@@ -210,11 +210,13 @@ LIMITS = [  # method, bad flags, a needle of the error, the nearest good flags
     ("moco", ["--version", "v3", "--batch-size", "1"], "BatchNorm", ["--batch-size", "2"]),
     ("moco", ["--queue-size", "100", "--batch-size", "48"], "e.g. 96", ["--queue-size", "96"]),
     ("moco", [*VIT, "--img-size", "8", "--patch-size", "9"], "9 px patch", ["--patch-size", "8"]),
-    ("swav", ["--queue-length", "40", "--batch-size", "16"], "e.g. 32", ["--queue-length", "32"]),
     ("swav", ["--global-scale", "0.5", "0.4"], "lo > hi", ["--global-scale", "0.4", "0.5"]),
     ("swav", ["--local-scale", "0.1"], "two numbers", ["--local-scale", "0.1", "0.1"]),
     ("swav", [*VIT, "--local-size", "3"], "4 px patch", ["--local-size", "4"]),
     ("swav", [*VIT, "--img-size", "3", "--n-local", "0"], "4 px patch", ["--img-size", "4"]),
+    ("swav", ["--local-size", "7"], "pass --local-size >= 8", ["--local-size", "8"]),
+    ("dino", ["--local-size", "7"], "pass --local-size >= 8", ["--local-size", "8"]),
+    ("cpc", ["--patch-size", "1"], "pass --patch-size >= 2", ["--patch-size", "2"]),
     ("dino", ["--global-scale", "0.4"], "two numbers", ["--global-scale", "0.4", "1"]),
     ("dino", ["--local-scale", "0.5", "0.1"], "lo > hi", ["--local-scale", "0.1", "0.5"]),
     ("dino", [*VIT, "--local-size", "3", "--patch-size", "4"], "4 px patch", ["--local-size", "4"]),
@@ -252,11 +254,46 @@ def test_method_limit_exits_2_in_one_line(name, bad, needle, good, capsys):
     C.parse_args(MODULES[name].Args, bad + good)  # the later flag wins: now within the limits
 
 
-def test_a_batch_of_one_where_the_loss_takes_it():
-    """Negatives from a bank (InstDisc, CMC) or from the other patches of the image (CPC); SwAV
-    and DINO have no negatives and their BatchNorms (ResNet) see both global crops at once."""
-    for name in ("instdisc", "cmc", "cpc", "swav", "dino"):
-        assert C.parse_args(MODULES[name].Args, ["--batch-size", "1"]).batch_size == 1
+# the smallest --batch-size and --img-size of each method, per backbone (CNN: ResNet, smallcnn)
+LEAST_BATCH = {  # (CNN, ViT)
+    "simclr": (2, 2),  # in-batch negatives
+    "invaspread": (2, 2),
+    "byol": (2, 2),  # BatchNorm in the heads, std over the batch
+    "simsiam": (2, 2),
+    "barlow_twins": (2, 2),
+    "swav": (2, 2),  # Sinkhorn's equipartition over one sample: a uniform code
+    "moco": (2, 1),  # the preset's v2: queue negatives; the CNN's (split) BatchNorm
+    "instdisc": (2, 1),  # bank negatives; the CNN's BatchNorm
+    "cmc": (2, 1),
+    "dino": (2, 1),  # the centre is an EMA over steps; the CNN's BatchNorm
+    "cpc": (1, 1),  # GroupNorm, negatives from the image's other patches
+}
+NETS = ["smallcnn", "resnet18", "vit_tiny"]
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("name", FILES)
+def test_smallest_batch_size(name, net, capsys):
+    least = LEAST_BATCH[name][net == "vit_tiny"]
+    if least > 1:
+        argv = ["--arch", net, "--batch-size", str(least - 1)]
+        msg = parse_fails(MODULES[name], argv, capsys)
+        assert msg.startswith(f"error: --batch-size {least - 1}: ") and f"; pass >= {least}" in msg
+    C.parse_args(MODULES[name].Args, ["--arch", net, "--batch-size", str(least)])
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("name", FILES)
+def test_smallest_img_size(name, net, capsys):
+    """A CNN halves the image 3 times (8 px: a 1x1 map); a ViT needs one patch (4 px at <= 64);
+    CPC's ViT one patch per grid cell: 16 px (cells of 16 / 4 = 4 px)."""
+    least = {"vit_tiny": 16 if name == "cpc" else 4}.get(net, 8)
+    msg = parse_fails(MODULES[name], ["--arch", net, "--img-size", str(least - 1)], capsys)
+    flag = "--patch-size" if name == "cpc" and net == "vit_tiny" else "--img-size"
+    assert msg.startswith(f"error: {flag} ") and f"; pass {flag} >= " in msg, msg
+    if flag == "--img-size":
+        assert f"--img-size {least - 1}: " in msg and f"; pass --img-size >= {least}" in msg
+    C.parse_args(MODULES[name].Args, ["--arch", net, "--img-size", str(least)])
 
 
 # ==== --out-dir ===========================================================================
