@@ -4,9 +4,7 @@ PART 1, the building blocks: gathers and global BatchNorm, augmentation recipes,
 ViT, a small CNN), optimisation (LARS, schedules, EMA, optimizer step, autocast, collapse monitor).
 It imports only the standard library, torch, torchvision, einops, numpy and PIL and uses nothing of
 Part 2: copy it (up to the PART 2 banner) to use the building blocks in your own trainer.
-
-PART 2, the run: data and the device pipeline, checkpoints, resume, SIGTERM and the out-dir lock,
-evaluation (features, kNN, linear probe, fine-tuning), the CLI (RunArgs) and logging."""
+PART 2, the run: data, checkpoints, resume, SIGTERM, evaluation, the CLI (RunArgs), logging."""
 
 # ==== 1.0 imports =========================================================================
 import math
@@ -245,22 +243,18 @@ def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer
         net = ViT(img_size, patch, dim, 12, heads, kw.get("pos_embed"), in_chans)
         net.patch_embed.requires_grad_(not kw.get("freeze_patch_embed"))  # MoCo v3: frozen
         return net, dim
-    if arch == "smallcnn":
-        return small_cnn(norm_layer or nn.BatchNorm2d, in_chans, int(32 * width)), int(256 * width)
+    if arch == "smallcnn":  # 4 conv-BN-ReLU (3x3; strides 1,2,2,2) + pool: a CPU test encoder
+        c, layers = int(32 * width), []
+        chans = [in_chans, c, 2 * c, 4 * c, 8 * c]
+        for i in range(4):
+            conv = nn.Conv2d(chans[i], chans[i + 1], 3, 1 if i == 0 else 2, 1, bias=False)
+            layers += [conv, (norm_layer or nn.BatchNorm2d)(chans[i + 1]), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), int(256 * width)
     raise ValueError(f"unknown arch {arch}; choose from {', '.join(ARCHS)}")
 
 
 def vit_patch(img_size: int, patch_size=0) -> int:  # the ViT's patch side: 16, 4 at <= 64 px
     return patch_size or (16 if img_size > 64 else 4)
-
-
-def small_cnn(norm_layer, in_chans=3, c=32) -> nn.Sequential:
-    """4 conv-BN-ReLU layers (3x3; strides 1,2,2,2) + global pool: a CPU-friendly test encoder."""
-    layers, chans = [], [in_chans, c, 2 * c, 4 * c, 8 * c]
-    for i in range(4):
-        conv = nn.Conv2d(chans[i], chans[i + 1], 3, 1 if i == 0 else 2, 1, bias=False)
-        layers += [conv, norm_layer(chans[i + 1]), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 def sincos_pos_embed(dim: int, gh: int, gw: int) -> torch.Tensor:
@@ -325,11 +319,9 @@ class ViT(nn.Module):  # -> final-norm [CLS] token [B, dim]; other sizes interpo
 class LARS(torch.optim.Optimizer):
     """LARS [You et al. 2017; ref: moco-v3 optimizer.py]: for ndim > 1, d = g + wd*w scaled by
     eta*|w|/|d|; 1-D params (biases, norms): no decay, no adaptation. m <- mu*m + d; w -= lr*m.
-    solo=True: solo-learn's variant, which its CIFAR lrs were tuned with [ref: solo/utils/lars.py]:
-    trust eta*|w|/(|g| + wd*|w| + 1e-8), capped at 1/lr by clip_lr (a step never exceeds plain
-    SGD's). classic=True: SimCLR's "classic" momentum [ref: simclr lars_optimizer.py]: m <- mu*m +
-    lr*d; w -= m (past steps keep their lr). A group with "adapt": False is not adapted (the
-    fine-tuning head [ref: simclr model_util.py])."""
+    solo=True (solo-learn's CIFAR lrs) [ref: solo/utils/lars.py]: trust eta*|w|/(|g| + wd*|w| +
+    1e-8), clip_lr caps it at 1/lr. classic=True [ref: simclr lars_optimizer.py]: m <- mu*m + lr*d;
+    w -= m. "adapt": False: a group not adapted (fine-tuning head) [ref: simclr model_util.py]."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, **kw):
         d = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "clip_lr": False}
@@ -434,12 +426,7 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.detach().float(), dim=1).std(0).mean()
 
 
-# ---- copy up to here to use the methods' building blocks in your own trainer ----
-
-
-# ==========================================================================================
 # ==== PART 2: the run. Data, the device pipeline, checkpoints, evaluation, CLI, logging ===
-# ==========================================================================================
 # ==== 2.0 imports =========================================================================
 import argparse
 import atexit
@@ -508,14 +495,11 @@ def setup_ddp(args) -> torch.device:
 
 @torch.no_grad()
 def sync_buffers(model: nn.Module):
-    """Every rank takes rank 0's buffers (not the `per_rank` ones), as the official code's DDP does
-    before each forward. Per-GPU BN statistics (MoCo shuffle-BN, CMC, ...) drift apart, but training
-    reads only batch ones and rank 0's are unchanged by broadcasts: one per checkpoint (hence before
-    evaluation, export) gives the official model at one broadcast per epoch, not per step."""
+    """Every rank takes rank 0's buffers (not `per_rank` ones), as the official DDP before each
+    forward; training reads batch BN statistics, so once per checkpoint gives the official model."""
     net = unwrap(model)
-    own = set(getattr(net, "per_rank", ()))
     for name, b in net.named_buffers():
-        if get_world_size() > 1 and name not in own:
+        if get_world_size() > 1 and name not in getattr(net, "per_rank", ()):
             dist.broadcast(b, 0)
 
 
@@ -700,14 +684,12 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def worker_sigterm(training: torch.Tensor, worker_id: int):
-    """A worker's SIGTERM: ignored while the run trains (`training`), as a scheduler signals every
-    process and the run saves first; else it ends at once, quietly (multiprocessing's clean-up)."""
+    """SIGTERM (to every process): a worker ignores it while the run trains, else exits quietly."""
     signal.signal(signal.SIGTERM, lambda signum, frame: None if training else os._exit(0))
 
 
 def make_loader(ds, args, batch_size: int, train: bool = True, collate=None):
-    """Disjoint shard per rank, reshuffled by set_epoch, drop_last; own generator (exact resume).
-    Workers outlive a SIGTERM while the run trains (worker_sigterm)."""
+    """Disjoint shard per rank, reshuffled by set_epoch, drop_last; own generator (exact resume)."""
     sampler = ResumableSampler(ds, args.world_size, args.rank, train, args.seed, drop_last=train)
     kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, collate_fn=collate)
     kw.update(pin_memory=args.device.startswith("cuda"), generator=torch.Generator())
@@ -743,9 +725,8 @@ def normalize(x: torch.Tensor, mean_std=None) -> torch.Tensor:
 
 # ==== 2.3 the device pipeline: batched twins of the recipes, device-resident data =========
 def rrc_boxes(h, w, scale, ratio=(3 / 4, 4 / 3), g=None, tries: int = 10) -> torch.Tensor:
-    """T.RandomResizedCrop.get_params for images of heights h, widths w ([B] float): `tries` draws
-    of area ~ U(scale) * h * w and log-ratio ~ U(log ratio), the first that fits, else the centre
-    crop with the ratio clamped; position uniform. -> [B, 4] (x0, y0, x1, y1)."""
+    """T.RandomResizedCrop.get_params for sizes h, w ([B] float) -> [B, 4] (x0, y0, x1, y1): the
+    first fitting of `tries` draws (area U(scale) h w, log-ratio U(log ratio)), else the centre."""
     B, dev, lr = len(h), h.device, (math.log(ratio[0]), math.log(ratio[1]))
     area = torch.empty(B, tries, device=dev).uniform_(*scale, generator=g) * (h * w)[:, None]
     r = torch.empty(B, tries, device=dev).uniform_(*lr, generator=g).exp()
@@ -807,17 +788,15 @@ def crop_resize(x: torch.Tensor, box: torch.Tensor, size: int, bicubic=False) ->
     xy = (lo + t * (hi - lo) - 0.5).clamp(min=lo, max=hi - 1)  # pixel centres, [B, 2, size * s]
     gx, gy = (xy[:, 0] + 0.5) / W * 2 - 1, (xy[:, 1] + 0.5) / H * 2 - 1  # grid_sample's [-1, 1]
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
-    out = F.grid_sample(
-        x, grid, "bicubic" if bicubic else "bilinear", "border", align_corners=False
-    )
+    mode = "bicubic" if bicubic else "bilinear"
+    out = F.grid_sample(x, grid, mode, "border", align_corners=False)
     return (F.avg_pool2d(out, s) if s > 1 else out).clamp(0.0, 1.0)
 
 
 class BatchAugment:
-    """The batched twin of an augmentation() recipe, read from its ops (others: ValueError, it
-    runs on the CPU): per-sample parameters (sample) applied by batched ops (apply). DEVIATION
-    from PIL: float throughout (PIL rounds to uint8 after every op), a box filter when shrinking
-    (crop_resize), bicubic with a = -0.75 (PIL: -0.5), blur truncated at 3 sigma_max."""
+    """The batched twin of an augmentation() recipe, read from its ops (others: ValueError, it runs
+    on the CPU). DEVIATION from PIL: float throughout (PIL rounds to uint8 after every op), a box
+    filter when shrinking (crop_resize), bicubic a = -0.75 (PIL: -0.5), blur cut at 3 sigma_max."""
 
     def __init__(self, recipe: T.Compose):
         o = self.o = SimpleNamespace(**AUG, mean_std=None)  # an op absent: never applied
@@ -888,10 +867,9 @@ class BatchAugment:
 
     @staticmethod
     def jitter(x: torch.Tensor, p: dict) -> torch.Tensor:
-        """ColorJitter with torchvision's semantics: brightness, contrast, saturation, hue, each
-        sample in its own random order: the blends (towards 0, the grey mean, the grey image)
-        before its hue, hue once, the blends after it; a blend with factor 1 is exactly the
-        identity. p["additive"]: brightness is x + f, clipped (add_brightness; 0 the identity)."""
+        """torchvision's ColorJitter, each sample in its own random op order: the blends (brightness
+        towards 0, contrast the grey mean, saturation the grey image) before its hue, hue, the rest;
+        factor 1: exactly the identity. p["additive"]: brightness x + f, clipped (0: identity)."""
         f, order = p["jitter"], p["order"]
         hue_at = (order == 3).int().argmax(1)
         towards = (lambda x: 0.0, lambda x: gray(x).mean((1, 2, 3), keepdim=True), gray)
@@ -938,14 +916,11 @@ def collate_bytes(batch: list) -> tuple:  # variable-length file bytes stay a li
 
 
 def read_image(data: torch.Tensor, device):
-    """One file's bytes -> [3, H, W] float in [0, 1] on device, or None if nothing decodes it:
-    nvJPEG on CUDA, torchvision's decoders (JPEG incl. grayscale and CMYK; PNG incl. palette,
-    alpha, 16 bits; WebP; GIF: its first frame), else PIL (BMP, TIFF, PPM, ...): open_rgb."""
+    """One file's bytes -> [3, H, W] float in [0, 1] on device, None if nothing decodes it: nvJPEG,
+    torchvision's decoders (JPEG, PNG incl. 16 bits, WebP, GIF), else PIL (BMP, TIFF, ...)."""
     rgb = torchvision.io.ImageReadMode.RGB
-    try:
+    with contextlib.suppress(RuntimeError):
         return torchvision.io.decode_jpeg(data, mode=rgb, device=device).float() / 255
-    except RuntimeError:
-        pass
     try:
         im = torchvision.io.decode_image(data, mode=rgb)
         im = im[0] if im.ndim == 4 else im
@@ -959,19 +934,16 @@ def read_image(data: torch.Tensor, device):
 
 
 def decode(data: list, device) -> list:
-    """Files' bytes -> [3, H, W] floats in [0, 1] on device (None: undecodable): a batch of JPEGs
-    in one call (nvJPEG on CUDA); when that fails, file by file (read_image)."""
+    """Files' bytes -> [3, H, W] floats in [0, 1] on device (None: undecodable); JPEGs at once."""
     rgb = torchvision.io.ImageReadMode.RGB
-    try:
+    with contextlib.suppress(RuntimeError):  # else a file is no JPEG, broken, or CMYK (nvJPEG)
         jpegs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
-    except RuntimeError:  # a file that is no JPEG, broken, or a JPEG nvJPEG rejects (CMYK)
-        return [read_image(d, device) for d in data]
-    return [im.float() / 255 for im in jpegs]
+        return [im.float() / 255 for im in jpegs]
+    return [read_image(d, device) for d in data]
 
 
 def to_canvas(imgs: list, canvas: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [3, h, w] -> ([B, 3, canvas, canvas], true sizes [B, 2]): each resized to the
-    canvas; crop boxes drawn on its true size restore its aspect ratio."""
+    """Images [3, h, w] -> (each resized to [B, 3, canvas, canvas], true sizes [B, 2] for crops)."""
     hw = torch.tensor([im.shape[-2:] for im in imgs], dtype=torch.float)
     hw = hw.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else hw
     resize = lambda im: F.interpolate(im[None], (canvas,) * 2, mode="bilinear", antialias=True)
@@ -979,9 +951,8 @@ def to_canvas(imgs: list, canvas: int, device) -> tuple[torch.Tensor, torch.Tens
 
 
 class DeviceLoader:
-    """make_loader's batches (views, labels, indices), augmented on the device by BatchAugment:
-    in-memory data lives there as uint8, image folders are read by workers and decoded per batch.
-    Same sampler as make_loader; the views seeded by (seed, epoch, rank, batch): exact resume."""
+    """make_loader's batches (views, labels, indices), augmented on the device (BatchAugment):
+    uint8 arrays live there, workers read the files; views seeded by (seed, epoch, rank, batch)."""
 
     def __init__(self, ds, views: list, args, batch_size: int):
         self.device, self.batch_size = torch.device(args.device), batch_size
@@ -995,8 +966,7 @@ class DeviceLoader:
         else:  # image folder: 2 x the largest view, enough for the crops to keep their detail
             warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
             self.canvas = 2 * max(v.size for v in self.views)
-            # ds's (file bytes, label, index) at its keys: the workers only read the files
-            files = Indexed(ds.dataset.samples, read_bytes)
+            files = Indexed(ds.dataset.samples, read_bytes)  # (file bytes, label, index)
             files.indices = ds.indices
             self.files = make_loader(files, args, batch_size, collate=collate_bytes)
             self.sampler = self.files.sampler
@@ -1010,10 +980,9 @@ class DeviceLoader:
             to = lambda t: t.to(self.device, non_blocking=True)
             for data, y, i in self.files:
                 imgs = decode(data, self.device)
-                # an undecodable file: marked, replaced by the next decodable one (as ImageFiles)
-                for k in (k for k, im in enumerate(imgs) if im is None):
+                for k in (k for k, im in enumerate(imgs) if im is None):  # as in ImageFiles:
                     base, j = self.ds.dataset, self.ds.indices[int(i[k])]
-                    base.bad[j] = True
+                    base.bad[j] = True  # marked, replaced by the next decodable one
                     img, y[k] = base[(j + 1) % len(base)]
                     imgs[k] = to(T.functional.to_tensor(img))
                 yield *to_canvas(imgs, self.canvas, self.device), to(y), to(i)
@@ -1030,8 +999,7 @@ class DeviceLoader:
 
 
 def train_loader(data, args):
-    """--pipeline device (auto: on CUDA): DeviceLoader, the views run by their BatchAugment twins
-    (none: on the CPU); cpu: make_loader (workers + the torchvision recipes, the reference path)."""
+    """--pipeline device (auto: on CUDA): DeviceLoader with BatchAugment twins; else make_loader."""
     ds, B = data.train, args.batch_size_per_gpu
     if on_device(args):
         try:
@@ -1070,13 +1038,21 @@ _RUN = SimpleNamespace(saved=None, sigterm=False, previous=None, training=None) 
 _RUN.kept, _RUN.saved_at = None, 0.0  # the last good checkpoint's path; when it was saved or read
 EXPLODED = 1e4  # a parameter this large in magnitude: the weights exploded (a loss may not show it)
 ANEW = "pass --resume none or another --out-dir"
+# on resume these must not change (a step's samples, its place in the schedules); a change of
+# others (e.g. --lr, --amp after a divergence) is noted, but of these (no result) and linear_*
+RESUME_FIXED = ("version", "dataset", "subset", "seed", "batch_size", "epochs", "warmup_epochs")
+RESUME_QUIET = ("data_dir", "workers", "out_dir", "resume", "device", "compile", "log_every")
+RESUME_QUIET += ("max_steps", "knn_every", "knn_k", "knn_t", "knn_subset", "batch_size_per_gpu")
+RESUME_QUIET += ("ckpt_minutes",)
+KINDS = {"skipped_files": "skipped", "loss": "train", "finetune_top1": "finetune", "epoch": "eval"}
+_OUT_DIR_LOCK = []  # the lock file this process holds open while main() runs
+REFUSED = {errno.ENOSPC: "free space", errno.EDQUOT: "free space"}  # writes, and the way on
+REFUSED.update({errno.EROFS: "make it writable", errno.EACCES: "make it writable"})
 
 
 def save_state(path: str, model, optimizer, scaler, step: int, args, finite=None):
-    """Rank 0 saves model, optimizer, scaler, step, config; all ranks RNG + `per_rank` buffers,
-    after taking rank 0's buffers. finite (fit's loss flag): one collective on loss, state and
-    SIGTERM; a non-finite loss or state, or exploded weights, never replaces a good checkpoint
-    (`diverged`); SIGTERM exits once saved."""
+    """Rank 0 saves model, optimizer, scaler, step, config; all ranks RNG + `per_rank` buffers.
+    finite (fit's loss flag): a non-finite loss or state, or exploded weights, fail (`diverged`)."""
     sync_buffers(model)
     net, stop = unwrap(model), False
     if finite is not None:
@@ -1098,8 +1074,16 @@ def save_state(path: str, model, optimizer, scaler, step: int, args, finite=None
     _RUN.saved, _RUN.kept, _RUN.saved_at = step, path, time.monotonic()
     if finite is not None and step >= last_step(args):
         catch_sigterm(False)  # trained: a SIGTERM during the final evaluation ends it at once
-    if stop:
-        stopped(step, args)
+    if stop:  # exit status 143 (128 + SIGTERM, as if the signal had ended it: not finished)
+        if get_world_size() > 1:
+            dist.barrier()  # rank 0 has written the checkpoint before any rank exits
+        how = "checkpoint saved, run the same command to resume"
+        e = SystemExit(f"stopped by SIGTERM at step {step}; {how}")
+        e.code = 143
+        if args.is_main:
+            end_bars()
+            print(e, file=sys.stderr, flush=True)
+        raise e
 
 
 @torch.no_grad()
@@ -1112,8 +1096,7 @@ def all_finite(tensors, bound: float = math.inf) -> torch.Tensor:
 
 
 def agreed(*flags) -> list[bool]:
-    """This rank's flags (0-dim tensors or bools) -> True where any rank's is: one all-reduce and
-    one host read, so that every rank takes the same branch after it."""
+    """This rank's flags (0-dim tensors, bools) -> True where any rank's is: one all-reduce."""
     dev = next(f.device for f in flags if torch.is_tensor(f))
     v = torch.stack([torch.as_tensor(f, device=dev).reshape(()).int() for f in flags])
     if get_world_size() > 1:
@@ -1122,9 +1105,8 @@ def agreed(*flags) -> list[bool]:
 
 
 def check_step(finite: torch.Tensor, step: int, args) -> bool:
-    """At a log step, one collective: a non-finite loss so far (fit's flag) stops every rank
-    (`diverged`); -> whether all save a checkpoint after this same step: any rank has had SIGTERM
-    (then exit) or is --ckpt-minutes past the last checkpoint (then train on)."""
+    """At a log step, one collective: a non-finite loss (fit's flag) stops all (`diverged`); -> all
+    save now: a rank had SIGTERM (then exit) or is --ckpt-minutes past the last save (train on)."""
     due = 0 < args.ckpt_minutes * 60 < time.monotonic() - _RUN.saved_at
     bad, stop, save = agreed(~finite, _RUN.sigterm, due)
     if bad:
@@ -1133,8 +1115,7 @@ def check_step(finite: torch.Tensor, step: int, args) -> bool:
 
 
 def diverged(step: int, what: str, args) -> str:
-    """The line that ends a diverged run: what, by which step, the checkpoint kept and the command
-    that goes on from it (or anew) at a lower lr: a tenth, at most the recipe's."""
+    """The line that ends a diverged run, with the command that goes on at lr / 10 (<= recipe's)."""
     kept = f"the last good checkpoint (step {_RUN.saved}) is kept"
     kept = "no checkpoint was saved" if _RUN.kept is None else kept
     cls, params = type(args), inspect.signature(type(args).recipe).parameters
@@ -1158,8 +1139,7 @@ def diverged(step: int, what: str, args) -> str:
 
 def catch_sigterm(catch: bool = True):
     """From resume until training ends, SIGTERM (a cluster's preemption, sent to every rank) only
-    sets a flag, agreed on at the next log step or checkpoint (check_step, save_state), which then
-    saves and exits (stopped): no host read per step. catch=False: the previous handler is back."""
+    sets a flag, agreed on at the next log step or save (check_step, save_state): no host read."""
 
     def handler(signum, frame):
         _RUN.sigterm = True
@@ -1178,33 +1158,9 @@ def training_flag() -> torch.Tensor:  # whether fit trains, in memory shared wit
     return _RUN.training
 
 
-def stopped(step: int, args):
-    """After SIGTERM, with the checkpoint at `step` written: one line, exit status 143 (128 +
-    SIGTERM, as if the signal had ended the process: the run is not finished)."""
-    if get_world_size() > 1:
-        dist.barrier()  # rank 0 has written the checkpoint before any rank exits
-    line = f"stopped by SIGTERM at step {step}; checkpoint saved, run the same command to resume"
-    if args.is_main:
-        end_bars()
-        print(line, file=sys.stderr, flush=True)
-    e = SystemExit(line)
-    e.code = 143
-    raise e
-
-
-# resuming continues the same run: these must not change (a step's samples and its place in the
-# schedules); others may (e.g. --lr, --amp after a divergence) and are listed in a note, but for
-# these, which change no result of training, and the linear_* evaluation settings
-RESUME_FIXED = ("version", "dataset", "subset", "seed", "batch_size", "epochs", "warmup_epochs")
-RESUME_QUIET = ("data_dir", "workers", "out_dir", "resume", "device", "compile", "log_every")
-RESUME_QUIET += ("max_steps", "knn_every", "knn_k", "knn_t", "knn_subset", "batch_size_per_gpu")
-RESUME_QUIET += ("ckpt_minutes",)
-
-
 def check_config(saved: dict, args, step: int) -> str:
     """The checkpoint's config against this run's: one line for a change that breaks the schedule
-    or the samples' order, else a note of the other changes (printed once loaded). Another world
-    size keeps both (ResumableSampler): mid-epoch each rank skips its share of the batches done."""
+    or the samples' order, else a note of the others; another world size keeps both (mid-epoch)."""
     now, show = config_dict(args), lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else v
     if saved.get("method", now["method"]) != now["method"]:  # said before settings and tensors
         where = os.path.join(args.out_dir, "ckpt.pth") if args.resume == "auto" else args.resume
@@ -1225,9 +1181,8 @@ def check_config(saved: dict, args, step: int) -> str:
 
 
 def load_state(path: str, model, optimizer, scaler, args) -> int:
-    """Everything save_state wrote, once the settings (check_config) and every tensor's name and
-    shape allow it; -> the global step. `per_rank` buffers: this rank's under the same world size,
-    else zeros in this run's shape (e.g. SwAV's queue of queue_length / world size rows)."""
+    """Everything save_state wrote, once the settings (check_config), tensor names and shapes fit;
+    -> the step. `per_rank` buffers: this rank's, or zeros at another world size (SwAV's queue)."""
     ckpt = load_checkpoint(path)
     note = check_config(ckpt.get("args", {}), args, ckpt["step"])
     net, same_world = unwrap(model), len(ckpt["ranks"]) == args.world_size
@@ -1266,9 +1221,8 @@ def load_state(path: str, model, optimizer, scaler, args) -> int:
 
 
 def resume(ckpt: str, model, optimizer, scaler, args) -> int:
-    """--resume auto (ckpt if present), a path or none -> the step to start from. A fresh run
-    seeds per-rank streams (e.g. MoCo's key permutation); config.json is written only now (a
-    refused resume leaves it as it was); then SIGTERM saves and ends the run."""
+    """--resume auto (ckpt if present), a path or none -> the step to start from; config.json is
+    written only now (a refused resume leaves it as it was); then SIGTERM saves and ends the run."""
     path, step = ckpt if args.resume == "auto" else args.resume, 0
     loaded = args.resume != "none" and os.path.isfile(path)
     if loaded:
@@ -1276,7 +1230,7 @@ def resume(ckpt: str, model, optimizer, scaler, args) -> int:
     elif args.resume not in ("auto", "none"):
         fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
     else:
-        torch.manual_seed(args.seed + args.rank)
+        torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's key permutation)
     if args.is_main:
         try:
             with open(os.path.join(args.out_dir, "config.json"), "w") as f:
@@ -1294,9 +1248,8 @@ def last_step(args) -> int:  # where fit's training ends: --max-steps, else all 
 
 
 def trim_metrics(path: str, step: int) -> dict:
-    """-> {(kind, step): record} of steps <= step (none at step 0), rewritten. Lines cut short by
-    a killed run and records fit does not write (InstDisc's paper kNN, the distillation's) go:
-    the run writes its own; of a (kind, step) twice, the last stays."""
+    """-> {(kind, step): record} of steps <= step (none at 0), rewritten (of one twice: the last).
+    Lines cut short and records fit does not write (InstDisc's paper kNN, distillation's) go."""
     keep = {}
     with contextlib.suppress(FileNotFoundError), open(path) as f:
         for line in f:
@@ -1306,9 +1259,6 @@ def trim_metrics(path: str, step: int) -> dict:
                     keep[record_kind(r), r["step"]] = finite_record(r)
     write_records(path, keep.values())
     return keep
-
-
-KINDS = {"skipped_files": "skipped", "loss": "train", "finetune_top1": "finetune", "epoch": "eval"}
 
 
 def record_kind(r: dict) -> str:  # the kind of record its first key in KINDS says; "": not fit's
@@ -1324,11 +1274,6 @@ def write_records(path: str, records):  # atomically, as strict JSON
     with open(f"{path}.tmp", "w") as f:
         f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
     os.replace(f"{path}.tmp", path)
-
-
-_OUT_DIR_LOCK = []  # the lock file this process holds open while main() runs
-REFUSED = {errno.ENOSPC: "free space", errno.EDQUOT: "free space"}  # writes, and the way on
-REFUSED.update({errno.EROFS: "make it writable", errno.EACCES: "make it writable"})
 
 
 def claim_out_dir(out_dir: str):
@@ -1480,33 +1425,9 @@ def knn_eval(fn, data, args) -> float:
     return (pred == test_y).float().mean().item() * 100
 
 
-# DEVIATION: every CIFAR preset fine-tunes at batch 256 (SwAV's and Barlow Twins' own): the
-# ImageNet recipes' 1024 / 4096 hold each of CIFAR-10's 1% (500 images) 2-8 times a batch; SimCLR
-# v1's at 4096 (lr 0.8, 8 steps) diverges: 1% top-1 10.0 (random init 16.2) vs 42.7 at 256
-FT_CIFAR_BATCH = 256
-
-
-def check_finetune(args):
-    """The fine-tuning flags together: 1% and 10% values, the image list, distillation after."""
-    for name in ("ft_epochs", "ft_lr", "ft_head_lr"):  # the 1% and the 10% value
-        check_pair(args, name, ordered=False)
-    path, ds = args.finetune_list, args.dataset
-    if path and not os.path.isfile(path):
-        fail(f"--finetune-list {path}: no such file; pass a file of image file names, one a line")
-    if path and ds not in ("imagenet", "folder"):
-        fail(f"--finetune-list {path}: --dataset {ds} has no image files; pass imagenet or folder")
-    if args.finetune_fraction and ds == "imagenet" and not path:
-        why = "the subsets are lists; pass --finetune-list (simclr imagenet_subsets/1percent.txt)"
-        fail(f"--finetune-fraction {args.finetune_fraction} on imagenet: {why}")
-    if getattr(args, "distill_epochs", 0) and not args.finetune_fraction:
-        why = "it distils the fine-tuned network; pass --finetune-fraction too"
-        fail(f"--distill-epochs {args.distill_epochs}: {why}")
-
-
 def labelled_subset(ds, args) -> list[int]:
-    """Positions in ds that keep their label: the files named in --finetune-list (one a line, as
-    simclr's imagenet_subsets), else per class the first round(fraction x class size) of a
-    permutation drawn from --seed (the same for every rank and method)."""
+    """Positions in ds keeping their label: the files in --finetune-list (one a line, as simclr's
+    imagenet_subsets), else per class the first round(fraction x size) of a --seed permutation."""
     if args.finetune_list:
         with open(args.finetune_list) as f:
             names = [line.strip() for line in f if line.strip()]
@@ -1527,15 +1448,14 @@ def labelled_subset(ds, args) -> list[int]:
 
 
 class StreamBatches:
-    """Batch sampler: steps start..total-1 of `batch` images from an endless stream of epochs, each
-    a permutation seeded by (seed, epoch), as the official TF pipelines; this rank takes its batch
-    / W of each step as (index, epoch) keys: the same global batches at any world size and on
-    resume. (DEVIATION: SwAV's and Barlow Twins' loops end each epoch with a smaller batch.)"""
+    """Batch sampler: steps start..total-1 of `batch` images from endless epochs, each permuted by
+    (seed, epoch) as the official TF pipelines; this rank's batch / W as (index, epoch) keys: the
+    same global batches at any world size and on resume. (DEVIATION: SwAV's and Barlow Twins'
+    loops end each epoch with a smaller batch.)"""
 
     def __init__(self, n: int, batch: int, start: int, total: int, args):
         self.n, self.batch, self.start, self.total, self.seed = n, batch, start, total, args.seed
-        self.part = batch // args.world_size
-        self.offset = args.rank * self.part
+        self.part, self.offset = batch // args.world_size, args.rank * (batch // args.world_size)
 
     def __len__(self):
         return self.total - self.start
@@ -1554,17 +1474,6 @@ class StreamBatches:
             yield keys
 
 
-def average_gradients(params: list):
-    """Every process's gradients -> their mean, in one all-reduce (what DDP does in buckets)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if get_world_size() == 1 or not grads:
-        return
-    flat = torch.cat([g.flatten() for g in grads]).div_(get_world_size())
-    dist.all_reduce(flat)
-    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(v.view_as(g))
-
-
 def fingerprint(module: nn.Module) -> str:
     """sha1 of a module's state: a resumed fine-tuning must start from the same weights."""
     h = hashlib.sha1()
@@ -1574,10 +1483,9 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, args, track=None):
-    """Train net len(sched) steps of `batch` images of ds (StreamBatches) on loss_fn(x, y), each
-    group's lr "lr0" x sched[step], gradients averaged over processes. Each epoch's end: rank 0's
-    buffers everywhere, track(net) (e.g. test accuracy) appended to the history, `path` written
-    (a rerun with the same key continues it). -> {"loss": the last step's, "history": [...]}"""
+    """Train net len(sched) steps of `batch` images of ds (StreamBatches) on loss_fn(x, y), lr
+    "lr0" x sched[step]. Each epoch's end: rank 0's buffers everywhere, track(net) (e.g. test
+    accuracy) into the history, `path` written (a rerun with the same key continues it)."""
     n, total, device = len(ds), len(sched), torch.device(args.device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, history, loss = 0, [], torch.tensor(math.nan)
@@ -1603,7 +1511,12 @@ def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, arg
             loss = loss_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        average_gradients(params)  # before unscaling: an overflow on any rank is on every rank
+        grads = [p.grad for p in params if p.grad is not None]
+        if get_world_size() > 1 and grads:  # their mean, in one all-reduce (DDP: in buckets),
+            flat = torch.cat([g.flatten() for g in grads]).div_(get_world_size())
+            dist.all_reduce(flat)  # before unscaling: an overflow on any rank is on every rank
+            for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(v.view_as(g))
         scaler.step(opt)
         scaler.update()
         step += 1
@@ -1638,9 +1551,8 @@ def projector_layers(model, k: int) -> nn.Module:
 
 
 class FineTuneNet(nn.Module):
-    """x -> linear head of fn(copy, x) [-> the first proj_layers projector layers]. copy: model,
-    deep-copied but for the tensors of the modules this never runs (the model's); those it runs
-    (forward pre-hooks, in eval mode) are new, trainable `parts`. BN: global or per process."""
+    """x -> linear head of fn(copy, x) [-> the first proj_layers projector layers]; copy: model
+    deep-copied but for the modules fn never runs (shared); those it runs: new trainable `parts`."""
 
     def __init__(self, fn, model, x, num_classes: int, proj_layers=0, sync_bn=True, head="zero"):
         super().__init__()
@@ -1743,16 +1655,26 @@ def finetune(fn, model, data, args) -> dict:
 
 
 # ==== 2.6 config, CLI and logging =========================================================
-def arg(default, help: str, range: str = "", **kw):  # range: the legal values, e.g. "[0, 1)"
-    """An Args field: its default, help text (with the source) and legal range (parse_args)."""
+def arg(default, help: str, range: str = "", **kw):
+    """An Args field: its default, help text (with the source), legal range (e.g. "[0, 1)")."""
     return dataclasses.field(default=default, metadata={"help": help, "range": range, **kw})
 
 
 # the usual ranges (parse_args checks every one; an int > 0 is >= 1), frac: crop scales
 gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
 unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
-
 RANGE = re.compile(r"([\[(])(\S+), (\S+)([\])])")  # "[lo, hi]", "(lo, hi)", "[0, inf)", ...
+PRESETS, PIPELINES = ("imagenet", "cifar"), ("auto", "device", "cpu")
+AMPS, SCALINGS = ("auto", "bf16", "fp16", "off"), ("linear", "sqrt")
+FT_OPTS, HEADS = ("sgd", "nesterov", "lars"), ("zero", "torch", "normal", "haiku")
+FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]"  # no wd, no warm-up
+# DEVIATION: every CIFAR preset fine-tunes at batch 256 (SwAV's and Barlow Twins' own): the
+# ImageNet recipes' 1024 / 4096 hold each of CIFAR-10's 1% (500 images) 2-8 times a batch; SimCLR
+# v1's at 4096 (lr 0.8, 8 steps) diverges: 1% top-1 10.0 (random init 16.2) vs 42.7 at 256
+FT_CIFAR_BATCH = 256
+RESULTS = {"metrics.jsonl": "every log step and evaluation, a JSON record a line"}
+RESULTS["backbone.pth"] = "the encoder's weights (torchvision names)"
+RESULTS["ckpt.pth"] = "the training state, to resume or extend the run (--resume)"
 
 
 def in_range(x, spec: str) -> bool:  # NaN is in no range, inf only in one closed at inf
@@ -1779,8 +1701,8 @@ def value_type(f: dataclasses.Field) -> type:  # what argparse makes of the flag
     return (type(d[0]) if d else float) if isinstance(d, tuple) else type(d)
 
 
-def shown(v) -> str:  # a value as typed on the command line: tuple "60 80" ("none": empty)
-    return (" ".join(map(str, v)) or "none") if isinstance(v, tuple) else str(v)
+def shown(v) -> str:  # a value as typed on the command line: tuple or list "60 80" (empty: "none")
+    return (" ".join(map(str, v)) or "none") if isinstance(v, (tuple, list)) else str(v)
 
 
 def check_ranges(args, defaults: dict):
@@ -1797,12 +1719,6 @@ def check_ranges(args, defaults: dict):
         if isinstance(v, tuple):
             v, d, why, noun = shown(v), shown(d), f"{x} is {why}", noun.split()[1] + "s"
         fail(f"--{f.name.replace('_', '-')} {v}: {why}; pass {noun} {desc} (default {d})")
-
-
-PRESETS, PIPELINES = ("imagenet", "cifar"), ("auto", "device", "cpu")
-AMPS, SCALINGS = ("auto", "bf16", "fp16", "off"), ("linear", "sqrt")
-FT_OPTS, HEADS = ("sgd", "nesterov", "lars"), ("zero", "torch", "normal", "haiku")
-FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]"  # no wd, no warm-up
 
 
 @dataclasses.dataclass
@@ -1894,15 +1810,28 @@ def run_dir(args) -> str:  # --out-dir, default runs/<method>
     return args.out_dir or os.path.join("runs", config_dict(args)["method"])
 
 
-def check_out_dir(args):
-    """--out-dir is a writable folder, or the nearest existing folder above it is."""
-    path, p = run_dir(args), os.path.abspath(run_dir(args))
+def check_flags(args):
+    """A writable --out-dir; the fine-tuning flags: 1% and 10% values, image list, distillation."""
+    path, p = run_dir(args), os.path.abspath(run_dir(args))  # or the nearest folder above it
     while not os.path.exists(p):
         p = os.path.dirname(p)
     if not os.path.isdir(p):
         fail(f"--out-dir {path}: {p} is a file, not a folder; pass a folder path")
     if not os.access(p, os.W_OK | os.X_OK):
         fail(f"--out-dir {path}: cannot write in {p}; pass a folder you can write to")
+    for name in ("ft_epochs", "ft_lr", "ft_head_lr"):  # the 1% and the 10% value
+        check_pair(args, name, ordered=False)
+    path, ds = args.finetune_list, args.dataset
+    if path and not os.path.isfile(path):
+        fail(f"--finetune-list {path}: no such file; pass a file of image file names, one a line")
+    if path and ds not in ("imagenet", "folder"):
+        fail(f"--finetune-list {path}: --dataset {ds} has no image files; pass imagenet or folder")
+    if args.finetune_fraction and ds == "imagenet" and not path:
+        why = "the subsets are lists; pass --finetune-list (simclr imagenet_subsets/1percent.txt)"
+        fail(f"--finetune-fraction {args.finetune_fraction} on imagenet: {why}")
+    if getattr(args, "distill_epochs", 0) and not args.finetune_fraction:
+        why = "it distils the fine-tuned network; pass --finetune-fraction too"
+        fail(f"--distill-epochs {args.distill_epochs}: {why}")
 
 
 def parse_args(cls, argv=None):
@@ -1934,18 +1863,16 @@ def parse_args(cls, argv=None):
         text = (f.metadata.get("help", "") + rng).replace("%", "%%")  # argparse %-formats it
         kw, flag = {"help": text, "default": argparse.SUPPRESS}, "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif each:
-            p.add_argument(flag, nargs="*", type=t, **kw)
-        else:
-            p.add_argument(flag, type=t, choices=f.metadata.get("choices"), **kw)
+            kw["action"] = argparse.BooleanOptionalAction
+        else:  # a tuple: nargs "*"
+            kw.update(type=t, nargs="*" if each else None, choices=f.metadata.get("choices"))
+        p.add_argument(flag, **kw)
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(p.parse_args(argv)).items()}
     recipe = cls.recipe(**{k: given[k] for k in pick if k in given})
     args = cls(**{**recipe, **given})
     resolve_sizes(args)
     check_ranges(args, {**defaults, **recipe})
-    check_out_dir(args)
-    check_finetune(args)
+    check_flags(args)
     check_patch(args, getattr(args, "patch_size", 0), "--img-size", args.img_size)
     args.check()
     return args
@@ -1973,9 +1900,8 @@ def prepare_run(args):
 
 
 class Logger:
-    """metrics.jsonl (a line per log step or evaluation: one of each (kind, step), the records up
-    to `initial` kept, known to every rank) + tqdm bar, on the main process; data: its image
-    folders' undecodable files are reported (count, first paths) as they are met."""
+    """metrics.jsonl (a line per log step or evaluation, one per (kind, step); those up to `initial`
+    kept, known to every rank) + bar, on the main process; data's undecodable files reported."""
 
     def __init__(self, args, total: int, initial: int, data=None):
         self.batch, self.last, self.data, self.skipped = args.batch_size, initial, data, 0
@@ -1989,8 +1915,7 @@ class Logger:
 
     def due(self, kind: str, step: int, final: bool) -> dict | None:
         """A new record of kind at step ({"step", "epoch", "flags" at the end}), or None: this run
-        has it (at the end: made with the same flags) or makes none (fine-tuning: off, or not the
-        end)."""
+        has it (at the end: with the same flags) or makes none (fine-tuning: off or not the end)."""
         old, pre = self.records.get((kind, step)), ("knn_", "linear_")
         if kind == "finetune" and not (final and self.args.finetune_fraction):
             return None
@@ -2022,8 +1947,7 @@ class Logger:
         self.report_skipped(step)
 
     def write(self, record: dict, echo: bool = True):
-        """Appended, or in place of the run's record of the same (kind, step), with a note that
-        names the flags it was made with (e.g. another fine-tuning)."""
+        """Appended, or in place of the record of the same (kind, step) with a note of the flags."""
         record = finite_record(record)
         key = (record_kind(record), record.get("step"))
         old, self.records[key] = self.records.get(key), record
@@ -2037,17 +1961,15 @@ class Logger:
             return
         write_records(self.path, self.records.values())
         new, was = record.get("flags", {}), old.get("flags", {})
-        show = lambda k, v: (
-            f"--{k.replace('_', '-')} {shown(tuple(v) if isinstance(v, list) else v)}"
+        diff = [k for k in new if new[k] != was.get(k)]
+        what = ", ".join(
+            f"--{k.replace('_', '-')} {shown(new[k])} (was {shown(was.get(k))})" for k in diff
         )
-        what = [f"{show(k, v)} (was {show(k, was.get(k))[3 + len(k) :]})" for k, v in new.items()]
         kind = "fine-tuning" if key[0] == "finetune" else key[0]
-        changed = ", ".join(w for w, (k, v) in zip(what, new.items()) if v != was.get(k))
-        tqdm.write(f"note: the {kind} record of step {key[1]} is replaced: {changed}", sys.stderr)
+        tqdm.write(f"note: the {kind} record of step {key[1]} is replaced: {what}", sys.stderr)
 
     def close(self, final: dict | None):
-        """Close the bar; on the main process print where the results are and the final figures
-        (final: the last evaluation's record, None without a test split: nothing evaluated)."""
+        """Close the bar; print where the results are and the last evaluation's (final) figures."""
         self.bar.close()
         if not self.path:
             return
@@ -2061,11 +1983,6 @@ class Logger:
         figs = [f"{v} {final[k]:.2f}%" for k, v in names.items() if k in final]
         step = f" (step {final['step']})" if final else " (no test split)"
         print("\n".join(lines + [f"  final{step}: {', '.join(figs) or 'not evaluated'}"]))
-
-
-RESULTS = {"metrics.jsonl": "every log step and evaluation, a JSON record a line"}
-RESULTS["backbone.pth"] = "the encoder's weights (torchvision names)"
-RESULTS["ckpt.pth"] = "the training state, to resume or extend the run (--resume)"
 
 
 class Tracked:

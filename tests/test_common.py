@@ -337,9 +337,8 @@ def test_save_checkpoint_atomic(tmp_path, monkeypatch):
     assert C.load_checkpoint(path)["step"] == 8
 
     def broken_save(obj, f, *a, **k):  # a crash half-way through writing
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError("disk full")
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(C.torch, "save", broken_save)
     with pytest.raises(OSError):
