@@ -1909,6 +1909,7 @@ class Logger:
         self.path = os.path.join(args.out_dir, "metrics.jsonl") if args.is_main else None
         self.bar = tqdm(total=total, initial=initial, disable=not args.is_main, dynamic_ncols=True)
         kept = [trim_metrics(self.path, initial) if self.path else {}]
+        kept = [{k: r for k, r in kept[0].items() if k[0] != "train"}]  # never replaced: not held
         if args.world_size > 1:
             dist.broadcast_object_list(kept)
         self.records = kept[0]
@@ -1950,7 +1951,9 @@ class Logger:
         """Appended, or in place of the record of the same (kind, step) with a note of the flags."""
         record = finite_record(record)
         key = (record_kind(record), record.get("step"))
-        old, self.records[key] = self.records.get(key), record
+        old = self.records.get(key)
+        if key[0] != "train":
+            self.records[key] = record
         if not self.path:
             return
         if echo:
@@ -1959,7 +1962,7 @@ class Logger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
             return
-        write_records(self.path, self.records.values())
+        write_records(self.path, {**trim_metrics(self.path, math.inf), key: record}.values())
         new, was = record.get("flags", {}), old.get("flags", {})
         diff = [k for k in new if new[k] != was.get(k)]
         what = ", ".join(
