@@ -57,6 +57,16 @@ class BarlowTwins(nn.Module):
         return barlow_twins_loss(z1, z2, self.lambd, self.plain), z1, z2
 
 
+# --init: main.py's checkpoint.pth {epoch, model (DDP: module.backbone, module.projector,
+# module.bn: the loss's standardisation, dropped), optimizer}; resnet50.pth: a backbone file
+RELEASE = {
+    "model.module.backbone.": "backbone.",
+    "model.module.projector.": "projector.",
+    "model.module.bn.": None,
+    "optimizer.": None,
+}
+
+
 # ==== 2. loss: barlow_twins_loss(...) -> Tensor, pure, fp32 inside ========================
 def standardize(z: torch.Tensor) -> torch.Tensor:
     """(z - mean) / sqrt(var + 1e-5) per dimension over the GLOBAL batch (biased variance): the
@@ -113,7 +123,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
     lr = optimizer.param_groups[0]["lr"]  # the weights' lr
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "lambd": args.lambd}  # unscaled L
     stats.update(on_diag=c_ii.mean() / n, grad_norm=grad_norm)
-    return {**stats, "z_std": C.collapse_std(z1)}
+    return {**stats, "z": (z1, z2)}  # monitored: the 2 views' projections
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
@@ -328,7 +338,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -360,10 +370,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 

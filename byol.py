@@ -72,7 +72,10 @@ class BYOL(nn.Module):
         with torch.no_grad():  # target in train mode: batch statistics, like the online net
             z_m1 = self.momentum_projector(self.momentum_backbone(x1))  # [B, D]
             z_m2 = self.momentum_projector(self.momentum_backbone(x2))
-        return byol_loss(p1, z_m2) + byol_loss(p2, z_m1), z1  # SUM of the two directions
+        return byol_loss(p1, z_m2) + byol_loss(p2, z_m1), (z1, z2)  # SUM of the two directions
+
+
+RELEASE = {}  # official release: JAX/Haiku pickles [ref: deepmind-research byol]; see the README
 
 
 # ==== 2. loss: byol_loss(...) -> Tensor, pure, fp32 inside ================================
@@ -109,7 +112,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
     # step"; ref: _update_fn]; MoCo instead updates before its key forward
     momentum_update(net, m)
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "m": m}
-    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
+    return {**stats, "grad_norm": grad_norm, "z": z}  # monitored: the 2 views' online projections
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
@@ -317,7 +320,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -349,10 +352,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 

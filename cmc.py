@@ -76,9 +76,8 @@ def lab_views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def view_encoder(arch: str, img_size: int, in_chans: int, width: float) -> tuple[nn.Module, int]:
     """One view's encoder -> (module: x -> h, feat_dim). ResNets: torchvision's (CIFAR stem at
-    <= 64 px) with every stage's planes x width and the 64-channel stem kept, the official
-    ResNet(width) [ref: models/resnet.py base = int(64 * width)], He-normal fan-out convs (its
-    normal(0, sqrt(2 / n))). Others: C.build_backbone (smallcnn scales; ViTs ignore width)."""
+    <= 64 px), every stage's planes x width, the 64-channel stem kept [ref: models/resnet.py base
+    = int(64 * width)], He-normal fan-out. Else C.build_backbone (smallcnn scales, a ViT not)."""
     if not arch.startswith("resnet"):
         return C.build_backbone(arch, img_size, in_chans=in_chans, width=width)
     net, _ = C.build_backbone(arch, img_size, in_chans=in_chans)
@@ -86,9 +85,8 @@ def view_encoder(arch: str, img_size: int, in_chans: int, width: float) -> tuple
     for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):  # rebuilt at this width
         n = len(getattr(net, name))
         setattr(net, name, net._make_layer(block, base * 2**i, n, stride=1 if i == 0 else 2))
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    for m in (m for m in net.modules() if isinstance(m, nn.Conv2d)):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return net, base * 8 * block.expansion
 
 
@@ -133,14 +131,21 @@ class CMC(nn.Module):
         return cmc_loss(s_l, s_ab, idx, self.nce_k, len(self.bank_l), z), z_l, z_ab
 
 
+# --init: train_CMC.py's checkpoint {model (MyResNetsCMC), contrast (NCEAverage), optimizer, opt}
+ENC = "model.encoder.module."  # DataParallel(ResNetV1-3): l_to_ab on L, ab_to_l on ab, fc each
+RELEASE = {ENC + "l_to_ab.": "backbone.l.", ENC + "l_to_ab.fc.": "projector.l."}
+RELEASE.update({ENC + "ab_to_l.": "backbone.ab.", ENC + "ab_to_l.fc.": "projector.ab."})
+RELEASE.update({"contrast.memory_l": "bank_l", "contrast.memory_ab": "bank_ab"})
+RELEASE.update({"contrast.params": None, "optimizer.": None})  # params[2:4]: Z, set anew
+
+
 # ==== 2. loss: cmc_loss(...) -> Tensor, pure, fp32 inside =================================
 def cmc_scores(f_l, f_ab, bank_l, bank_ab, idx: torch.Tensor, tau: float, k: int) -> tuple:
     """[CMC §3.2; ref: NCEAverage.forward] f_l, f_ab: [B, D] l2-normalised embeddings of the L and
     ab views; bank_l, bank_ab: [N, D] memory banks (constants: no gradient); idx: [B] dataset
     indices. Each view's embedding is scored against the OTHER view's bank, s = f . row / tau:
-    k > 0: rows [idx_i] + k noise rows drawn uniformly with replacement by torch.randint(N, (B, k))
-    from the global RNG on f_l's device, the same rows for both views [ref: AliasMethod draw of
-    uniform unigrams, column 0 = index] -> s_l, s_ab [B, 1 + k]; k = 0: all rows -> [B, N]."""
+    k > 0: rows [idx_i] + k noise rows, uniform with replacement (torch.randint, global RNG), the
+    same for both views [ref: AliasMethod, uniform unigrams] -> [B, 1 + k]; k = 0: all -> [B, N]."""
     with torch.autocast(f_l.device.type, enabled=False):
         f_l, f_ab, bank_l, bank_ab = (t.float() for t in (f_l, f_ab, bank_l, bank_ab))
         bank_l, bank_ab = bank_l.detach(), bank_ab.detach()
@@ -175,9 +180,8 @@ def cmc_loss(s_l, s_ab, idx: torch.Tensor, k: int, n: int, z=None) -> torch.Tens
 @torch.no_grad()
 def update_bank(banks: tuple, zs: tuple, idx: torch.Tensor, bank_m: float):
     """Per view: bank[i] <- normalise(bank_m * bank[i] + (1 - bank_m) * z_i) for the rows of ALL
-    processes: the z of every view and idx are gathered once (no gradient) and every rank
-    writes the same rows, so the banks stay identical [ref: NCEAverage.forward "update memory";
-    DataParallel there]. banks: ([N, D], ...); zs: ([B, D], ...) in the same view order."""
+    processes (z, idx gathered once, no gradient; every rank writes the same rows: the banks stay
+    identical) [ref: NCEAverage.forward "update memory"]. banks [N, D], zs [B, D]: view order."""
     z, idx = C.gather_no_grad(torch.cat(zs, dim=1)), C.gather_no_grad(idx)  # [W*B, V*D], [W*B]
     for bank, z_v in zip(banks, z.split([t.shape[1] for t in zs], dim=1)):
         rows = F.normalize(bank[idx] * bank_m + z_v.to(bank.dtype) * (1 - bank_m), dim=1)
@@ -208,7 +212,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
     if net.nce:  # the fixed normalisers, logged
         stats.update(nce_z_l=net.nce_z[0].clone(), nce_z_ab=net.nce_z[1].clone())
-    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z_l)}
+    return {**stats, "grad_norm": grad_norm, "z": (z_l, z_ab)}  # monitored: L and ab embeddings
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
@@ -228,9 +232,7 @@ class Args(C.RunArgs):
     """CMC's fields: ImageNet defaults, recipe() the CIFAR preset's; fine-tuning: C.RunArgs'."""
 
     arch: str = arg(
-        "resnet50",
-        "each view's encoder [ref: train_CMC.py --model resnet50v1]; CIFAR resnet18",
-        choices=C.ARCHS,
+        "resnet50", "each view's encoder [ref: --model resnet50v1]; CIFAR resnet18", choices=C.ARCHS
     )
     width: float = arg(  # 1/32: one channel at least in every layer of smallcnn
         0.5,
@@ -382,7 +384,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -414,10 +416,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
@@ -425,9 +427,8 @@ def fit(model, optimizer, data, args):
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
-    # one crop + flip, no colour augmentation [ref: train_CMC.py get_train_loader]; RGB in
-    # [0, 1] for every split: Lab and its split into views happen on the device (section 1).
-    # On a GPU (--pipeline auto) C.BatchAugment runs this recipe batched on the device.
+    # one crop + flip, no colour augmentation [ref: train_CMC.py get_train_loader]; every split
+    # RGB in [0, 1], Lab views made on the device (section 1); on a GPU C.BatchAugment batches it
     aug = C.augmentation(args.img_size, None, scale=(args.crop_min, 1.0), jitter_p=0.0, gray_p=0.0)
     data = C.build_data(args, C.MultiView([aug]), mean_std=None)
     n = len(data.train)

@@ -2,8 +2,7 @@
 
 PART 1, the building blocks: gathers and global BatchNorm, augmentation recipes, backbones (ResNet,
 ViT, a small CNN), optimisation (LARS, schedules, EMA, optimizer step, autocast, collapse monitor).
-It imports only the standard library, torch, torchvision, einops, numpy and PIL and uses nothing of
-Part 2: copy it (up to the PART 2 banner) to use the building blocks in your own trainer.
+It imports the standard library, torch, torchvision, einops, numpy, PIL only: copy it on its own.
 PART 2, the run: data, checkpoints, resume, SIGTERM, evaluation, the CLI (RunArgs), logging."""
 
 # ==== 1.0 imports =========================================================================
@@ -33,8 +32,7 @@ def get_rank() -> int:
 
 
 @torch.no_grad()
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """[B, ...] per process -> [W*B, ...] in rank order, no gradient (keys, indices, features)."""
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [W*B, ...] by rank, no grad
     if get_world_size() == 1:
         return x.detach()
     out = [torch.empty_like(x) for _ in range(get_world_size())]
@@ -42,9 +40,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-class _AllReduceWithGrad(torch.autograd.Function):
-    """Sum over processes; its gradient is the sum of every process's gradient (all-reduced)."""
-
+class _AllReduceWithGrad(torch.autograd.Function):  # sum over ranks, the gradient all-reduced too
     @staticmethod
     def forward(ctx, x):
         x = x.clone(memory_format=torch.contiguous_format)
@@ -54,13 +50,11 @@ class _AllReduceWithGrad(torch.autograd.Function):
     backward = forward  # d(sum_r x_r) / dx_r = 1: the backward is the same all-reduce
 
 
-def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Sum over processes, differentiable (Barlow Twins' cross-correlation, global BN moments)."""
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:  # sum over ranks, differentiable
     return x if get_world_size() == 1 else _AllReduceWithGrad.apply(x)
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[B, ...] -> [W*B, ...] in rank order, differentiable: blocks of zeros summed over ranks."""
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [W*B, ...] by rank, with grad
     if get_world_size() == 1:
         return x
     out = x.new_zeros(get_world_size(), *x.shape)
@@ -73,8 +67,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BN over the global batch on gloo/CPU too (torch's SyncBatchNorm, for NCCL, needs CUDA);
-    sync=False: over this process's batch, on any backend (global_bn(m, sync=False))."""
+    """BN over the global batch, on gloo too (SyncBatchNorm: NCCL only); sync=False: per process."""
 
     _check_input_dim = nn.SyncBatchNorm._check_input_dim  # any input with >= 2 dims
     sync = True
@@ -91,21 +84,18 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * n / max(n - 1, 1), self.momentum)
-        y = xc * torch.rsqrt(var + self.eps).view(shape)
         w, b = (self.weight.view(shape), self.bias.view(shape)) if self.affine else (1.0, 0.0)
-        return (y * w + b).to(x.dtype)
+        return (xc * torch.rsqrt(var + self.eps).view(shape) * w + b).to(x.dtype)
 
 
-def convert_sync_bn(module: nn.Module) -> nn.Module:
-    """Every BatchNorm -> BatchNorm over the global batch (a no-op in one process)."""
+def convert_sync_bn(module: nn.Module) -> nn.Module:  # BatchNorms over the global batch (W > 1)
     if get_world_size() > 1 and dist.get_backend() == "nccl":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return global_bn(module) if get_world_size() > 1 else module
 
 
 def global_bn(module: nn.Module, sync: bool = True) -> nn.Module:
-    """Every BatchNorm (subclasses too, e.g. split BN) -> GlobalBatchNorm: over the global batch
-    (on gloo), or over each process's batch (sync=False), the same state."""
+    """Every BatchNorm (subclasses too, e.g. split BN) -> GlobalBatchNorm, the same state."""
     for name, c in module.named_children():
         if isinstance(c, nn.modules.batchnorm._BatchNorm):
             f = c.num_features, c.eps, c.momentum, c.affine, c.track_running_stats
@@ -121,14 +111,11 @@ def global_bn(module: nn.Module, sync: bool = True) -> nn.Module:
 
 
 # ==== 1.2 augmentation recipes (torchvision) ==============================================
-def gaussian_blur(img):
-    """Gaussian blur, sigma ~ U(0.1, 2.0) [SimCLR App. A; ref: moco/loader.py GaussianBlur]."""
+def gaussian_blur(img):  # sigma ~ U(0.1, 2.0) [SimCLR App. A; ref: moco/loader.py GaussianBlur]
     return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
 
 
-class MultiView(list):
-    """A list of transforms; one image -> the list of its views (2, asymmetric, multi-crop)."""
-
+class MultiView(list):  # transforms; one image -> the list of its views (2, asymmetric, multi-crop)
     def __call__(self, img) -> list:
         return [t(img) for t in self]
 
@@ -143,33 +130,25 @@ AUG["additive_brightness"] = False  # SimCLR v1: x + U(-b, b) instead of x * U(1
 
 
 def add_brightness(img, d: float):
-    """x + d, clipped to [0, 1] [ref: simclr data_util.py (v1): tf.image.random_brightness, then
-    clip_by_value]; PIL images in uint8 steps (d * 255, rounded), as PIL's other colour ops."""
+    """x + d, clipped to [0, 1] [ref: simclr data_util.py (v1)]; PIL images: + round(d * 255)."""
     if isinstance(img, torch.Tensor):
         return (img + d).clamp(0.0, 1.0)
     x = np.clip(np.asarray(img, np.float32) + d * 255, 0, 255)
     return Image.fromarray(x.round().astype(np.uint8))
 
 
-class AdditiveColorJitter(T.ColorJitter):
-    """T.ColorJitter (random op order) whose brightness is SimCLR v1's: x + d, d ~ U(-b, b)."""
-
+class AdditiveColorJitter(T.ColorJitter):  # ColorJitter, SimCLR v1's brightness x + U(-b, b)
     def __init__(self, brightness, contrast=0, saturation=0, hue=0):
         super().__init__(0, contrast, saturation, hue)
         self.delta = brightness
 
     def forward(self, img):
-        order, _, c, s, h = self.get_params(None, self.contrast, self.saturation, self.hue)
-        d, fn = float(torch.empty(1).uniform_(-self.delta, self.delta)), T.functional
+        order, *factors = self.get_params(None, self.contrast, self.saturation, self.hue)
+        factors[0], fn = float(torch.empty(1).uniform_(-self.delta, self.delta)), T.functional
+        ops = (add_brightness, fn.adjust_contrast, fn.adjust_saturation, fn.adjust_hue)
         for i in order.tolist():
-            if i == 0:
-                img = add_brightness(img, d)
-            elif i == 1 and c is not None:
-                img = fn.adjust_contrast(img, c)
-            elif i == 2 and s is not None:
-                img = fn.adjust_saturation(img, s)
-            elif i == 3 and h is not None:
-                img = fn.adjust_hue(img, h)
+            if factors[i] is not None:  # None: a range of 0, off
+                img = ops[i](img, factors[i])
         return img
 
 
@@ -188,9 +167,8 @@ def augmentation(size: int, mean_std=None, **kw) -> T.Compose:
 
 
 def simclr_augment(size, mean_std=None, s=1.0, blur=True, additive=False):
-    """[SimCLR App. A; ref: google-research/simclr data_util.py] jitter 0.8s/0.2s p=0.8, gray
-    0.2, blur p=0.5 (ImageNet only), bicubic crop (0.08, 1); s=0.5 and no blur on CIFAR.
-    additive: v1's brightness x + U(-0.8s, 0.8s) (v2: x * U(1 - 0.8s, 1 + 0.8s))."""
+    """[SimCLR App. A; ref: simclr data_util.py] jitter 0.8s/0.2s p=0.8, gray 0.2, blur p=0.5,
+    bicubic crop (0.08, 1); CIFAR: s=0.5, no blur. additive: v1's brightness x + U(-0.8s, 0.8s)."""
     jitter, kw = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), {"additive_brightness": additive}
     return augmentation(size, mean_std, jitter=jitter, blur_p=0.5 * blur, bicubic=True, **kw)
 
@@ -212,14 +190,15 @@ def byol_augment(size, mean_std, scale=(0.08, 1.0), blur=True, bicubic=False) ->
 
 
 def multicrop_augment(global_tf, local_tf, n_global: int = 2, n_local: int = 6) -> MultiView:
-    """n global + m local crops [SwAV §3.2]: build global_tf/local_tf with `augmentation(...)`
-    at their own sizes and scales, e.g. 2x224 (0.14, 1) + 6x96 (0.05, 0.14)."""
+    """n global + m local crops [SwAV §3.2], e.g. 2x224 (0.14, 1) + 6x96 (0.05, 0.14)."""
     return MultiView([global_tf] * n_global + [local_tf] * n_local)
 
 
 # ==== 1.3 backbones =======================================================================
 ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base", "smallcnn")
 VIT_SIZES = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # dim, heads
+TIMM_KEYS = {"patch_embed.proj.": "patch_embed.", "attn.qkv.": "qkv.", "attn.proj.": "proj."}
+TIMM_KEYS.update({"mlp.fc1.": "mlp.0.", "mlp.fc2.": "mlp.2."})  # timm / DINO ViT names -> ViT's
 
 
 def build_backbone(arch: str, img_size=224, zero_init_residual=False, norm_layer=None, **kw):
@@ -274,8 +253,7 @@ class Block(nn.Module):  # pre-norm transformer block, attention by F.scaled_dot
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def drop(self, y: torch.Tensor) -> torch.Tensor:
-        """Stochastic depth: in training each sample's branch y [B, N, dim] is kept with
-        probability 1 - p, scaled by 1 / (1 - p) [ref: dino vision_transformer.py drop_path]."""
+        """Stochastic depth: each sample's y kept w.p. 1 - p, / (1 - p) [ref: dino drop_path]."""
         if not self.training or self.drop_path == 0:
             return y
         r = torch.rand(len(y), 1, 1, dtype=y.dtype, device=y.device)  # [B, 1, 1]
@@ -347,8 +325,7 @@ class LARS(torch.optim.Optimizer):
                     ok, trust = (pn > 0) & (dn > 0), eta * pn / dn
                 if g["clip_lr"]:  # min(trust / lr, 1): lr 0 (warm-up start) gives 1
                     trust = (trust / g["lr"] if g["lr"] else torch.ones_like(trust)).clamp(max=1)
-                trust = torch.where(ok, trust, 1.0)
-                torch._foreach_mul_(db, list(trust.unbind()))
+                torch._foreach_mul_(db, list(torch.where(ok, trust, 1.0).unbind()))
                 for i, d in zip(big, db):
                     ds[i] = d
             bufs = [self.state[p].setdefault("mu", torch.zeros_like(p)) for p in ps]
@@ -358,8 +335,7 @@ class LARS(torch.optim.Optimizer):
                 torch._foreach_add_(ps, bufs, alpha=-1.0 if g["classic"] else -g["lr"])
 
 
-def param_groups(modules, wd: float) -> list[dict]:
-    """Weight decay on >= 2-D params only; biases and norm params (ndim <= 1) get none."""
+def param_groups(modules, wd: float) -> list[dict]:  # wd on >= 2-D params only (not biases, norms)
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
@@ -381,8 +357,7 @@ def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0, 
 
 
 def step_schedule(base, total_steps, steps_per_epoch, milestones, factors=(), warmup_steps=0):
-    """Per-step values: base x factors[i] from epoch milestones[i] on (sorted; default x0.1 per
-    milestone passed), times a linear warm-up (s + 1) / warmup_steps over the first steps."""
+    """Per step: base x factors[i] from epoch milestones[i] on (sorted; x0.1 each), x warm-up."""
     factors = factors or [0.1 ** (i + 1) for i in range(len(milestones))]
     f = lambda e: ([1.0] + [x for m, x in zip(milestones, factors) if e >= m])[-1]
     w, spe = max(warmup_steps, 1), steps_per_epoch
@@ -395,8 +370,7 @@ def set_lr(optimizer, lr: float):
 
 
 def optimizer_step(loss, optimizer, scaler, clip: float = 0.0, hook=None) -> torch.Tensor:
-    """backward (loss-scaled under fp16), unscale, hook() on the true gradients (e.g. cancel a
-    frozen layer's: p.grad = None), grad norm (no host sync), clip, step."""
+    """backward (fp16: scaled), unscale, hook() (e.g. p.grad = None), grad norm, clip, step."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -415,15 +389,42 @@ def autocast(args):
 
 
 @torch.no_grad()
-def ema_(target: list, online: list, m: float):
-    """target <- m * target + (1 - m) * online, in place (params only)."""
+def ema_(target: list, online: list, m: float):  # target <- m * target + (1 - m) * online
     torch._foreach_mul_(target, m)
     torch._foreach_add_(target, online, alpha=1.0 - m)
 
 
-def collapse_std(z: torch.Tensor) -> torch.Tensor:
-    """Mean per-dim std of l2-normalised z [SimSiam §4.1]: ~1/sqrt(D) if healthy, 0 collapsed."""
-    return F.normalize(z.detach().float(), dim=1).std(0).mean()
+@torch.no_grad()
+def embedding_stats(z1: torch.Tensor, z2: torch.Tensor | None = None) -> dict:
+    """The collapse monitor, over the GLOBAL batch of embeddings z1 [B, D] (of view 1) and z2 (of
+    view 2, row i the same image; None for one view); at log steps only (eigvalsh syncs). z_std:
+    the mean per-dim std of l2-normalised z1 [SimSiam §4.1]: ~1/sqrt(D) healthy, 0 collapsed.
+    rank: exp of the entropy of z1's singular values s, p = s / sum(s) + 1e-7 [RankMe, Garrido
+    et al. 2023]: 1 to min(B, D). view_top1: how often z2[i] is z1[i]'s nearest (cosine) of all
+    z2: 1/B by chance."""
+    z = gather_no_grad(z1).double()  # float64 Gram: its tiny eigenvalues stay ~0
+    s = torch.linalg.eigvalsh(z @ z.T if len(z) <= z.shape[1] else z.T @ z).clamp(min=0).sqrt()
+    p = s / s.sum() + 1e-7
+    z = F.normalize(z, dim=1)
+    out = {"z_std": z.std(0).mean(), "rank": torch.exp(-(p * p.log()).sum())}
+    if z2 is not None:
+        near = (z @ F.normalize(gather_no_grad(z2).double(), dim=1).T).argmax(1)
+        out["view_top1"] = (near == torch.arange(len(z), device=z.device)).double().mean()
+    return out
+
+
+def collapse_warning(s: dict, dim: int, step: int) -> str:
+    """The warning for a second log step in a row whose embedding_stats (floats s, embeddings of
+    D = dim) look collapsed, else "". Collapsed: z_std 0 (rank 1); healthy: ~1/sqrt(D) [SimSiam
+    §4.1, Fig. 2]. The lowest healthy values measured (README "Expected training curves"): CPC's
+    (non-negative pooled features) z_std x sqrt(D) 0.28, rank 7.8 (cpu-smoke, 60 steps); at
+    random init, batch 8, 0.06 and 1.9 (MoCo v2): the thresholds 0.02 / sqrt(D) and 1.5 between."""
+    low = {"z_std": 0.02 / math.sqrt(dim), "rank": 1.5}
+    signs = ", ".join(f"{k} {s[k]:.3g} < {v:.3g}" for k, v in low.items() if s[k] < v)
+    if not signs:
+        return ""
+    what = "try a lower --lr, check the augmentations and the data"
+    return f"warning: collapse at step {step}? {signs} at 2 log steps in a row: {what}"
 
 
 # ==== PART 2: the run. Data, the device pipeline, checkpoints, evaluation, CLI, logging ===
@@ -455,8 +456,7 @@ except ImportError:
     fcntl = None
 
 
-def fail(msg: str):
-    """One line on stderr naming the fix, no traceback; exit 2 (str(): the line), as argparse."""
+def fail(msg: str):  # "error: msg" on stderr, no traceback; exit 2 as argparse (str(): the line)
     end_bars()
     print(f"error: {msg}", file=sys.stderr, flush=True)
     e = SystemExit(f"error: {msg}")
@@ -464,15 +464,13 @@ def fail(msg: str):
     raise e
 
 
-def end_bars():
-    """Close the open progress bars: a last message then stands on its own line, last."""
+def end_bars():  # close the open progress bars: a last message then stands on its own line, last
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
 
 
 # ==== 2.1 processes =======================================================================
-def setup_ddp(args) -> torch.device:
-    """torchrun env -> NCCL (cuda) / gloo (cpu) group, else one process; fills args' derived."""
+def setup_ddp(args) -> torch.device:  # torchrun's env: NCCL / gloo group; the derived args
     args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and args.device in ("", "cuda")
     if "RANK" in os.environ and not dist.is_initialized():
@@ -509,9 +507,7 @@ IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "folder", "cifar10-npz", "synthetic")
 
 
-class ArrayImages(torch.utils.data.TensorDataset):
-    """uint8 images [N, H, W, 3] + labels -> (PIL image, label)."""
-
+class ArrayImages(torch.utils.data.TensorDataset):  # uint8 [N, H, W, 3] -> (PIL image, label)
     def __getitem__(self, i):
         return Image.fromarray(self.tensors[0][i].numpy()), int(self.tensors[1][i])
 
@@ -525,20 +521,17 @@ def synthetic_images(n: int, size: int, seed: int, num_classes: int = 10) -> Arr
     return ArrayImages((x * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous(), y)
 
 
-def npz_images(path: str, split: str) -> ArrayImages:
-    """CIFAR-10 JPEG npz: image i = header + scans[off[i]:off[i+1]] + EOI (see its README)."""
+def npz_images(path: str, split: str) -> ArrayImages:  # CIFAR-10 JPEG npz (see its README)
     d = np.load(path)
     hdr, scans, off = d["jpeg_header"].tobytes(), d[f"{split}_scans"], d[f"{split}_offsets"]
     x = torch.empty(len(off) - 1, 32, 32, 3, dtype=torch.uint8)
     for i in range(len(off) - 1):
         jpeg = hdr + scans[off[i] : off[i + 1]].tobytes() + b"\xff\xd9"
-        with Image.open(io.BytesIO(jpeg)) as im:
-            x[i] = torch.from_numpy(np.array(im.convert("RGB")))
+        x[i] = torch.from_numpy(np.array(open_rgb(io.BytesIO(jpeg))))
     return ArrayImages(x, torch.from_numpy(d[f"y_{split}"]))
 
 
-def base_datasets(args) -> tuple:
-    """(train, test or None, num_classes) of (PIL image, label) datasets for --dataset."""
+def base_datasets(args, flag: str = "--data-dir") -> tuple:  # (train, test or None, num_classes)
     ds, root, tv = args.dataset, args.data_dir, torchvision.datasets
     if ds == "synthetic":
         size, n = args.img_size, args.subset or 512
@@ -553,13 +546,13 @@ def base_datasets(args) -> tuple:
         if ds == "folder" and not os.path.isdir(train_dir):
             train_dir, val_dir = root, ""
         if not os.path.isdir(train_dir):
-            fail(f"no image folder at {train_dir}; pass --data-dir to a folder with train/ [val/]")
-        try:
-            test = ImageFiles(val_dir) if os.path.isdir(val_dir) else None
+            fail(f"no image folder at {train_dir}; pass {flag} to a folder with train/ [val/]")
+        try:  # a test split only beside labelled training images
             train = ImageFiles(train_dir)
+            test = ImageFiles(val_dir) if train.classes and os.path.isdir(val_dir) else None
             return train, test, len(train.classes)
-        except FileNotFoundError as e:  # no class folder, or one without image files
-            fail(f"{str(e).splitlines()[0]}; pass --data-dir to folders of class folders of images")
+        except FileNotFoundError as e:  # no image file, or a class folder without one
+            fail(f"{str(e).splitlines()[0]}; pass {flag} to a folder of images (or of classes)")
     if ds not in DATASETS:
         fail(f"unknown --dataset {ds}; choose from {', '.join(DATASETS)}")
     try:
@@ -572,8 +565,7 @@ def base_datasets(args) -> tuple:
         fail(f"{why}; point --data-dir at a copy or use --dataset cifar10-npz/folder/synthetic")
 
 
-def open_rgb(path) -> Image.Image:
-    """PIL image (path or file) -> RGB, any mode; 16-bit grayscale scaled, not clipped to 255."""
+def open_rgb(path) -> Image.Image:  # any mode -> RGB; 16-bit grayscale scaled, not clipped to 255
     with Image.open(path) as im:
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG / TIFF grayscale
             x = (np.asarray(im, np.float32) / 257).round().clip(0, 255).astype(np.uint8)
@@ -582,11 +574,18 @@ def open_rgb(path) -> Image.Image:
 
 
 class ImageFiles(torchvision.datasets.ImageFolder):
-    """ImageFolder that never stops a run on a bad file: any format and mode PIL reads -> RGB; an
-    undecodable one is marked in `bad` (shared memory: workers' too) and replaced by the next."""
+    """ImageFolder (images in class folders only), else all images under root, label -1; PIL's
+    formats -> RGB; an undecodable file is marked in `bad` (shared: workers' too), the next used."""
 
     def __init__(self, root: str):
-        super().__init__(root, loader=open_rgb)
+        walk = [os.path.join(d, f) for d, _, fs in os.walk(root, followlinks=True) for f in fs]
+        files = sorted(filter(torchvision.datasets.folder.is_image_file, walk))
+        if all(os.path.relpath(f, root).count(os.sep) == 1 for f in files):
+            super().__init__(root, loader=open_rgb)  # no image file: its error
+        else:  # unlabelled: images at any depth
+            torchvision.datasets.VisionDataset.__init__(self, root)
+            self.loader, self.classes, self.samples = open_rgb, [], [(f, -1) for f in files]
+            self.targets = [-1] * len(files)
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __getitem__(self, i: int):
@@ -598,10 +597,9 @@ class ImageFiles(torchvision.datasets.ImageFolder):
         raise RuntimeError(f"no file under {self.root} can be decoded as an image")
 
 
-def skipped_files(data) -> list[str]:
-    """The undecodable files met so far in the training and test folders (none for arrays)."""
-    sets = [getattr(d, "dataset", None) for d in (data.train, data.test)]
-    sets = [ds for ds in sets if isinstance(ds, ImageFiles)]
+def skipped_files(data) -> list[str]:  # the undecodable files met so far in data's folders
+    sets = [getattr(d, "dataset", None) for d in (data.train, data.train_eval, data.test)]
+    sets = {id(ds): ds for ds in sets if isinstance(ds, ImageFiles)}.values()  # --eval-dir's too
     return [ds.samples[j][0] for ds in sets for j in ds.bad.nonzero()[:, 0].tolist()]
 
 
@@ -640,28 +638,37 @@ def build_data(args, views, mean_std) -> SimpleNamespace:
     """Pretraining set (views: one image -> its views), kNN/linear sets under mean_std (None: none),
     step counts; the batch, the evaluation's limits and what it cannot do, checked now."""
     train, test, nc = base_datasets(args)
+    labelled, e, need = train, args.eval_dir, "train/ and val/ of class folders"
+    if e:  # evaluation and fine-tuning on these labelled images, pretraining on --data-dir's
+        folders = SimpleNamespace(dataset="imagenet", data_dir=e)  # train/ and val/
+        labelled, test, nc = base_datasets(folders, "--eval-dir")
+        if test is None or labelled.classes != test.classes:
+            fail(f"--eval-dir {e}: needs {need}, the same in both; pass such a folder")
     size, n, cap, ff = args.img_size, args.subset, args.knn_subset, args.finetune_fraction
-    ev, seed = eval_transform(size, mean_std), args.seed
+    ev, seed, m = eval_transform(size, mean_std), args.seed, 0 if e else n  # --subset: --data-dir's
     data = SimpleNamespace(num_classes=nc, train=Indexed(train, views, n, seed=seed))
-    data.train_eval = Indexed(train, ev, cap or n, labelled_only=True)
-    data.train_linear = Indexed(train, eval_transform(size, mean_std, train=True), n, True, seed)
+    data.train_eval = Indexed(labelled, ev, cap or m, labelled_only=True)
+    data.train_linear = Indexed(labelled, eval_transform(size, mean_std, train=True), m, True, seed)
     data.test = Indexed(test, ev, cap) if test is not None else None
     n, B = len(data.train), args.batch_size
     if n < B:
         fail(f"--batch-size {B} is larger than the {n} training images; pass {n} or less")
     args.steps_per_epoch, args.total_steps = n // B, n // B * args.epochs
     monitors, val = args.knn_every or args.linear_epochs, os.path.join(args.data_dir, "val")
+    why, fix = f"no test split ({val} not found)", "add a val/ folder"
+    if not nc:  # images without labels
+        why, fix = f"{train.root} has no class folders (labels)", f"pass --eval-dir DIR with {need}"
     if test is None and ff:  # asked for, with nothing to measure it on
         d = getattr(args, "distill_epochs", 0)  # SimCLR v2 distils the fine-tuned network
         what = f"--finetune-fraction {ff}" + (f" and --distill-epochs {d}" if d else "")
         drop = "--finetune-fraction" + (" and --distill-epochs" if d else "")
-        fail(f"{what}: no test split ({val} not found); add a val/ folder or drop {drop}")
+        fail(f"{what}: {why}; {fix} or drop {drop}")
     elif test is None and monitors and args.is_main:
-        why = f"no test split ({val} not found): no kNN monitor or linear probe"
-        print(f"note: {why}", file=sys.stderr)
-    elif nc == 1 and (monitors or ff) and args.is_main:  # a folder without class folders
-        why = f"all labelled images are of one class ({train.classes[0]}): every accuracy is 100%"
-        print(f"warning: {why}, meaningless; give each class its own folder", file=sys.stderr)
+        tail = "" if nc else f"; {fix}"
+        print(f"note: {why}: no kNN monitor or linear probe{tail}", file=sys.stderr)
+    elif nc == 1 and (monitors or ff) and args.is_main:  # one class folder
+        why = f"all labelled images are of one class ({labelled.classes[0]}): every accuracy is"
+        print(f"warning: {why} 100%, meaningless; give each class its own folder", file=sys.stderr)
     if test is not None and args.linear_epochs:  # the linear probe's limits
         linear_batch_size(data, args, warn=False)
     if test is not None and ff:  # fine-tuning's
@@ -670,10 +677,8 @@ def build_data(args, views, mean_std) -> SimpleNamespace:
     return data
 
 
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler yielding (index, epoch) keys; skip: resume mid-epoch without loading."""
-
-    skip = 0  # samples to drop at the start of the next epoch
+class ResumableSampler(torch.utils.data.DistributedSampler):  # yields (index, epoch) keys
+    skip = 0  # samples to drop at the start of the next epoch: resume mid-epoch without loading
 
     def set_epoch(self, epoch: int, skip: int = 0):
         self.epoch, self.skip = epoch, skip
@@ -683,8 +688,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return iter(keys)
 
 
-def worker_sigterm(training: torch.Tensor, worker_id: int):
-    """SIGTERM (to every process): a worker ignores it while the run trains, else exits quietly."""
+def worker_sigterm(training: torch.Tensor, worker_id: int):  # ignored while fit trains, else exit
     signal.signal(signal.SIGTERM, lambda signum, frame: None if training else os._exit(0))
 
 
@@ -698,26 +702,16 @@ def make_loader(ds, args, batch_size: int, train: bool = True, collate=None):
 
 
 def eval_transform(size: int, mean_std=None, train: bool = False) -> T.Compose:
-    """train (linear probe): random resized crop + flip [MoCo main_lincls.py]; test: resize
-    256/224 + square centre crop at ImageNet scale, the plain image at CIFAR scale."""
+    """train: crop + flip [MoCo main_lincls.py]; test: resize 256/224 + centre crop (> 64 px), and
+    .batched: the same on float batches [B, 3, S, S] in [0, 1] of square images (in-memory data)."""
     if train:
         return to_tensor([T.RandomResizedCrop(size), T.RandomHorizontalFlip()], mean_std)
     tf = to_tensor([T.Resize(size * 8 // 7 if size > 64 else size), T.CenterCrop(size)], mean_std)
-    tf.batched = partial(eval_batch, size=size, mean_std=mean_std)  # for in-memory data
+    tf.batched = T.Compose([*tf.transforms[:2], partial(normalize, mean_std=mean_std)])
     return tf
 
 
-def eval_batch(x: torch.Tensor, size: int, mean_std=None) -> torch.Tensor:
-    """eval_transform's test branch on a float batch [B, 3, S, S] in [0, 1] of square images."""
-    side = size * 8 // 7 if size > 64 else size
-    if x.shape[-1] != side:
-        x = F.interpolate(x, (side, side), mode="bilinear", antialias=True).clamp_(0.0, 1.0)
-    o = round((side - size) / 2)  # CenterCrop's offset
-    return normalize(x[..., o : o + size, o : o + size], mean_std)
-
-
-def normalize(x: torch.Tensor, mean_std=None) -> torch.Tensor:
-    """T.Normalize on a batch, with Python scalars: no host-to-device copy (a sync) per call."""
+def normalize(x: torch.Tensor, mean_std=None) -> torch.Tensor:  # T.Normalize, no host-device copy
     if not mean_std:
         return x
     return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(*mean_std))], 1)
@@ -725,8 +719,7 @@ def normalize(x: torch.Tensor, mean_std=None) -> torch.Tensor:
 
 # ==== 2.3 the device pipeline: batched twins of the recipes, device-resident data =========
 def rrc_boxes(h, w, scale, ratio=(3 / 4, 4 / 3), g=None, tries: int = 10) -> torch.Tensor:
-    """T.RandomResizedCrop.get_params for sizes h, w ([B] float) -> [B, 4] (x0, y0, x1, y1): the
-    first fitting of `tries` draws (area U(scale) h w, log-ratio U(log ratio)), else the centre."""
+    """T.RandomResizedCrop.get_params for B sizes h, w (float) -> [B, 4] (x0, y0, x1, y1)."""
     B, dev, lr = len(h), h.device, (math.log(ratio[0]), math.log(ratio[1]))
     area = torch.empty(B, tries, device=dev).uniform_(*scale, generator=g) * (h * w)[:, None]
     r = torch.empty(B, tries, device=dev).uniform_(*lr, generator=g).exp()
@@ -747,8 +740,7 @@ def gray(x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 1, H, W], torc
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by f [B] turns: RGB -> HSV, h + f mod 1, -> RGB (torchvision's formulas)."""
+def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # hue + f turns (torchvision's)
     r, g_, b = x.unbind(1)
     v, vmin = x.amax(1), x.amin(1)
     c = v - vmin
@@ -760,9 +752,8 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     i6 = (h * 6.0).floor()
     fr, i = h * 6.0 - i6, i6.long() % 6
     p, q, t = ((v * (1.0 - s * k)).clamp(0.0, 1.0) for k in (1.0, fr, 1.0 - fr))
-    table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], 1)  # [B,18,H,W]
-    idx = i[:, None] + torch.arange(0, 18, 6, device=x.device)[None, :, None, None]
-    return table.gather(1, idx)
+    idx = i[:, None] + torch.arange(0, 18, 6, device=x.device)[None, :, None, None]  # [B, 3, H, W]
+    return torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], 1).gather(1, idx)
 
 
 def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float = 2.0):
@@ -778,9 +769,8 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float =
 
 
 def crop_resize(x: torch.Tensor, box: torch.Tensor, size: int, bicubic=False) -> torch.Tensor:
-    """Boxes [B, 4] (x0, y0, x1, y1 in pixels) of x [B, C, H, W] -> [B, C, size, size]: the samples
-    of crop then resize (align_corners=False, clamped inside the box); a shrinking crop averages
-    s x s samples per pixel, s = ceil(side / size): a box filter (torchvision's: a triangle)."""
+    """Boxes [B, 4] (x0, y0, x1, y1 px) of x [B, C, H, W] -> crop then resize [B, C, size, size];
+    shrinking: a pixel the mean of s x s samples, s = ceil(side / size) (torchvision: triangle)."""
     B, _, H, W = x.shape
     s = max(1, math.ceil(max(H, W) / size))
     t = (torch.arange(size * s, device=x.device, dtype=x.dtype) + 0.5) / (size * s)
@@ -831,8 +821,7 @@ class BatchAugment:
         self.size, self.mean_std = o.size, o.mean_std
 
     def sample(self, h: torch.Tensor, w: torch.Tensor, g=None) -> dict:
-        """Parameters for images of sizes h, w ([B] float): crop box, flip, jitter factors
-        (identity when not applied) and op order, grayscale, blur sigma (0: none), solarize."""
+        """Per-sample parameters for images of sizes h, w ([B] float); an op not drawn: identity."""
         o, B, dev = self.o, len(h), h.device
         u = lambda *s: torch.rand(*s, device=dev, generator=g)
         on, f = u(B) < o.jitter_p, u(B, 4)
@@ -846,10 +835,8 @@ class BatchAugment:
         return p
 
     def __call__(self, x: torch.Tensor, g=None, hw=None) -> torch.Tensor:
-        """Float images [B, 3, H, W] in [0, 1] (hw [B, 2]: their true sizes when x holds them
-        resized to one canvas) -> views [B, 3, size, size], mean/std-normalised if given."""
-        full = lambda v: torch.full((len(x),), float(v), device=x.device)
-        hw = hw if hw is not None else torch.stack([full(x.shape[-2]), full(x.shape[-1])], 1)
+        """Images [B, 3, H, W] in [0, 1] (hw [B, 2]: true sizes, x a canvas) -> normalised views."""
+        hw = hw if hw is not None else x.new_tensor([x.shape[-2:]]).float().expand(len(x), 2)
         return self.apply(x, self.sample(hw[:, 0], hw[:, 1], g), hw)
 
     def apply(self, x: torch.Tensor, p: dict, hw: torch.Tensor) -> torch.Tensor:
@@ -867,9 +854,8 @@ class BatchAugment:
 
     @staticmethod
     def jitter(x: torch.Tensor, p: dict) -> torch.Tensor:
-        """torchvision's ColorJitter, each sample in its own random op order: the blends (brightness
-        towards 0, contrast the grey mean, saturation the grey image) before its hue, hue, the rest;
-        factor 1: exactly the identity. p["additive"]: brightness x + f, clipped (0: identity)."""
+        """torchvision's ColorJitter, in each sample's op order: blends (factor 1: the identity)
+        before its hue, hue, the rest. p["additive"]: brightness x + f, clipped (0: identity)."""
         f, order = p["jitter"], p["order"]
         hue_at = (order == 3).int().argmax(1)
         towards = (lambda x: 0.0, lambda x: gray(x).mean((1, 2, 3), keepdim=True), gray)
@@ -890,8 +876,7 @@ class BatchAugment:
         return blends(x, range(1, 4), lambda k: k > hue_at)
 
 
-def image_arrays(base):
-    """(uint8 [N, H, W, 3], labels) of in-memory images; None: an image folder (read per batch)."""
+def image_arrays(base):  # (uint8 [N, H, W, 3], labels) of in-memory images; None: image files
     if isinstance(base, ArrayImages):
         return base.tensors
     if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR-100 too
@@ -901,18 +886,10 @@ def image_arrays(base):
     return None
 
 
-def read_bytes(path: str) -> torch.Tensor:
-    """A file's bytes as uint8 (empty when it is empty or unreadable: then it does not decode)."""
-    try:
-        with open(path, "rb") as f:
-            return torch.frombuffer(bytearray(f.read()) or bytearray(1), dtype=torch.uint8)
-    except OSError:
-        return torch.zeros(1, dtype=torch.uint8)
-
-
-def collate_bytes(batch: list) -> tuple:  # variable-length file bytes stay a list
-    data, y, i = zip(*batch)
-    return list(data), torch.tensor(y), torch.tensor(i)
+def read_bytes(path: str) -> torch.Tensor:  # uint8; unreadable or empty: one 0 (undecodable)
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return torch.frombuffer(bytearray(f.read()) or bytearray(1), dtype=torch.uint8)
+    return torch.zeros(1, dtype=torch.uint8)
 
 
 def read_image(data: torch.Tensor, device):
@@ -933,8 +910,7 @@ def read_image(data: torch.Tensor, device):
     return im.to(device, non_blocking=True)
 
 
-def decode(data: list, device) -> list:
-    """Files' bytes -> [3, H, W] floats in [0, 1] on device (None: undecodable); JPEGs at once."""
+def decode(data: list, device) -> list:  # -> [3, H, W] in [0, 1] on device (None: undecodable)
     rgb = torchvision.io.ImageReadMode.RGB
     with contextlib.suppress(RuntimeError):  # else a file is no JPEG, broken, or CMYK (nvJPEG)
         jpegs = torchvision.io.decode_jpeg(data, mode=rgb, device=device)
@@ -950,10 +926,7 @@ def to_canvas(imgs: list, canvas: int, device) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([resize(im) for im in imgs]).clamp_(0, 1), hw
 
 
-class DeviceLoader:
-    """make_loader's batches (views, labels, indices), augmented on the device (BatchAugment):
-    uint8 arrays live there, workers read the files; views seeded by (seed, epoch, rank, batch)."""
-
+class DeviceLoader:  # make_loader's batches (views, labels, indices), augmented on the device
     def __init__(self, ds, views: list, args, batch_size: int):
         self.device, self.batch_size = torch.device(args.device), batch_size
         self.ds, self.views, self.canvas, self.key = ds, views, 0, (args.seed, args.rank)
@@ -968,17 +941,17 @@ class DeviceLoader:
             self.canvas = 2 * max(v.size for v in self.views)
             files = Indexed(ds.dataset.samples, read_bytes)  # (file bytes, label, index)
             files.indices = ds.indices
-            self.files = make_loader(files, args, batch_size, collate=collate_bytes)
+            self.files = make_loader(files, args, batch_size, collate=list)  # lengths differ
             self.sampler = self.files.sampler
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
 
-    def batches(self):
-        """(float images in [0, 1], true sizes or None, labels, indices) per batch."""
+    def batches(self):  # (float images in [0, 1], true sizes or None, labels, indices) per batch
         if self.canvas:
-            to = lambda t: t.to(self.device, non_blocking=True)
-            for data, y, i in self.files:
+            to = lambda t: torch.as_tensor(t).to(self.device, non_blocking=True)
+            for batch in self.files:
+                data, y, i = map(list, zip(*batch))  # the files' bytes, labels, indices
                 imgs = decode(data, self.device)
                 for k in (k for k, im in enumerate(imgs) if im is None):  # as in ImageFiles:
                     base, j = self.ds.dataset, self.ds.indices[int(i[k])]
@@ -998,8 +971,7 @@ class DeviceLoader:
             yield [v(x, g, hw) for v in self.views], y, i
 
 
-def train_loader(data, args):
-    """--pipeline device (auto: on CUDA): DeviceLoader with BatchAugment twins; else make_loader."""
+def train_loader(data, args):  # --pipeline device: DeviceLoader of BatchAugment twins; else CPU
     ds, B = data.train, args.batch_size_per_gpu
     if on_device(args):
         try:
@@ -1017,8 +989,7 @@ def on_device(args) -> bool:  # --pipeline resolved (auto: device on CUDA)
 
 
 # ==== 2.4 checkpoints, resume, SIGTERM, the out-dir lock ==================================
-def save_checkpoint(path: str, state: dict):
-    """Atomic (a temp file renamed over the old one); a refused write: an OSError naming it."""
+def save_checkpoint(path: str, state: dict):  # atomic: a temp file renamed; OSError names its file
     try:
         with open(f"{path}.tmp", "wb") as f:
             torch.save(state, f)
@@ -1027,11 +998,11 @@ def save_checkpoint(path: str, state: dict):
         raise OSError(e.errno, e.strerror, e.filename or f"{path}.tmp") from e
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, weights_only=False, fix="delete it or pass --resume none") -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # any unreadable file: one line, with the way out
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); delete it or pass --resume none")
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); {fix}")
 
 
 _RUN = SimpleNamespace(saved=None, sigterm=False, previous=None, training=None)  # fit's guards
@@ -1043,7 +1014,7 @@ ANEW = "pass --resume none or another --out-dir"
 RESUME_FIXED = ("version", "dataset", "subset", "seed", "batch_size", "epochs", "warmup_epochs")
 RESUME_QUIET = ("data_dir", "workers", "out_dir", "resume", "device", "compile", "log_every")
 RESUME_QUIET += ("max_steps", "knn_every", "knn_k", "knn_t", "knn_subset", "batch_size_per_gpu")
-RESUME_QUIET += ("ckpt_minutes",)
+RESUME_QUIET += ("ckpt_minutes", "init")
 KINDS = {"skipped_files": "skipped", "loss": "train", "finetune_top1": "finetune", "epoch": "eval"}
 _OUT_DIR_LOCK = []  # the lock file this process holds open while main() runs
 REFUSED = {errno.ENOSPC: "free space", errno.EDQUOT: "free space"}  # writes, and the way on
@@ -1088,15 +1059,13 @@ def save_state(path: str, model, optimizer, scaler, step: int, args, finite=None
 
 @torch.no_grad()
 def all_finite(tensors, bound: float = math.inf) -> torch.Tensor:
-    """0-dim bool, not read here: every value of the floating tensors below bound in magnitude
-    (so no NaN or inf). One fused reduction, the max-abs norm of each (NaN propagates)."""
+    """0-dim bool, not read here: each floating tensor's max-abs norm (NaN propagates) < bound."""
     ts = [t for t in tensors if t.is_floating_point() and t.numel()]
     dev = ts[0].device  # optimizer step counters may live on the CPU
     return (torch.stack([n.to(dev) for n in torch._foreach_norm(ts, math.inf)]) < bound).all()
 
 
-def agreed(*flags) -> list[bool]:
-    """This rank's flags (0-dim tensors, bools) -> True where any rank's is: one all-reduce."""
+def agreed(*flags) -> list[bool]:  # 0-dim tensors or bools -> True where any rank's is (1 reduce)
     dev = next(f.device for f in flags if torch.is_tensor(f))
     v = torch.stack([torch.as_tensor(f, device=dev).reshape(()).int() for f in flags])
     if get_world_size() > 1:
@@ -1114,8 +1083,7 @@ def check_step(finite: torch.Tensor, step: int, args) -> bool:
     return stop or save
 
 
-def diverged(step: int, what: str, args) -> str:
-    """The line that ends a diverged run, with the command that goes on at lr / 10 (<= recipe's)."""
+def diverged(step: int, what: str, args) -> str:  # the error, with a command going on at lr / 10
     kept = f"the last good checkpoint (step {_RUN.saved}) is kept"
     kept = "no checkpoint was saved" if _RUN.kept is None else kept
     cls, params = type(args), inspect.signature(type(args).recipe).parameters
@@ -1158,47 +1126,41 @@ def training_flag() -> torch.Tensor:  # whether fit trains, in memory shared wit
     return _RUN.training
 
 
-def check_config(saved: dict, args, step: int) -> str:
-    """The checkpoint's config against this run's: one line for a change that breaks the schedule
-    or the samples' order, else a note of the others; another world size keeps both (mid-epoch)."""
-    now, show = config_dict(args), lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else v
+def misfits(have: dict, want: dict, free=(), odd=()) -> str:  # one line, "" if have fits want
+    free = {*free, *(k for k in want if k.endswith("num_batches_tracked"))}  # old torchvision
+    shapes = [(k, list(v.shape), list(want[k].shape)) for k, v in have.items() if k in want]
+    shapes = [f"shape of {k}: checkpoint {a}, model {b}" for k, a, b in shapes if a != b]
+    missing = [k for k in want if k not in have and k not in free]
+    odd = [*odd, *(k for k in have if k not in want)]
+    found = [("missing ", ", ", missing), ("unexpected ", ", ", odd), ("", "; ", shapes)]
+    return "; ".join(w + s.join(x[:3]) + (" ..." if len(x) > 3 else "") for w, s, x in found if x)
+
+
+def load_state(path: str, model, optimizer, scaler, args) -> int:
+    """Everything save_state wrote -> the step, once the settings (a change that breaks the schedule
+    or the samples' order: one line; others: a note; another world size keeps both, mid-epoch),
+    names and shapes fit. `per_rank` buffers: this rank's, or zeros at another world size."""
+    ckpt = load_checkpoint(path)
+    saved, now = ckpt.get("args", {}), config_dict(args)
     if saved.get("method", now["method"]) != now["method"]:  # said before settings and tensors
-        where = os.path.join(args.out_dir, "ckpt.pth") if args.resume == "auto" else args.resume
-        fail(f"{where} is a {saved['method']}.py checkpoint, not {now['method']}.py's; {ANEW}")
+        fail(f"{path} is a {saved['method']}.py checkpoint, not {now['method']}.py's; {ANEW}")
     name = lambda k: "world size" if k == "world_size" else "--" + k.replace("_", "-")
     diff = [k for k in now if k in saved and now[k] != saved[k]]
     for k in (k for k in (*RESUME_FIXED, "steps_per_epoch") if k in diff):
-        a, b, flag = show(now[k]), show(saved[k]), name(k)
+        a, b, flag = shown(now[k]), shown(saved[k]), name(k)
         why = f"{flag} {a} differs from the checkpoint's {b}; pass {flag} {b} to resume"
         if k == "steps_per_epoch":  # the same flags, other data (e.g. files added to a folder)
             why = f"the training data gives {a} steps per epoch, the checkpoint's {b} (images "
             why += "added or removed?); restore them to resume"
         fail(f"{why}, or --resume none / another --out-dir to start anew")
     diff = [k for k in diff if k not in RESUME_QUIET and not k.startswith("linear_")]
-    what = ", ".join(f"{name(k)} {show(now[k])} (was {show(saved[k])})" for k in diff)
-    why = "; random streams and per-rank state restart" if "world_size" in diff else ""
-    return f"note: resuming step {step} with {what}{why}" if diff else ""
-
-
-def load_state(path: str, model, optimizer, scaler, args) -> int:
-    """Everything save_state wrote, once the settings (check_config), tensor names and shapes fit;
-    -> the step. `per_rank` buffers: this rank's, or zeros at another world size (SwAV's queue)."""
-    ckpt = load_checkpoint(path)
-    note = check_config(ckpt.get("args", {}), args, ckpt["step"])
     net, same_world = unwrap(model), len(ckpt["ranks"]) == args.world_size
     own = getattr(net, "per_rank", ())
     mine = ckpt["ranks"][args.rank] if same_world else {"buffers": {}}
     state = {k: v for k, v in ckpt["model"].items() if k not in own}
-    want, have = net.state_dict(), {**state, **mine["buffers"]}  # one line: the first misfits
-    shapes = [(k, list(v.shape), list(want[k].shape)) for k, v in have.items() if k in want]
-    found = [
-        ("missing ", ", ", [k for k in want if k not in have and k not in own]),
-        ("unexpected ", ", ", [k for k in have if k not in want]),
-        ("", "; ", [f"shape of {k}: checkpoint {a}, model {b}" for k, a, b in shapes if a != b]),
-    ]
-    bad = [w + s.join(xs[:3]) + (" ..." if len(xs) > 3 else "") for w, s, xs in found if xs]
+    bad = misfits({**state, **mine["buffers"]}, net.state_dict(), own)
     if bad:
-        fail(f"checkpoint {path} does not fit this model: {'; '.join(bad)}; {ANEW}")
+        fail(f"checkpoint {path} does not fit this model: {bad}; {ANEW}")
     try:
         net.load_state_dict(state, strict=False)  # strict but for `own`: checked above
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1215,21 +1177,27 @@ def load_state(path: str, model, optimizer, scaler, args) -> int:
             torch.cuda.set_rng_state(mine["cuda"])
     else:  # another world size cannot continue the same random streams
         torch.manual_seed(args.seed + args.rank + ckpt["step"])
-    if note and args.is_main:
-        print(note, file=sys.stderr, flush=True)
+    if diff and args.is_main:
+        what = ", ".join(f"{name(k)} {shown(now[k])} (was {shown(saved[k])})" for k in diff)
+        why = "; random streams and per-rank state restart" if "world_size" in diff else ""
+        print(f"note: resuming step {ckpt['step']} with {what}{why}", file=sys.stderr, flush=True)
     return ckpt["step"]
 
 
-def resume(ckpt: str, model, optimizer, scaler, args) -> int:
+def resume(ckpt: str, model, optimizer, scaler, args, backbone, release: dict) -> int:
     """--resume auto (ckpt if present), a path or none -> the step to start from; config.json is
     written only now (a refused resume leaves it as it was); then SIGTERM saves and ends the run."""
     path, step = ckpt if args.resume == "auto" else args.resume, 0
     loaded = args.resume != "none" and os.path.isfile(path)
     if loaded:
         step = load_state(path, model, optimizer, scaler, args)
+        if args.init and args.is_main:  # the checkpoint wins: a resume stays exact
+            print(f"note: --init ignored: {path} resumes (anew: --resume none)", file=sys.stderr)
     elif args.resume not in ("auto", "none"):
         fail(f"--resume {path}: no such file; pass a checkpoint path, auto or none")
     else:
+        if args.init:  # step 0, in place: the optimizer holds these parameters, its state is new
+            init_weights(args.init, unwrap(model), backbone, release, args)
         torch.manual_seed(args.seed + args.rank)  # per-rank streams (e.g. MoCo's key permutation)
     if args.is_main:
         try:
@@ -1241,6 +1209,53 @@ def resume(ckpt: str, model, optimizer, scaler, args) -> int:
     _RUN.kept, _RUN.saved_at = path if loaded else None, time.monotonic()
     catch_sigterm(step < last_step(args))  # none when only the final evaluation is left
     return step
+
+
+def init_weights(path: str, net: nn.Module, backbone: nn.Module, release: dict, args):
+    """--init, in place: a backbone file (torchvision / timm names) into the backbone and each
+    module of its shape, else `release` {file key prefix: model key prefix, None}, longest wins."""
+    torch.serialization.add_safe_globals([argparse.Namespace])  # DINO's checkpoints hold args
+    obj = load_checkpoint(path, True, "pass a PyTorch weights file (see the README)")
+    todo, flat = [("", obj if isinstance(obj, dict) else {})], {}
+    for pre, d in todo:  # nested dicts (appended to todo) -> dotted keys, tensor leaves only
+        flat.update({f"{pre}{k}": v for k, v in d.items() if torch.is_tensor(v)})
+        todo += [(f"{pre}{k}.", v) for k, v in d.items() if isinstance(v, dict)]
+    for a, b in TIMM_KEYS.items():  # timm's ViT names -> ViT's
+        flat = {k.replace(a, b): v for k, v in flat.items()}
+    pre = {k: max((p for p in release if k.startswith(p)), key=len, default=None) for k in flat}
+    odd = [k for k, p in pre.items() if p is None]  # in no prefix of the official layout
+    got = {release[p] + k[len(p) :]: flat[k] for k, p in pre.items() if release.get(p) is not None}
+    want, sig = backbone.state_dict(), lambda m: [(k, v.shape) for k, v in m.state_dict().items()]
+    bb = {k.removeprefix("state_dict.").removeprefix("module."): v for k, v in flat.items()}
+    bb = {k: v for k, v in bb.items() if k in want or not k.startswith(("fc.", "head."))}
+    bad = misfits(bb, want)
+    if not bad:  # also into the momentum copy, DINO's student
+        copies = {n: m for n, m in net.named_modules() if sig(m) == sig(backbone)}
+        for m in copies.values():
+            m.load_state_dict(bb)
+        note = f"{' + '.join(copies)} loaded ({len(bb)} tensors)"
+    elif not got:  # nothing of the official layout either
+        why = "or an official release (README)" if release else "(README: no PyTorch release)"
+        fail(f"--init {path} does not fit the backbone ({bad}); pass a backbone file {why}")
+    else:  # method state (queue, bank, centre) the file lacks or shapes otherwise: its init
+        want, kids = net.state_dict(), dict(net.named_children())
+        keep = dict(net.named_buffers(recurse=False))
+        kept = [k for k in keep if k not in got or got[k].shape != keep[k].shape]
+        done, copies = {k.split(".")[0] for k in got}, {}
+        got = {k: v for k, v in got.items() if k not in kept}
+        for n, m in kids.items():  # a frozen copy the file lacks: its original's [builder.py]
+            if n not in done and not any(p.requires_grad for p in m.parameters()):
+                copies.update((n, s) for s in kids if s in done and sig(kids[s]) == sig(m))
+        bad = misfits(got, want, [*kept, *(k for k in want if k.split(".")[0] in copies)], odd)
+        if bad:
+            fail(f"--init {path} does not fit this model: {bad}; see the README for the releases")
+        net.load_state_dict(got, strict=False)
+        for n, s in copies.items():
+            kids[n].load_state_dict(kids[s].state_dict())
+        copied = "".join(f"; {n} copied from {s} (not in the file)" for n, s in copies.items())
+        note = f"official layout, {len(got)} tensors{copied}; at init: {', '.join(kept) or '-'}"
+    if args.is_main:
+        print(f"note: --init {path}: {note}; step 0, a new optimizer", file=sys.stderr, flush=True)
 
 
 def last_step(args) -> int:  # where fit's training ends: --max-steps, else all --epochs
@@ -1276,16 +1291,14 @@ def write_records(path: str, records):  # atomically, as strict JSON
     os.replace(f"{path}.tmp", path)
 
 
-def claim_out_dir(out_dir: str):
-    """One run per folder (a flock on run.lock till main() or its process ends); removes *.tmp."""
+def claim_out_dir(out_dir: str):  # flock run.lock till main() or the process ends; removes *.tmp
     f = open(os.path.join(out_dir, "run.lock"), "a+")
     try:
         if fcntl is None:
             raise OSError(0, "no file locks on this system")
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         f.truncate(0)
-        f.write(str(os.getpid()))  # for the message below
-        f.flush()
+        print(os.getpid(), end="", file=f, flush=True)  # for the message below
         _OUT_DIR_LOCK.append(f)
     except OSError as e:
         f.seek(0)
@@ -1308,7 +1321,10 @@ def one_run_per_out_dir(main):
     def run(args):
         _RUN.saved, made = None, not os.path.exists(args.data_dir)
         try:
-            return main(args)
+            out = main(args)
+            if dist.is_initialized():  # torch 2.4: destroying a gloo group right after a
+                dist.barrier()  # collective can deadlock on that collective's tensors
+            return out
         except BaseException as e:
             end_bars()
             if isinstance(e, OSError) and e.errno in REFUSED:
@@ -1357,14 +1373,12 @@ def extract(fn, ds, args, batch_size: int = 256) -> tuple[torch.Tensor, torch.Te
     return f.new_empty(n, f.shape[1]).index_copy_(0, idx, f), y.new_empty(n).index_copy_(0, idx, y)
 
 
-def progress(it, desc: str, args, total=None) -> tqdm:
-    """A transient bar (main process) over an evaluation's batches or epochs: host-side only."""
+def progress(it, desc: str, args, total=None) -> tqdm:  # a transient bar, main process
     return tqdm(it, desc, total, leave=False, disable=not args.is_main, dynamic_ncols=True)
 
 
 def capped_batch(n: int, field: str, args, what: str, source: str, warn: bool, lr=None) -> int:
-    """args.<field>, or all n images (a multiple of the world size) when fewer, with a warning (and
-    the lr x B/256 that follows, given lr); n < processes: one line naming `source`, n's flag."""
+    """args.<field>, or n // W * W if fewer, warned (+ lr x b/256 given lr); n < W: fail, source."""
     B, w = getattr(args, field), args.world_size
     if n < w:
         fail(f"{source}: {n} {what} for {w} processes; need at least {w}")
@@ -1376,8 +1390,7 @@ def capped_batch(n: int, field: str, args, what: str, source: str, warn: bool, l
     return b
 
 
-def linear_batch_size(data, args, warn: bool = True) -> int:
-    """--linear-batch-size, or all the probe's training images when fewer (capped_batch)."""
+def linear_batch_size(data, args, warn: bool = True) -> int:  # --linear-batch-size (capped_batch)
     B, w, cached = args.linear_batch_size, args.world_size, args.linear_cached
     if B % w:
         fail(f"--linear-batch-size {B} is not divisible by world size {w}; pass a multiple")
@@ -1389,9 +1402,7 @@ def linear_batch_size(data, args, warn: bool = True) -> int:
 
 
 @contextlib.contextmanager
-def eval_rng(args):
-    """Evaluation in its own random streams (torch's CPU and this device's CUDA, Python's) seeded
-    by --seed alone, then restored: training draws as without evaluation, and resumes exactly."""
+def eval_rng(args):  # own random streams seeded by --seed, then restored: training unaffected
     dev, state = torch.device(args.device), random.getstate()
     cuda = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(cuda, device_type="cuda"):
@@ -1417,17 +1428,14 @@ def knn_predict(feats, bank, bank_labels, num_classes: int, k: int = 200, t: flo
     return torch.cat(scores)
 
 
-def knn_eval(fn, data, args) -> float:
-    """kNN top-1 (%) on the test split, bank = training images under the test transform."""
+def knn_eval(fn, data, args) -> float:  # kNN top-1 (%) on the test split, bank: train_eval
     bank, bank_y = extract(fn, data.train_eval, args)
     test, test_y = extract(fn, data.test, args)
     pred = knn_predict(test, bank, bank_y, data.num_classes, args.knn_k, args.knn_t).argmax(1)
     return (pred == test_y).float().mean().item() * 100
 
 
-def labelled_subset(ds, args) -> list[int]:
-    """Positions in ds keeping their label: the files in --finetune-list (one a line, as simclr's
-    imagenet_subsets), else per class the first round(fraction x size) of a --seed permutation."""
+def labelled_subset(ds, args) -> list[int]:  # kept labelled: --finetune-list's, or a --seed share
     if args.finetune_list:
         with open(args.finetune_list) as f:
             names = [line.strip() for line in f if line.strip()]
@@ -1449,22 +1457,17 @@ def labelled_subset(ds, args) -> list[int]:
 
 class StreamBatches:
     """Batch sampler: steps start..total-1 of `batch` images from endless epochs, each permuted by
-    (seed, epoch) as the official TF pipelines; this rank's batch / W as (index, epoch) keys: the
-    same global batches at any world size and on resume. (DEVIATION: SwAV's and Barlow Twins'
-    loops end each epoch with a smaller batch.)"""
+    (seed, epoch) as the TF pipelines; this rank's batch / W as (index, epoch) keys, alike at any
+    world size and on resume (DEVIATION: SwAV's, Barlow Twins' epochs end in a smaller batch)."""
 
     def __init__(self, n: int, batch: int, start: int, total: int, args):
         self.n, self.batch, self.start, self.total, self.seed = n, batch, start, total, args.seed
         self.part, self.offset = batch // args.world_size, args.rank * (batch // args.world_size)
 
-    def __len__(self):
-        return self.total - self.start
-
     def __iter__(self):
         perms = {}
         for s in range(self.start, self.total):
-            first = s * self.batch + self.offset
-            keys = []
+            keys, first = [], s * self.batch + self.offset
             for p in range(first, first + self.part):
                 e = p // self.n
                 if e not in perms:  # the epochs before e are done
@@ -1474,8 +1477,7 @@ class StreamBatches:
             yield keys
 
 
-def fingerprint(module: nn.Module) -> str:
-    """sha1 of a module's state: a resumed fine-tuning must start from the same weights."""
+def fingerprint(module: nn.Module) -> str:  # sha1 of its state: resume only the same weights
     h = hashlib.sha1()
     for k, v in module.state_dict().items():
         h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
@@ -1483,9 +1485,8 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, args, track=None):
-    """Train net len(sched) steps of `batch` images of ds (StreamBatches) on loss_fn(x, y), lr
-    "lr0" x sched[step]. Each epoch's end: rank 0's buffers everywhere, track(net) (e.g. test
-    accuracy) into the history, `path` written (a rerun with the same key continues it)."""
+    """Train net on loss_fn(x, y): len(sched) steps of `batch` images of ds, lr "lr0" x sched[step].
+    Epoch ends: rank 0's buffers, track(net) to history, `path` saved (same key: rerun resumes)."""
     n, total, device = len(ds), len(sched), torch.device(args.device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, history, loss = 0, [], torch.tensor(math.nan)
@@ -1499,12 +1500,10 @@ def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, arg
         elif args.is_main:
             tqdm.write(f"note: {path} is of other weights or flags: starting anew", sys.stderr)
     params = [p for g in opt.param_groups for p in g["params"]]
-    sampler = StreamBatches(n, batch, step, total, args)
-    kw = {"num_workers": args.workers, "pin_memory": device.type == "cuda"}
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, **kw)
+    kw = {"batch_sampler": StreamBatches(n, batch, step, total, args), "num_workers": args.workers}
     bar = tqdm(None, os.path.basename(path)[:-4], total, initial=step, disable=not args.is_main)
     net.train()
-    for x, y, _ in loader:
+    for x, y, _ in torch.utils.data.DataLoader(ds, pin_memory=device.type == "cuda", **kw):
         for g in opt.param_groups:
             g["lr"] = g["lr0"] * sched[step]
         with autocast(args):
@@ -1535,8 +1534,7 @@ def fit_classifier(net, opt, loss_fn, ds, sched, batch: int, path: str, key, arg
     return {"loss": float(loss.detach()), "history": history}
 
 
-def classifier_accuracy(net, data, args) -> list[float]:
-    """[top-1, top-5] (%) of net's logits on the test split (net in eval mode)."""
+def classifier_accuracy(net, data, args) -> list[float]:  # [top-1, top-5] (%) on the test split
     logits, y = extract(net, data.test, args)
     hit = logits.topk(min(5, data.num_classes), dim=1).indices == y[:, None]
     return [hit[:, 0].float().mean().item() * 100, hit.any(1).float().mean().item() * 100]
@@ -1557,21 +1555,18 @@ class FineTuneNet(nn.Module):
     def __init__(self, fn, model, x, num_classes: int, proj_layers=0, sync_bn=True, head="zero"):
         super().__init__()
         self.fn, self.k, called, mode = fn, proj_layers, set(), model.training
-        hook = lambda m, _: called.add(id(m))
-        hooks = [m.register_forward_pre_hook(hook) for m in model.modules()]
+        hook = nn.modules.module.register_module_forward_pre_hook(lambda m, _: called.add(id(m)))
         try:  # eval mode: BN statistics untouched
             with torch.no_grad():
-                dim = self.features(model.eval(), x).shape[1]
+                dim = projector_layers(model, self.k)(fn(model.eval(), x)).shape[1]
         finally:
             model.train(mode)
-            for h in hooks:
-                h.remove()
+            hook.remove()
         names = [n for n, m in model.named_modules() if id(m) in called]
         inside = lambda n, p: p == "" or n == p or n.startswith(p + ".")  # n in p's subtree
         top = [n for n in names if not any(p != n and inside(n, p) for p in names)]
         rest = [m for n, m in model.named_modules() if not any(inside(n, p) for p in top)]
-        shared = {id(t): t for m in rest for t in m.parameters(recurse=False)}
-        shared.update({id(t): t for m in rest for t in m.buffers(recurse=False)})
+        shared = {id(t): t for m in rest for t in (*m.parameters(False), *m.buffers(False))}
         net = copy.deepcopy(model, shared)  # a memo: these tensors are not copied
         for n in top:  # the recipe's BN in every part, whatever the model's (a part may be a BN)
             m = global_bn(nn.Sequential(net.get_submodule(n)), sync_bn)[0]
@@ -1593,35 +1588,28 @@ class FineTuneNet(nn.Module):
         elif head == "haiku":  # hk.Linear: N(0, 1 / dim) truncated at 2 std
             nn.init.trunc_normal_(w, 0.0, s, -2 * s, 2 * s)
 
-    def features(self, model, x):
-        return projector_layers(model, self.k)(self.fn(model, x))
-
     def forward(self, x):
-        return self.head(self.features(self.copy, x))
+        return self.head(projector_layers(self.copy, self.k)(self.fn(self.copy, x)))
 
     def train(self, mode: bool = True):
         self.copy.train(mode)
         return super().train(mode)
 
 
-def finetune_net(fn, model, data, args) -> FineTuneNet:
-    """The network fine-tuning trains, before training (the head initialised from --seed)."""
+def finetune_net(fn, model, data, args) -> FineTuneNet:  # untrained (head from --seed)
     x = torch.stack([data.test[i][0] for i in range(2)]).to(torch.device(args.device))
     k = getattr(args, "ft_proj_layers", 0)
     return FineTuneNet(fn, model, x, data.num_classes, k, args.ft_sync_bn, args.ft_head_init)
 
 
 def finetune(fn, model, data, args) -> dict:
-    """Semi-supervised fine-tuning [SimCLR §6, Tab. 7; SimCLRv2 §2] (--finetune-fraction): a copy
-    of what fn reads (SimCLR v2: and --ft-proj-layers projector layers) + a new linear head, trained
-    on the labelled images (crop + flip) with the ft_* flags' 1% values below 3%, else 10%; -> top-1
-    /top-5 on the test split. Model and checkpoint untouched; finetune.pth lets a rerun continue."""
+    """Semi-supervised fine-tuning [SimCLR §6, Tab. 7; SimCLRv2 §2]: a copy of what fn reads (+ the
+    --ft-proj-layers) and a new head on the labelled images; ft_* 1% values below 3%, else 10%."""
     if not args.finetune_fraction or data.test is None:
         return {}
     tl, col = data.train_linear, int(args.finetune_fraction >= 0.03)  # the 1% or the 10% values
     net = finetune_net(fn, model, data, args)
-    ds = Indexed(tl.dataset, tl.transform, seed=args.seed)  # crop + flip (DEVIATION: bilinear;
-    # SimCLR's and BYOL's crops are bicubic)
+    ds = Indexed(tl.dataset, tl.transform, seed=args.seed)  # DEVIATION: bilinear, not bicubic crops
     ds.indices = [tl.indices[i] for i in labelled_subset(tl, args)]
     n, E, source = len(ds), args.ft_epochs[col], f"--finetune-fraction {args.finetune_fraction}"
     B = capped_batch(n, "ft_batch_size", args, "labelled images", source, warn=True)
@@ -1654,27 +1642,44 @@ def finetune(fn, model, data, args) -> dict:
     return {**res, "finetune_top1": top1, "finetune_top5": top5, "finetune_top1_last": acc[-1][0]}
 
 
+def neighbours(fn, data, args):
+    """neighbours.png: 16 test (else training) images, each before its 8 nearest in the kNN bank."""
+    bank, q, k = data.train_eval, data.test or data.train_eval, min(8, len(data.train_eval) - 1)
+    if k < 1:  # fewer than 2 training images
+        return
+    pick = torch.randperm(len(q), generator=torch.Generator().manual_seed(args.seed))[:16].tolist()
+    with eval_rng(args):
+        queries = torch.utils.data.Subset(q, pick)
+        f = [F.normalize(extract(fn, ds, args)[0], dim=1) for ds in (queries, bank)]
+    sim = f[0] @ f[1].T  # [16, N]
+    if q is bank:  # a training image is not its own neighbour
+        sim[range(len(pick)), pick] = -math.inf
+    near = sim.topk(k, dim=1).indices.tolist()
+    if args.is_main:  # the images as the test transform gives them, without mean/std
+        show = lambda ds, i: eval_transform(args.img_size)(ds.dataset[ds.indices[i]][0])
+        rows = [[show(q, i)] + [show(bank, j) for j in js] for i, js in zip(pick, near)]
+        torchvision.utils.save_image(sum(rows, []), f"{args.out_dir}/neighbours.png", nrow=k + 1)
+
+
 # ==== 2.6 config, CLI and logging =========================================================
-def arg(default, help: str, range: str = "", **kw):
-    """An Args field: its default, help text (with the source), legal range (e.g. "[0, 1)")."""
+def arg(default, help: str, range: str = "", **kw):  # an Args field; range e.g. "[0, 1)"
     return dataclasses.field(default=default, metadata={"help": help, "range": range, **kw})
 
 
-# the usual ranges (parse_args checks every one; an int > 0 is >= 1), frac: crop scales
-gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")
-unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")
+gt0, ge0 = partial(arg, range="(0, inf)"), partial(arg, range="[0, inf)")  # the usual ranges
+unit, frac = partial(arg, range="[0, 1]"), partial(arg, range="(0, 1]")  # frac: crop scales
 RANGE = re.compile(r"([\[(])(\S+), (\S+)([\])])")  # "[lo, hi]", "(lo, hi)", "[0, inf)", ...
 PRESETS, PIPELINES = ("imagenet", "cifar"), ("auto", "device", "cpu")
 AMPS, SCALINGS = ("auto", "bf16", "fp16", "off"), ("linear", "sqrt")
 FT_OPTS, HEADS = ("sgd", "nesterov", "lars"), ("zero", "torch", "normal", "haiku")
 FT = "SimCLR v2's [SimCLRv2 §4; ref: simclr README fine-tune command]"  # no wd, no warm-up
-# DEVIATION: every CIFAR preset fine-tunes at batch 256 (SwAV's and Barlow Twins' own): the
-# ImageNet recipes' 1024 / 4096 hold each of CIFAR-10's 1% (500 images) 2-8 times a batch; SimCLR
-# v1's at 4096 (lr 0.8, 8 steps) diverges: 1% top-1 10.0 (random init 16.2) vs 42.7 at 256
+# DEVIATION: CIFAR presets fine-tune at batch 256 (SwAV's, Barlow Twins' own); 1024 / 4096 hold
+# CIFAR-10's 1% 2-8 times a batch: SimCLR's at 4096 diverges, top-1 10.0 (random 16.2; 256: 42.7)
 FT_CIFAR_BATCH = 256
 RESULTS = {"metrics.jsonl": "every log step and evaluation, a JSON record a line"}
 RESULTS["backbone.pth"] = "the encoder's weights (torchvision names)"
 RESULTS["ckpt.pth"] = "the training state, to resume or extend the run (--resume)"
+RESULTS["neighbours.png"] = "16 images, a row each: the image, then its 8 nearest training images"
 
 
 def in_range(x, spec: str) -> bool:  # NaN is in no range, inf only in one closed at inf
@@ -1683,17 +1688,15 @@ def in_range(x, spec: str) -> bool:  # NaN is in no range, inf only in one close
     return (lo <= x if a == "[" else lo < x) and (x <= hi if b == "]" else x < hi)
 
 
-def describe(spec: str, integer: bool) -> str:
-    """The range in words: "[0, inf)" -> ">= 0", "[0, 1]" -> "in [0, 1]"; int "(0, inf)": ">= 1"."""
+def describe(spec: str, integer: bool) -> str:  # "[0, inf)" -> ">= 0"; int "(0, inf)": ">= 1"
     a, lo, hi, b = RANGE.fullmatch(spec).groups()
     lo, hi = float(lo), float(hi)
     if integer:
         lo, a = (math.floor(lo) + 1 if a == "(" else math.ceil(lo)), "["
         hi, b = (hi, b) if math.isinf(hi) else (math.ceil(hi) - 1 if b == ")" else hi, "]")
-    num = lambda x: str(int(x)) if x == int(x) else str(x)
     if math.isinf(hi):
-        return f"{'>=' if a == '[' else '>'} {num(lo)}"
-    return f"in {a}{num(lo)}, {num(hi)}{b}"
+        return f"{'>=' if a == '[' else '>'} {lo:g}"
+    return f"in {a}{lo:g}, {hi:g}{b}"
 
 
 def value_type(f: dataclasses.Field) -> type:  # what argparse makes of the flag (tuple: each)
@@ -1705,36 +1708,31 @@ def shown(v) -> str:  # a value as typed on the command line: tuple or list "60 
     return (" ".join(map(str, v)) or "none") if isinstance(v, (tuple, list)) else str(v)
 
 
-def check_ranges(args, defaults: dict):
-    """Every value (every element of a tuple) in its field's range, metadata "range"."""
+def check_ranges(args, defaults: dict):  # each value (a tuple's: each element) in its field's range
     for f in (f for f in dataclasses.fields(args) if f.metadata.get("range")):
         v, spec, integer = getattr(args, f.name), f.metadata["range"], value_type(f) is int
         values = v if isinstance(v, tuple) else (v,)
         bad = [x for x in values if not in_range(x, spec)]
-        if not bad:
-            continue
-        x, desc, d = bad[0], describe(spec, integer), defaults[f.name]
-        why = "not a number" if x != x else "not finite" if math.isinf(x) else f"not {desc}"
-        noun = "an integer" if integer else "a number"
-        if isinstance(v, tuple):
-            v, d, why, noun = shown(v), shown(d), f"{x} is {why}", noun.split()[1] + "s"
-        fail(f"--{f.name.replace('_', '-')} {v}: {why}; pass {noun} {desc} (default {d})")
+        if bad:
+            x, desc, d = bad[0], describe(spec, integer), defaults[f.name]
+            why = "not a number" if x != x else "not finite" if math.isinf(x) else f"not {desc}"
+            noun = "an integer" if integer else "a number"
+            if isinstance(v, tuple):
+                v, d, why, noun = shown(v), shown(d), f"{x} is {why}", noun.split()[1] + "s"
+            fail(f"--{f.name.replace('_', '-')} {v}: {why}; pass {noun} {desc} (default {d})")
 
 
 @dataclasses.dataclass
-class RunArgs:
-    """The shared flags and derived fields; each Args adds its own (and its fine-tuning recipe)."""
-
+class RunArgs:  # the shared flags and derived fields; each Args adds its own
     IMG_SIZES = {"imagenet": 224, "folder": 224, "stl10": 96}  # --img-size 0; else 32 px
     preset: str = arg("cifar", "imagenet: paper defaults; cifar: recipe()", choices=PRESETS)
     dataset: str = arg("cifar10", "training data", choices=DATASETS)
     data_dir: str = arg("./data", "dataset root (torchvision downloads here; folder: train/ val/)")
+    eval_dir: str = arg("", "labelled train/ and val/ (class folders) for kNN, linear, fine-tuning")
     img_size: int = ge0(0, "input size (0: 224 imagenet/folder (CPC 256), 96 stl10, else 32)")
     subset: int = ge0(0, "use the first N training images only (0: all; synthetic: 512)")
     workers: int = ge0(8, "DataLoader worker processes per process")
-    pipeline: str = arg(
-        "auto", "device: batched aug on the GPU; cpu: workers (auto: on CUDA)", choices=PIPELINES
-    )
+    pipeline: str = arg("auto", "device: aug on GPU; cpu: workers (auto: CUDA)", choices=PIPELINES)
     out_dir: str = arg("", "checkpoint/log folder (default runs/<method>)")
     resume: str = arg("auto", "auto: resume from out-dir/ckpt.pth if present; a path; or none")
     seed: int = arg(0, "model init (all ranks alike), aug (seed, epoch, index)", range="[0, 99999]")
@@ -1744,6 +1742,7 @@ class RunArgs:
     log_every: int = gt0(20, "log to metrics.jsonl every N steps (the only host syncs)")
     max_steps: int = ge0(0, "stop after N global steps (0: all epochs); schedules keep --epochs")
     ckpt_minutes: float = ge0(15.0, "also checkpoint at the first log step N minutes on (0: off)")
+    init: str = arg("", "a new run (step 0) from weights: backbone.pth, torchvision, a release")
     knn_every: int = ge0(10, "kNN monitor every N epochs, at init and at the end (0: off)")
     knn_k: int = gt0(200, "kNN neighbours [InstDisc §3.4; MoCo CIFAR demo: 200]")
     knn_t: float = gt0(0.1, "kNN vote temperature [InstDisc §3.4; MoCo CIFAR demo: 0.1]")
@@ -1756,16 +1755,12 @@ class RunArgs:
     ft_lr: tuple = ge0((0.005, 0.005), f"fine-tuning lr at 1% / 10%, x --ft-lr-scaling {FT}")
     ft_head_lr: tuple = ge0((0.005, 0.005), f"head lr at 1% / 10%, x --ft-lr-scaling {FT}")
     ft_lr_scaling: str = arg("sqrt", f"x sqrt(batch) or x batch/256 {FT}", choices=SCALINGS)
-    ft_optimizer: str = arg(
-        "lars", f"lars (SimCLR's: head not adapted), sgd or nesterov {FT}", choices=FT_OPTS
-    )
+    ft_optimizer: str = arg("lars", f"lars (head not adapted), sgd, nesterov {FT}", choices=FT_OPTS)
     ft_milestones: tuple = ge0((), f"lr x --ft-decay from these epochs (none: cosine to 0) {FT}")
     ft_decay: float = unit(0.1, "lr factor per --ft-milestones epoch")
     ft_epoch_lr: bool = arg(False, f"cosine lr set once per epoch, not per step {FT}")
     ft_sync_bn: bool = arg(True, f"BatchNorm over the global batch, not each process's {FT}")
-    ft_head_init: str = arg(
-        "zero", f"head: zero, torch (nn.Linear), normal (N(0, 0.01)), haiku {FT}", choices=HEADS
-    )
+    ft_head_init: str = arg("zero", f"zero, torch (nn.Linear's), normal, haiku {FT}", choices=HEADS)
     ft_best: bool = arg(False, f"top-1 of the best epoch, not the last {FT}")
     rank: int = arg(0, "", derived=True)
     world_size: int = arg(1, "", derived=True)
@@ -1781,8 +1776,7 @@ class RunArgs:
             fail(f"--batch-size 1: {self.arch}'s BatchNorm needs >= 2 images; pass >= 2 or a ViT")
 
 
-def resolve_sizes(args):
-    """--img-size 0: IMG_SIZES', else 32; --local-size 0: img_size x 96/224 [SwAV, DINO], >= 8."""
+def resolve_sizes(args):  # --img-size 0: IMG_SIZES'/32; --local-size 0: x 96/224 [SwAV, DINO], >= 8
     args.img_size = args.img_size or args.IMG_SIZES.get(args.dataset, 32)
     if getattr(args, "local_size", None) == 0:
         args.local_size = max(8, round(args.img_size * 96 / 224))
@@ -1798,8 +1792,7 @@ def check_patch(args, patch: int, flag: str, px: int, cnn: int = 8):
         fail(f"{flag} {given}: {px} px crops are smaller than {what}; pass {flag} >= {least}")
 
 
-def check_pair(args, name: str, ordered: bool = True):
-    """A tuple flag of exactly two numbers, lo <= hi if ordered (e.g. a crop scale range)."""
+def check_pair(args, name: str, ordered: bool = True):  # two numbers, lo <= hi if ordered
     v, what = getattr(args, name), "two numbers lo <= hi" if ordered else "two numbers"
     if len(v) != 2 or (ordered and v[0] > v[1]):
         why = "lo > hi" if len(v) == 2 else "not two numbers"
@@ -1810,8 +1803,7 @@ def run_dir(args) -> str:  # --out-dir, default runs/<method>
     return args.out_dir or os.path.join("runs", config_dict(args)["method"])
 
 
-def check_flags(args):
-    """A writable --out-dir; the fine-tuning flags: 1% and 10% values, image list, distillation."""
+def check_flags(args):  # a writable --out-dir; fine-tuning: 1% / 10% values, list, distillation
     path, p = run_dir(args), os.path.abspath(run_dir(args))  # or the nearest folder above it
     while not os.path.exists(p):
         p = os.path.dirname(p)
@@ -1834,9 +1826,7 @@ def check_flags(args):
         fail(f"--distill-epochs {args.distill_epochs}: {why}")
 
 
-def parse_args(cls, argv=None):
-    """argparse from the fields' metadata: defaults (the paper's ImageNet recipe) < recipe() (e.g.
-    CIFAR) < flags; checked first (ranges, --out-dir, sizes, args.check()): else C.fail exits 2."""
+def parse_args(cls, argv=None):  # fields' metadata -> flags > recipe() (e.g. CIFAR) > ImageNet's
     doc, raw = sys.modules[cls.__module__].__doc__, argparse.RawDescriptionHelpFormatter
     fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
     pick = {f.name: f for f in fields if f.name in inspect.signature(cls.recipe).parameters}
@@ -1885,8 +1875,7 @@ def config_dict(args) -> dict:  # the method (the file that defines type(args)),
     return {"method": method, **{k: getattr(args, k) for k in names}}
 
 
-def prepare_run(args):
-    """Create out-dir, print the config (resume saves it); seed model init alike on all ranks."""
+def prepare_run(args):  # make out-dir, print the config (resume saves it); seed init alike on ranks
     args.out_dir = run_dir(args)
     if args.is_main:
         try:  # checked by parse_args already; this catches what changed since (or main(args))
@@ -1905,7 +1894,7 @@ class Logger:
 
     def __init__(self, args, total: int, initial: int, data=None):
         self.batch, self.last, self.data, self.skipped = args.batch_size, initial, data, 0
-        self.start, self.t0, self.args = time.time(), time.time(), args
+        self.start, self.t0, self.args, self.collapsed = time.time(), time.time(), args, 0
         self.path = os.path.join(args.out_dir, "metrics.jsonl") if args.is_main else None
         self.bar = tqdm(total=total, initial=initial, disable=not args.is_main, dynamic_ncols=True)
         kept = [trim_metrics(self.path, initial) if self.path else {}]
@@ -1937,7 +1926,12 @@ class Logger:
             self.write({"step": step, "skipped_files": len(paths), "first": paths[:5]}, False)
 
     def log(self, step: int, stats: dict):
-        stats = {k: float(v) for k, v in stats.items()}  # the one host sync of the train loop
+        z = stats.pop("z")  # train_step's embeddings: measured at log steps only
+        stats = {k: float(v) for k, v in {**stats, **embedding_stats(*z)}.items()}  # host syncs
+        warn = collapse_warning(stats, z[0].shape[1], step)  # "" if healthy
+        self.collapsed = self.collapsed + 1 if warn else 0
+        if self.collapsed == 2 and self.args.is_main:  # 2 log steps in a row: once per stretch
+            tqdm.write(warn, sys.stderr)
         stats["img_s"] = (step - self.last) * self.batch / max(time.time() - self.t0, 1e-9)
         mem = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
         stats["mem_gb"] = mem / 2**30
@@ -1988,9 +1982,7 @@ class Logger:
         print("\n".join(lines + [f"  final{step}: {', '.join(figs) or 'not evaluated'}"]))
 
 
-class Tracked:
-    """A loader (sampler, batch_size, ... read through) whose batches move a bar as they go."""
-
+class Tracked:  # a loader (sampler, batch_size, ... read through) whose batches move a bar
     def __init__(self, loader, bar: tqdm):
         self.loader, self.bar = loader, bar
 

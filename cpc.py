@@ -76,9 +76,8 @@ class CPC(nn.Module):
 
     def __init__(self, args: "Args"):
         super().__init__()
-        # no BatchNorm: GroupNorm(1, C) normalises each patch over (C, H, W) like a LayerNorm
-        # with per-channel affine [CPC v2 §4.1 'LN']; the stem follows the image size (CIFAR
-        # stem at <= 64 px images)
+        # no BatchNorm: GroupNorm(1, C), a per-patch LayerNorm over (C, H, W) with per-channel
+        # affine [CPC v2 §4.1 'LN']; the stem follows the image size (CIFAR stem at <= 64 px)
         self.backbone, self.feat_dim = C.build_backbone(
             args.arch, args.img_size, norm_layer=lambda ch: nn.GroupNorm(1, ch)
         )
@@ -95,8 +94,7 @@ class CPC(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, S, S] -> grid of patch embeddings h [B, D, G, G] (augmented patches
-        in training)."""
+        """Images [B, 3, S, S] -> patch embeddings h [B, D, G, G] (augmented in training)."""
         patches = patchify(x, self.patch, self.stride)  # [B*G*G, 3, p, p]
         if self.training:
             patches = patch_augment(patches, *self.aug)
@@ -123,6 +121,9 @@ class CPC(nn.Module):
     def forward(self, x: torch.Tensor):
         h = self.encode(x)
         return self.objective(h), h.mean((2, 3))  # loss, pooled embeddings [B, D]
+
+
+RELEASE = {}  # no official code or weights released [CPC v2]
 
 
 # ==== 2. loss: cpc_loss(...) -> Tensor, pure, fp32 inside =================================
@@ -180,7 +181,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
         loss, h = model(x)
     grad_norm = C.optimizer_step(loss, optimizer, scaler)
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd}
-    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(h)}
+    return {**stats, "grad_norm": grad_norm, "z": (h,)}  # monitored: pooled patch features (1 view)
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
@@ -374,7 +375,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -406,10 +407,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 

@@ -37,9 +37,8 @@ from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ran
 # ==== 1. model: heads + DINO(nn.Module), all method state as persistent buffers ===========
 class DINOHead(nn.Module):
     """[ref: vision_transformer.DINOHead] Linear -> [BN] -> GELU -> Linear -> [BN] -> GELU ->
-    Linear to the bottleneck (trunc-normal std 0.02, zero bias), l2-normalise, then a
-    weight-normalised Linear(bottleneck, K, bias=False) with g = 1 (frozen if norm_last_layer:
-    the logits are then cosine similarities to K prototypes)."""
+    Linear to the bottleneck (trunc-normal std 0.02, zero bias), l2-normalise, a weight-normed
+    Linear(bottleneck, K, bias=False), g = 1 (frozen if norm_last_layer: cosine logits)."""
 
     def __init__(self, in_dim, out_dim, hidden_dim, bottleneck_dim, bn=False, norm_last=True):
         super().__init__()
@@ -109,9 +108,8 @@ class MultiCrop(nn.Module):
 
 class DINO(nn.Module):
     """Student: backbone + DINOHead on all crops. Teacher: the same architecture, a copy of the
-    student at init, never trained (requires_grad False): an EMA of the student's parameters.
-    Teacher BN (ResNet) running stats are its own, from its train-mode forward, as officially.
-    State: the centre c [1, K], identical on every rank."""
+    student at init, never trained (requires_grad False): an EMA of the student's parameters, its
+    BN (ResNet) running stats its own, as officially. State: the centre c [1, K], on every rank."""
 
     def __init__(self, args: "Args"):
         super().__init__()
@@ -135,6 +133,15 @@ class DINO(nn.Module):
         return self.student(views), t  # s: [V*B, K], all crops
 
 
+# --init: main_dino.py's checkpoint {student (DDP: module.), teacher (DDP for ResNets only),
+# dino_loss (center), optimizer, args}; DINOHead's last layer: nn.utils.weight_norm's g, v
+WRAPS = {"student.module.": "student.", "teacher.module.": "teacher.", "teacher.": "teacher."}
+WN = "head.last_layer.parametrizations.weight.original"  # parametrized weight_norm's g: 0, v: 1
+RELEASE = {**WRAPS, "dino_loss.center": "center", "optimizer.": None}
+RELEASE.update({f"{k}head.last_layer.weight_g": f"{v}{WN}0" for k, v in WRAPS.items()})
+RELEASE.update({f"{k}head.last_layer.weight_v": f"{v}{WN}1" for k, v in WRAPS.items()})
+
+
 # ==== 2. loss: dino_loss(...) -> Tensor, pure, fp32 inside ================================
 def dino_loss(
     s: list[torch.Tensor], t: list[torch.Tensor], center: torch.Tensor, tau_s: float, tau_t: float
@@ -142,9 +149,8 @@ def dino_loss(
     """[DINO Eq. 3; ref: main_dino.DINOLoss] s: student logits per crop, V tensors [B, K] (the
     2 global crops first); t: raw teacher logits of the 2 global crops, [B, K] each; center:
     [1, K]. P_t = softmax((t_i - c) / tau_t), no gradient; for every pair (global i, crop v),
-    v != i: mean over the batch of -sum_k P_t log softmax(s_v / tau_s). Eq. 3 SUMS over the
-    pairs; the code (and this function) takes their MEAN, 2(V - 1) pairs, so a uniform output
-    gives ln K. Per process: DDP's gradient averaging makes it the global-batch mean."""
+    v != i: batch mean of -sum_k P_t log softmax(s_v / tau_s). Eq. 3 SUMS the pairs, the code
+    (and this) MEANS the 2(V - 1): uniform output gives ln K; DDP averages to the global batch."""
     with torch.autocast(s[0].device.type, enabled=False):
         c = center.detach().float()
         p_t = [F.softmax((x.detach().float() - c) / tau_t, dim=-1) for x in t]  # centre, sharpen
@@ -180,9 +186,8 @@ def momentum_update(model: DINO, m: float):
 
 @torch.no_grad()
 def clip_and_freeze(student: MultiCrop, clip: float, freeze: bool):
-    """On the unscaled gradients: each parameter's gradient clipped to norm <= clip on its own
-    [ref: utils.clip_gradients], then the last layer's cancelled while frozen [ref:
-    utils.cancel_gradients_last_layer]. Tensor math only: no host sync."""
+    """On the unscaled gradients: each parameter's clipped to norm <= clip [ref: clip_gradients],
+    then the last layer's cancelled while frozen [ref: utils.cancel_gradients_last_layer]."""
     if clip > 0:
         for p in student.parameters():
             if p.grad is not None:
@@ -209,14 +214,13 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
     # AFTER the optimizer step, with the new student weights [ref: train_one_epoch]
     momentum_update(net, m)
     stats = {"loss": loss.detach(), "lr": lr, "wd": wd, "m": m, "tau_t": tau_t}
-    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(t)}
+    return {**stats, "grad_norm": grad_norm, "z": t.chunk(2)}  # monitored: teacher logits (2 crops)
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
-    """What kNN and linear eval read: the TEACHER backbone output h [ref: eval_knn.py,
-    eval_linear.py --checkpoint_key teacher]: the final-norm [CLS] (ViT) as eval_knn.py, the
-    pooled 2048-d features (ResNet) as eval_linear.py. DEVIATION: eval_linear.py's ViT-S probe
-    reads the [CLS] of the last 4 blocks, each through the final norm, concatenated (1536-d)."""
+    """What kNN and linear eval read: the TEACHER backbone output h [ref: eval_*.py
+    --checkpoint_key teacher]: the final-norm [CLS] (ViT), the pooled features (ResNet).
+    DEVIATION: eval_linear.py's ViT-S probe reads the last 4 blocks' [CLS], each normed (1536-d)."""
     return C.unwrap(model).teacher.backbone(x)
 
 
@@ -236,11 +240,10 @@ class Args(C.RunArgs):
     sets the convnets' and the CIFAR preset's (named in each help text). Fine-tuning: C.RunArgs'
     defaults, SimCLR v2's protocol [SimCLRv2 §4]: none in the DINO code."""
 
-    # defaults: the README's vanilla run ("Vanilla DINO training": ViT-S/16, 8 GPUs x 64, 100
-    # epochs, main_dino.py's defaults; 69.3% k-NN, 74.0% linear). The released 800-epoch ViT-S/16
-    # (77.0% linear) differs at least by --epochs 800 --batch-size 1024 --tau-t 0.07
-    # --tau-t-warmup-epochs 30 [§4.1] --n-local 10 --global-scale 0.25 1 --local-scale 0.05 0.25
-    # [its args.txt] --no-norm-last-layer [main_dino.py help: False for vit_small]
+    # defaults: the README's vanilla run (ViT-S/16, 8 GPUs x 64, 100 epochs, main_dino.py's
+    # defaults; 69.3% k-NN, 74.0% linear). The released 800-epoch ViT-S/16 (77.0% linear) differs
+    # at least by --epochs 800 --batch-size 1024 --tau-t 0.07 --tau-t-warmup-epochs 30 [§4.1]
+    # --n-local 10 --global-scale 0.25 1 --local-scale 0.05 0.25 [its args.txt] --no-norm-last-layer
     arch: str = arg(
         "vit_small",
         "backbone [DINO §4.1; ref: README vanilla run --arch]; CIFAR resnet18",
@@ -327,10 +330,8 @@ class Args(C.RunArgs):
             r.update(arch="resnet18", batch_size=256, epochs=1000, out_dim=4096, m=0.9995)
             r.update(patch_size=4, blur=False)  # no blur at 32 px; 8 locals (code default)
             r.update(tau_t=0.07, tau_t_warmup_epochs=30)  # DINO §4.1: 0.04 -> 0.07 in 30 epochs
-            # DEVIATION: solo-learn uses LARS (lr 0.3, wd 1e-6) and 2 crops only; we keep
-            # DINO's AdamW + wd cosine and multi-crop with locals of img_size * 96 / 224 px
-            # DEVIATION: eval_linear.py's lr 0.001 suits ViT [CLS] features ("tweak the LR",
-            # README); the released RN50 eval log trains at 0.3 [dino issue #131]
+            # DEVIATION: solo-learn's LARS (lr 0.3, wd 1e-6), 2 crops; here AdamW, wd cosine, locals
+            # DEVIATION: eval_linear.py's lr 0.001 suits ViT [CLS]; the RN50 log: 0.3 [issue #131]
             r.update(linear_lr=0.1, linear_batch_size=512)
             r.update(ft_batch_size=C.FT_CIFAR_BATCH)  # DEVIATION: C.FT_CIFAR_BATCH
         return r
@@ -437,7 +438,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -469,10 +470,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 

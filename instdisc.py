@@ -64,6 +64,24 @@ class InstDisc(nn.Module):
         return nce_loss(f, self.bank, idx, self.tau, noise, self.z_host), f
 
 
+# --init: main.py's checkpoint {state_dict (DataParallel: module.) of models/resnet.py, fc -> 128,
+# optimizer}, cifar.py's {net: models/resnet_cifar.py, linear -> 128, shortcut}; both lemniscate
+# (its state dict: memory; params[2] = Z, estimated anew here)
+RELEASE = {
+    "state_dict.module.": "backbone.",
+    "state_dict.module.fc.": "projector.",
+    "net.module.": "backbone.",
+    "net.module.linear.": "projector.",
+    "net.module.layer1.0.shortcut.": "backbone.layer1.0.downsample.",
+    "net.module.layer2.0.shortcut.": "backbone.layer2.0.downsample.",
+    "net.module.layer3.0.shortcut.": "backbone.layer3.0.downsample.",
+    "net.module.layer4.0.shortcut.": "backbone.layer4.0.downsample.",
+    "lemniscate.memory": "bank",
+    "lemniscate.params": None,
+    "optimizer.": None,
+}
+
+
 # ==== 2. loss: nce_loss(...) -> Tensor, pure, fp32 inside =================================
 def nce_scores(f: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, noise, tau: float):
     """s = v.f / tau for the positive row bank[idx] (column 0) and the noise rows bank[noise]
@@ -133,7 +151,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
     if net.k:
         stats["nce_z"] = net.z.clone()
-    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(f)}
+    return {**stats, "grad_norm": grad_norm, "z": (f,)}  # monitored: the embeddings (1 view)
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +330,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -344,10 +362,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
@@ -408,7 +426,8 @@ def main(args: Args):
     # wd on all params [ref: main.py optim.SGD(model.parameters(), ...)]
     optimizer = torch.optim.SGD(params, args.lr, momentum=0.9, weight_decay=args.wd, **fused)
     fit(model, optimizer, data, args)
-    if args.knn_every and data.test is not None:  # the paper's kNN, against the memory bank
+    if args.knn_every and data.test is not None and not args.eval_dir:  # the paper's kNN (the
+        # memory bank holds --data-dir's images: with --eval-dir, no labels of its own)
         record = paper_knn(model, data, args)
         if args.is_main:
             line = json.dumps(record)

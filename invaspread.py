@@ -43,7 +43,10 @@ class InvaSpread(nn.Module):
         # both views in one pass, as the official cat((inputs1, inputs2)): BN statistics over the
         # 2B views of this process (on one GPU the same as the official DataParallel)
         z1, z2 = F.normalize(self.projector(self.backbone(torch.cat([x1, x2]))), dim=1).chunk(2)
-        return invaspread_loss(z1, z2, self.tau), z1
+        return invaspread_loss(z1, z2, self.tau), (z1, z2)
+
+
+RELEASE = {}  # none released (its own resnet_cifar.py names) [ref: demo_seen.py saves {"net"}]
 
 
 # ==== 2. loss: invaspread_loss(...) -> Tensor, pure, fp32 inside ==========================
@@ -88,7 +91,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
         loss, z = model(x1, x2)
     grad_norm = C.optimizer_step(loss, optimizer, scaler)
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "tau": args.tau}
-    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
+    return {**stats, "grad_norm": grad_norm, "z": z}  # monitored: the 2 views' embeddings
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
@@ -245,7 +248,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -277,10 +280,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 

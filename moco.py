@@ -37,9 +37,8 @@ from common import arg, frac, ge0, gt0, unit  # Args fields with their legal ran
 
 # ==== 1. model: heads + MoCo(nn.Module), all method state as persistent buffers ===========
 class SplitBatchNorm(nn.BatchNorm2d):
-    """BN over `num_splits` contiguous chunks of the batch [ref: moco colab SplitBatchNorm]: one
-    process reproduces the per-GPU BN of num_splits GPUs (and, with the key permutation of
-    `shuffled_keys`, their shuffle-BN). Running stats: average of the chunks' statistics."""
+    """BN over `num_splits` chunks of the batch [ref: moco colab SplitBatchNorm]: one process plays
+    num_splits GPUs' BN (with `shuffled_keys` their shuffle-BN); running stats: the chunks' mean."""
 
     def __init__(self, num_features: int, num_splits: int):
         super().__init__(num_features)
@@ -58,8 +57,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
 
 def v3_mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequential:
-    """[ref: moco-v3 builder._build_mlp] Linear (no bias) -> BN -> ReLU, ...; the last Linear is
-    followed by BN without affine when last_bn."""
+    """[ref: moco-v3 builder._build_mlp] (Linear no bias, BN, ReLU)s, Linear (, BN no affine)"""
     mods = []
     for i in range(layers):
         d1, d2 = in_dim if i == 0 else hidden, out_dim if i == layers - 1 else hidden
@@ -72,9 +70,8 @@ def v3_mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool) -
 
 
 def mocov3_vit_init(vit: C.ViT):
-    """[ref: moco-v3 vits.py VisionTransformerMoCo.__init__] Linear layers xavier-uniform (qkv: the
-    fans of each of q, k, v), zero biases; patch projection U(+-sqrt(6 / (3 p^2 + D))), zero bias
-    (v3 freezes it); cls token N(0, 1e-6); fixed 2-D sin-cos positions (C.sincos_pos_embed)."""
+    """[ref: moco-v3 vits.py VisionTransformerMoCo.__init__] Linear xavier-uniform (qkv: per q, k,
+    v), zero biases; patch projection U(+-sqrt(6 / (3 p^2 + D))), zero bias; cls N(0, 1e-6)."""
     for name, m in vit.named_modules():
         if isinstance(m, nn.Linear):
             fan_out = m.out_features // 3 if name.endswith("qkv") else m.out_features
@@ -95,15 +92,11 @@ class MoCo(nn.Module):
         v3, vit = args.version == "v3", args.arch.startswith("vit")
         norm = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else None
         # v3 ViT: sin-cos positions, 12 heads for ViT-S, frozen patch projection [MoCo v3 §4, §5.3]
-        vit_kw = {"patch_size": args.patch_size, "pos_embed": "sincos" if v3 else "learned"}
-        vit_kw["num_heads"] = 12 if v3 and args.arch == "vit_small" else 0
-        vit_kw["freeze_patch_embed"] = v3 and args.stop_grad_conv1
-        vit_kw["stem_padding"] = args.stem_padding
-        # zero-init of each residual block's last BN in v3 [ref: moco-v3 main_moco.py]
-        zero = v3 and args.zero_init_residual
-        self.backbone, self.feat_dim = C.build_backbone(
-            args.arch, args.img_size, zero, norm, **vit_kw
-        )
+        kw = {"patch_size": args.patch_size, "pos_embed": "sincos" if v3 else "learned"}
+        kw["num_heads"] = 12 if v3 and args.arch == "vit_small" else 0
+        kw.update(freeze_patch_embed=v3 and args.stop_grad_conv1, stem_padding=args.stem_padding)
+        zero = v3 and args.zero_init_residual  # each block's last BN [ref: moco-v3 main_moco.py]
+        self.backbone, self.feat_dim = C.build_backbone(args.arch, args.img_size, zero, norm, **kw)
         if v3 and vit:  # before the copy: the momentum encoder starts equal [ref: builder.py]
             mocov3_vit_init(self.backbone)
         f, d = self.feat_dim, args.dim
@@ -141,10 +134,9 @@ class MoCo(nn.Module):
 
 @torch.no_grad()
 def shuffled_keys(key_encoder, x: torch.Tensor) -> torch.Tensor:
-    """Shuffle-BN [MoCo §3.3]: the global key batch is permuted (rank 0 draws, broadcasts) so each
-    process encodes a random slice and BN statistics never pair a query with its key; the keys
-    are un-permuted after. Crosses processes: images and keys (gathered, no gradient) and the
-    permutation. In one process SplitBatchNorm over the permuted batch plays the GPUs."""
+    """Shuffle-BN [MoCo §3.3]: the global key batch is permuted (rank 0 draws, broadcasts), each
+    process encodes a slice (BN never pairs a query with its key), the keys are un-permuted.
+    Crosses processes: images, keys (no gradient), the permutation. One process: SplitBatchNorm."""
     w, r = C.get_world_size(), C.get_rank()
     x_all = C.gather_no_grad(x)  # [N, ...]
     perm = torch.randperm(len(x_all), device=x.device)
@@ -154,12 +146,27 @@ def shuffled_keys(key_encoder, x: torch.Tensor) -> torch.Tensor:
     return k_all[torch.argsort(perm)].view(w, -1, k_all.shape[1])[r]  # [B, D], this rank's
 
 
+RELEASE = {  # official: {"state_dict": DDP(MoCo).state_dict()} [ref: moco, moco-v3 main_moco.py]
+    "state_dict.module.": "",  # v1/v2 queue [D, K] (here [K, D]: kept), queue_ptr; v3 predictor
+    "state_dict.module.encoder_q.": "backbone.",  # v1/v2 [ref: moco builder.py]
+    "state_dict.module.encoder_q.fc.": "projector.",  # v1 fc; v2 fc.0, fc.2
+    "state_dict.module.encoder_k.": "momentum_backbone.",  # if absent: encoder_q's copy
+    "state_dict.module.encoder_k.fc.": "momentum_projector.",
+    "state_dict.module.base_encoder.": "backbone.",  # v3 [ref: moco-v3 builder.py]
+    "state_dict.module.base_encoder.fc.": "projector.",  # ResNet
+    "state_dict.module.base_encoder.head.": "projector.",  # ViT
+    "state_dict.module.momentum_encoder.": "momentum_backbone.",
+    "state_dict.module.momentum_encoder.fc.": "momentum_projector.",
+    "state_dict.module.momentum_encoder.head.": "momentum_projector.",
+    "optimizer.": None,  # a training checkpoint's solver state
+}
+
+
 # ==== 2. loss: info_nce_loss(...) -> Tensor, pure, fp32 inside ============================
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue, tau: float) -> torch.Tensor:
-    """InfoNCE [MoCo Eq. 1]. q, k: [B, D] l2-normalised queries and keys of this process.
-    queue [K, D]: logits [l_pos, q @ queue.T], positive at index 0 (v1/v2). queue None: the keys
-    of all processes are gathered (no gradient) and the positive of query i is key rank*B + i
-    (v3). Mean cross-entropy over the B queries."""
+    """InfoNCE [MoCo Eq. 1], the mean over q, k: [B, D] l2-normalised, this process's. queue [K, D]:
+    logits [l_pos, q @ queue.T], positive at 0 (v1/v2). None: the keys of all processes (gathered,
+    no gradient), the positive of query i key rank*B + i (v3)."""
     with torch.autocast(q.device.type, enabled=False):
         q, k = q.float(), k.float()
         if queue is not None:
@@ -184,8 +191,7 @@ def momentum_update(model: MoCo, m: float):
 
 @torch.no_grad()
 def enqueue(model: MoCo, k: torch.Tensor):
-    """FIFO: the keys of ALL processes (gathered) replace the oldest rows, so the queue is the
-    same on every rank. Index arithmetic on the device: no host sync."""
+    """FIFO: the keys of ALL processes replace the oldest rows (one queue everywhere); no sync."""
     k = C.gather_no_grad(k)  # [N, D]
     idx = (model.queue_ptr + torch.arange(len(k), device=k.device)) % len(model.queue)
     model.queue.index_copy_(0, idx, k.to(model.queue.dtype))
@@ -205,7 +211,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
     if net.queue is not None:
         enqueue(net, k)  # after the loss: a batch's keys are never its own negatives
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "m": m, "tau": args.tau}
-    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(q)}
+    return {**stats, "grad_norm": grad_norm, "z": (q, k)}  # monitored: queries, keys
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +232,7 @@ VERSIONS, AUGS = ("v1", "v2", "v3"), ("v1", "v2", "asym")
 @dataclass
 class Args(C.RunArgs):
     """MoCo's fields: the defaults are the paper's ImageNet v1 recipe; recipe() sets v2's (the
-    default version), v3's and the CIFAR preset's (named in each help text). Fine-tuning: C.RunArgs'
-    protocol, SimCLR v2's [SimCLRv2 §4]: none in the MoCo code."""
+    default), v3's, the CIFAR preset's. Fine-tuning: C.RunArgs' (SimCLR v2's), none in MoCo's."""
 
     version: str = arg("v2", "v1 [MoCo]; v2 [MoCo v2]; v3 [MoCo v3]", choices=VERSIONS)
     arch: str = arg(
@@ -291,8 +296,7 @@ class Args(C.RunArgs):
 
     @staticmethod
     def recipe(version: str = "v2", preset: str = "cifar", arch: str = "") -> dict:
-        """Fields that differ from the defaults above for this version / preset / arch. Each
-        combination takes its fields from the one source its comment cites (plus 32 px sizes)."""
+        """Fields that differ from the defaults for this version / preset / arch, as cited."""
         vit, cifar, r = arch.startswith("vit"), preset == "cifar", {}
         if version == "v2":  # [ref: moco README "--mlp --moco-t 0.2 --aug-plus --cos"]
             r = {"tau": 0.2, "aug": "v2", "schedule": "cosine-epoch"}
@@ -321,8 +325,7 @@ class Args(C.RunArgs):
         return r
 
     def check(self):
-        """The limits over several fields, after each field's range (C.parse_args calls it); the
-        batch per process against --bn-splits waits for the world size (main)."""
+        """Limits over several fields (C.parse_args calls it); --bn-splits vs the batch: main."""
         B = self.batch_size
         if self.queue_size % B:
             k, why = B * max(1, self.queue_size // B), f"not a multiple of the global batch {B}"
@@ -425,7 +428,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -457,10 +460,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 
@@ -468,15 +471,12 @@ def fit(model, optimizer, data, args):
 @C.one_run_per_out_dir  # the out-dir lock that C.prepare_run takes ends with main()
 def main(args: Args):
     device = C.setup_ddp(args)
-    # v1/v2 per-GPU BN: each rank's running statistics follow its own batches (training reads
-    # batch statistics only). The official DDP broadcasts rank 0's before every forward, which
-    # never changes rank 0's; C.save_state does it before every checkpoint, evaluation and export.
+    # v1/v2 per-GPU BN: each rank's running stats follow its own batches; the official DDP's
+    # broadcast of rank 0's (every forward) is done by C.save_state (checkpoint, evaluation, export)
     bn_splits = args.bn_splits or (8 if args.world_size == 1 else 1)
     if args.version != "v3" and args.batch_size_per_gpu % bn_splits:
-        C.fail(
-            f"batch per process {args.batch_size_per_gpu} is not divisible by --bn-splits "
-            f"{bn_splits}; change --batch-size or --bn-splits"
-        )
+        bad = f"batch per process {args.batch_size_per_gpu} is not divisible by --bn-splits"
+        C.fail(f"{bad} {bn_splits}; change --batch-size or --bn-splits")
     # On a GPU (--pipeline auto) C.BatchAugment runs these recipes batched on the device.
     mean_std, scale = C.dataset_mean_std(args), (args.crop_min, 1.0)
     if args.aug == "asym":  # two recipes: blur 1.0 / 0.1, solarize 0 / 0.2 [MoCo v3 §4]

@@ -73,7 +73,17 @@ class SimSiam(nn.Module):
         z1 = self.projector(self.backbone(x1))  # [B, D]
         z2 = self.projector(self.backbone(x2))  # [B, D]
         p1, p2 = self.predictor(z1), self.predictor(z2)  # [B, D]
-        return simsiam_loss(p1, p2, z1, z2), z1
+        return simsiam_loss(p1, p2, z1, z2), (z1, z2)
+
+
+RELEASE = {  # official: {"state_dict": DDP(SimSiam).state_dict()} [ref: main_simsiam.py]
+    "state_dict.module.encoder.": "backbone.",  # torchvision ResNet [ref: builder.py]
+    "state_dict.module.encoder.fc.": "projector.",  # its fc is the projector
+    # the frozen output bias, absent here (projection_mlp): eval-mode z lacks its shift
+    "state_dict.module.encoder.fc.6.bias": None,
+    "state_dict.module.predictor.": "predictor.",
+    "optimizer.": None,  # a training checkpoint's solver state
+}
 
 
 # ==== 2. loss: simsiam_loss(...) -> Tensor, pure, fp32 inside =============================
@@ -99,7 +109,7 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
         loss, z = model(x1, x2)
     grad_norm = C.optimizer_step(loss, optimizer, scaler)
     stats = {"loss": loss.detach(), "lr": lr, "lr_pred": optimizer.param_groups[-1]["lr"]}
-    return {**stats, "wd": args.wd, "grad_norm": grad_norm, "z_std": C.collapse_std(z)}
+    return {**stats, "wd": args.wd, "grad_norm": grad_norm, "z": z}  # monitored: projections
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +283,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -305,10 +315,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 

@@ -53,8 +53,7 @@ class SwAV(nn.Module):
         self.prototypes = nn.Linear(args.dim, args.n_prototypes, bias=False)
         rows = args.queue_length // args.world_size
         self.register_buffer("queue", torch.zeros(2, rows, args.dim))
-        # rows of the queue filled so far, counted on the host; read from the device once per
-        # process (at the first use, after init or a load) instead of once per step
+        # rows filled so far, on the host: read from the device once per process, not per step
         self.queue_rows = None
         self.register_load_state_dict_post_hook(lambda m, _: setattr(m, "queue_rows", None))
 
@@ -67,15 +66,21 @@ class SwAV(nn.Module):
         return z, self.prototypes(z)
 
 
+# --init: main_swav.py's checkpoint {state_dict (DDP: module.), optimizer}, hubconf.py's releases
+RELEASE = {"module.": "backbone.", "module.projection_head.": "projector."}
+RELEASE["module.prototypes."] = "prototypes."
+RELEASE.update({"state_dict." + k: v for k, v in RELEASE.items()})
+RELEASE["optimizer."] = None
+
+
 # ==== 2. loss: sinkhorn(...) codes, swav_loss(...) -> Tensor, pure, fp32 inside ===========
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:
     """Sinkhorn-Knopp codes [SwAV §3.1; ref: main_swav.py distributed_sinkhorn]. scores [B, K]
-    (this process's rows) -> Q [B, K], each row summing to 1, prototypes equipartitioned over the
-    GLOBAL batch (N = B x world_size rows): the total and the per-prototype sums are all-reduced;
-    per-sample sums are local. fp32 (exp(1 / 0.05) overflows fp16), no gradient. The global max
-    is subtracted before exp: a constant factor, cancelled by the first normalisation (it only
-    keeps extreme scores finite); the clamps act only where the official divides 0 by 0."""
+    (this process's rows) -> Q [B, K], rows summing to 1, prototypes equipartitioned over the
+    GLOBAL batch (N = B x world_size rows): the total and per-prototype sums are all-reduced, the
+    per-sample sums local. fp32 (exp(1 / 0.05) overflows fp16), no gradient. The global max is
+    subtracted before exp (the first normalisation cancels it); clamps act only at official 0/0."""
     world, tiny = C.get_world_size(), torch.finfo(torch.float32).tiny
 
     def all_sum(t, op=dist.ReduceOp.SUM):
@@ -96,9 +101,8 @@ def sinkhorn(scores: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:
 
 def swav_loss(scores: list[torch.Tensor], q: list[torch.Tensor], tau: float) -> torch.Tensor:
     """Swapped prediction [SwAV Eq. 1-2, §3.2; ref: main_swav.py train]. scores: per crop [B, K]
-    (z . prototypes); q: codes [B, K] of the first len(q) crops (targets, no gradient). For each
-    assigned crop i, the mean over the V - 1 other crops v of the cross-entropy
-    -sum_k q_i log softmax(scores_v / tau), batch mean; averaged over the assigned crops."""
+    (z . prototypes); q: codes [B, K] of the first len(q) crops (targets, no gradient). The mean
+    over assigned crops i, other crops v of -sum_k q_i log softmax(scores_v / tau), batch mean."""
     with torch.autocast(scores[0].device.type, enabled=False):
         logp = [F.log_softmax(s.float() / tau, dim=1) for s in scores]
         loss = 0.0
@@ -114,8 +118,7 @@ def swav_loss(scores: list[torch.Tensor], q: list[torch.Tensor], tau: float) -> 
 def normalize_prototypes(model: SwAV):
     """Prototype rows back to unit norm, in place, before every step's forward [SwAV §4.1; ref:
     main_swav.py "normalize the prototypes"]; the gradient is taken w.r.t. unit-norm rows."""
-    w = model.prototypes.weight
-    w.copy_(F.normalize(w, dim=1))
+    model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
 
 
 @torch.no_grad()
@@ -183,13 +186,12 @@ def train_step(model, batch, optimizer, scaler, step: int, args: "Args") -> dict
         enqueue(net.queue, z_a)
         net.queue_rows = min(net.queue_rows + B, net.queue.shape[1])
     loss = swav_loss(list(scores.split(B)), q, args.tau)
-    # prototypes frozen for the first iterations: their gradient cancelled after the backward,
-    # so no momentum and no weight decay either [ref: main_swav.py "cancel gradients"]
+    # frozen prototypes: grad dropped after backward (no momentum, no wd) [ref: main_swav.py]
     frozen = step < args.freeze_prototypes_niters
     hook = (lambda: setattr(net.prototypes.weight, "grad", None)) if frozen else None
     grad_norm = C.optimizer_step(loss, optimizer, scaler, hook=hook)
     stats = {"loss": loss.detach(), "lr": lr, "wd": args.wd, "queue": float(use_queue)}
-    return {**stats, "grad_norm": grad_norm, "z_std": C.collapse_std(z[:B])}
+    return {**stats, "grad_norm": grad_norm, "z": z[: 2 * B].chunk(2)}  # monitored: 2 global crops
 
 
 def features(model, x: torch.Tensor) -> torch.Tensor:
@@ -265,8 +267,7 @@ class Args(C.RunArgs):
             r.update(arch="resnet18", batch_size=256, epochs=1000)  # wd 1e-6 as ImageNet
             # lr as the official batch-256 recipe (0.6 -> 0.0006) [ref: swav_400ep_bs256 script;
             # solo-learn 0.6 / min_lr 0.0006]; solo's 10 warm-up epochs start from ~0
-            # DEVIATION: solo-learn's LARS has eta 0.02 + lr clipping and skips biases/BN; ours
-            # keeps the official LARC (0.001, every parameter)
+            # DEVIATION: solo-learn's LARS (eta 0.02, lr clipped, no biases/BN); here apex LARC
             r.update(lr=0.6, final_lr=0.0006, warmup_epochs=10, start_warmup=0.0)
             # queue 3840 from epoch 50; prototypes frozen 2 epochs = 2 x 195 steps [ref: solo-learn]
             r.update(queue_length=3840, epoch_queue_starts=50, freeze_prototypes_niters=390)
@@ -274,8 +275,7 @@ class Args(C.RunArgs):
             # swav.yaml, local 18 px]; DEVIATION: local side 3/7 of img_size as SwAV's 96/224
             # (14 px), SwAV's jitter on every crop, no blur at 32 px (solo: 0 global, 0.1 local)
             r.update(global_scale=(0.2, 1.0), local_scale=(0.08, 0.5), blur=False)
-            # no official CIFAR linear protocol: eval_linear.py's at batch 512 as the others
-            r.update(linear_batch_size=512)
+            r.update(linear_batch_size=512)  # no official CIFAR protocol: eval_linear.py's
         return r
 
     def check(self):
@@ -383,7 +383,7 @@ def fit(model, optimizer, data, args):
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ckpt = os.path.join(args.out_dir, "ckpt.pth")
-    step = C.resume(ckpt, model, optimizer, scaler, args)  # 0, or the checkpoint's step
+    step = C.resume(ckpt, model, optimizer, scaler, args, encoder(model), RELEASE)  # or --init
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -415,10 +415,10 @@ def fit(model, optimizer, data, args):
             if step == end or stop:
                 break
         C.save_state(ckpt, model, optimizer, scaler, step, args, finite)  # SIGTERM: ends here
-    if args.is_main:  # torchvision-format weights, exported before the final evaluation: an
-        # evaluation that fails keeps them
+    if args.is_main:  # torchvision format, before the final evaluation (which may fail)
         C.save_checkpoint(os.path.join(args.out_dir, "backbone.pth"), encoder(model).state_dict())
     final = evaluate(model, data, args, logger, step, final=True)  # --epochs 0: random init
+    C.neighbours(lambda x: features(C.unwrap(model).eval(), x), data, args)  # neighbours.png
     logger.close(final)  # the end-of-run summary: where the results are, the final figures
 
 

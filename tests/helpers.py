@@ -161,6 +161,8 @@ RUN_FLAGS = {
     *("resume", "seed", "amp", "compile", "device", "log_every", "max_steps", "knn_every"),
     *("knn_k", "knn_t", "knn_subset", "linear_cached", "finetune_fraction", "finetune_list"),
     "ckpt_minutes",
+    "eval_dir",
+    "init",
 }
 SV2 = "SimCLR v2's protocol (none in the official code) [SimCLRv2 §4; ref: simclr README"
 # the fine-tuning protocol C.RunArgs holds: SimCLR v2's, for the methods with none of their own

@@ -308,7 +308,7 @@ def test_train_step_writes_the_rows_of_this_batch_after_the_loss(tmp_path):
     loss_ref, z_l, z_ab = before(x, idx)  # embeddings from the pre-step weights
     banks = {n: getattr(model, n).clone() for n in ("bank_l", "bank_ab")}
     stats = cmc.train_step(model, ([x], None, idx), opt, scaler, 0, args)
-    assert set(stats) == {"loss", "lr", "wd", "tau", "grad_norm", "z_std"}
+    assert set(stats) == {"loss", "lr", "wd", "tau", "grad_norm", "z"}
     assert stats["loss"].item() == pytest.approx(loss_ref.item(), rel=1e-5)
     for name, z in (("bank_l", z_l), ("bank_ab", z_ab)):  # each view writes its own bank
         new, old = getattr(model, name), banks[name]

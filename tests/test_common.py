@@ -278,9 +278,9 @@ def test_knn_predict_matches_naive_loop():
 def test_collapse_std():
     torch.manual_seed(0)
     d = 128
-    healthy = C.collapse_std(torch.randn(4096, d)).item()
+    healthy = C.embedding_stats(torch.randn(4096, d))["z_std"].item()
     assert abs(healthy - 1 / math.sqrt(d)) < 0.1 / math.sqrt(d)
-    collapsed = C.collapse_std(torch.randn(1, d).expand(64, d) * 3).item()
+    collapsed = C.embedding_stats(torch.randn(1, d).expand(64, d) * 3)["z_std"].item()
     assert collapsed < 1e-4
 
 

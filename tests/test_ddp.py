@@ -29,6 +29,7 @@ def _entry(rank, fn, world, port, out, extra):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(fn(*extra), os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # torch 2.4: destroying the group right after a collective can hang
     finally:
         dist.destroy_process_group()
 

@@ -294,7 +294,7 @@ def test_train_step_center_teacher_wd_and_freeze(tmp_path):
     c0 = model.center.clone()
     t0, v0 = [p.clone() for p in teacher], last_v.clone()
     stats = dino.train_step(model, (x, None, None), opt, scaler, 0, args)
-    keys = {"loss", "lr", "wd", "m", "tau_t", "grad_norm", "z_std"}
+    keys = {"loss", "lr", "wd", "m", "tau_t", "grad_norm", "z"}
     assert set(stats) == keys and torch.isfinite(stats["loss"])
     assert opt.param_groups[0]["weight_decay"] == wd and opt.param_groups[1]["weight_decay"] == 0
     close(model.center, 0.9 * c0 + 0.1 * t.mean(0, keepdim=True))

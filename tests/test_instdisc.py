@@ -164,7 +164,7 @@ def test_train_step_positive_is_the_stored_row_then_updated(tmp_path):
     stats = instdisc.train_step(model, ([x], None, idx), opt, scaler, 0, args)
     assert stats["loss"].item() == pytest.approx(expect.item(), rel=1e-5)  # the old rows
     torch.testing.assert_close(model.bank[idx], rows)  # written after the loss
-    assert {"loss", "lr", "wd", "tau", "grad_norm", "z_std"} <= stats.keys()
+    assert {"loss", "lr", "wd", "tau", "grad_norm", "z"} <= stats.keys()
 
 
 def test_z_estimated_once_then_fixed_and_read_back_after_a_load(tmp_path):

@@ -480,7 +480,7 @@ def assert_haiku_init(lin: nn.Linear):
     assert lin.bias is None or not lin.bias.any()
 
 
-def test_real_resnet18_official_mlps_step(tmp_path, monkeypatch):
+def test_real_resnet18_official_mlps_step(tmp_path, monkeypatch, float64):
     """The ImageNet preset on the real network (ResNet-18 with the CIFAR stem at 16 px, batch 8,
     the official 4096-wide MLPs): the official network built here, loaded by state_dict (strict),
     two official steps (one at the preset's weight decay, one at WD) against train_step: loss,

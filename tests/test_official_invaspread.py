@@ -267,7 +267,7 @@ def test_paper_knn_is_the_official_knn_on_the_128d_embedding(tmp_path, monkeypat
     assert (got["k"], got["t"]) == (20, 0.1)
 
 
-def test_real_resnet18_step_matches_the_official_network(tmp_path, monkeypatch):
+def test_real_resnet18_step_matches_the_official_network(tmp_path, monkeypatch, float64):
     """The real network at 32 px, batch 8: the project's ResNet-18 (torchvision's, CIFAR stem,
     fc = Identity) + Linear(512, 128) + l2 norm against models/resnet_cifar.py's ResNet18 written
     out above, loaded with the project's weights by state_dict (strict: every name and shape);

@@ -439,7 +439,7 @@ def head_key_map(projector: nn.Sequential) -> dict:
     return keys
 
 
-def test_real_resnet18_cifar_preset_step(tmp_path, monkeypatch):
+def test_real_resnet18_cifar_preset_step(tmp_path, monkeypatch, float64):
     """The CIFAR preset (v1: ResNet-18 with the CIFAR stem, tau 0.5, wd 1e-6) on 32 px images,
     batch 8, two steps against the official network built here (torchvision's resnet18 with the
     official CIFAR stem, the projection head restated) loaded by state_dict: one step at the
