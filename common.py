@@ -1322,8 +1322,9 @@ def one_run_per_out_dir(main):
         _RUN.saved, made = None, not os.path.exists(args.data_dir)
         try:
             out = main(args)
-            if dist.is_initialized():  # torch 2.4: destroying a gloo group right after a
-                dist.barrier()  # collective can deadlock on that collective's tensors
+            if dist.is_initialized():  # torch 2.4: a gloo group destroyed (at exit) while a
+                dist.barrier()  # worker thread frees a collective's tensor (it needs the
+                time.sleep(0.1)  # GIL) deadlocks: all collectives done, the GIL free a while
             return out
         except BaseException as e:
             end_bars()

@@ -27,11 +27,9 @@ def _entry(rank, fn, world, port, out, extra):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(fn(*extra), os.path.join(out, f"rank{rank}.pt"))
-        dist.barrier()  # torch 2.4: destroying the group right after a collective can hang
-    finally:
-        dist.destroy_process_group()
+    torch.save(fn(*extra), os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # every rank's collectives are done: exit without destroying the group (on
+    os._exit(0)  # torch 2.4 that deadlocks when a gloo worker still frees a collective's tensor)
 
 
 def spawn(fn, world, tmp_path, *extra) -> list:
