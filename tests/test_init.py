@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision
 from helpers import VARIANTS, assert_same_tree, close_rel, one_thread, tiny_args  # noqa: F401
+from test_official_moco import v3_build_mlp as build_mlp  # [ref: moco-v3 builder.py]
 from torch import nn
 
 import common as C
@@ -187,19 +188,6 @@ def randomized(net: nn.Module, seed: int) -> nn.Module:
             elif t.is_floating_point() and (t.dim() == 1 or k in ("cls_token", "pos_embed")):
                 t.add_(torch.randn(t.shape, generator=g) * 0.1)
     return net
-
-
-def build_mlp(layers: int, d_in: int, hidden: int, d_out: int, last_bn: bool = True):
-    """[ref: moco-v3 moco/builder.py MoCo._build_mlp]"""
-    mods = []
-    for i in range(layers):
-        d1, d2 = d_in if i == 0 else hidden, d_out if i == layers - 1 else hidden
-        mods.append(nn.Linear(d1, d2, bias=False))
-        if i < layers - 1:
-            mods += [nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
-        elif last_bn:
-            mods.append(nn.BatchNorm1d(d2, affine=False))
-    return nn.Sequential(*mods)
 
 
 class TimmBlock(nn.Module):
