@@ -43,9 +43,9 @@ LAB_STD = (50.0, (86.183 + 98.233) / 2, (107.857 + 94.478) / 2)
 
 
 def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] sRGB in [0, 1] -> [B, 3, H, W] Lab (L in [0, 100]), fp32 on x's device."""
+    """[B, 3, H, W] sRGB in [0, 1] -> [B, 3, H, W] Lab (L in [0, 100]), default dtype (fp32)."""
     with torch.autocast(x.device.type, enabled=False):
-        x = x.float()
+        x = x.to(torch.get_default_dtype())
         lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055).pow(2.4), x / 12.92)  # undo gamma
         m = x.new_tensor(RGB_TO_XYZ) / x.new_tensor(WHITE_D65)[:, None]
         t = torch.einsum("ij,bjhw->bihw", m, lin)  # XYZ / white
