@@ -1,8 +1,12 @@
 """Real 2-process gloo runs vs one process on the same global batch: loss, gradients, state."""
 
+import atexit
 import importlib
 import os
+import queue
 import socket
+import time
+import traceback
 
 import pytest
 import torch
@@ -23,17 +27,78 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world, port, out, extra):
+def _serve(rank, port, jobs, done):
+    """One of the two gloo processes: joins the group once, then runs each job it is given."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.save(fn(*extra), os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()  # every rank's collectives are done: exit without destroying the group (on
-    os._exit(0)  # torch 2.4 that deadlocks when a gloo worker still frees a collective's tensor)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    while (job := jobs.get()) is not None:
+        fn, out, extra = job
+        try:
+            torch.save(fn(*extra), os.path.join(out, f"rank{rank}.pt"))
+            done.put((rank, None))
+        except BaseException:
+            done.put((rank, traceback.format_exc()))
+    dist.barrier()  # exit without destroying the group (on torch 2.4 that deadlocks when a gloo
+    os._exit(0)  # worker thread still frees a collective's tensor)
+
+
+class Pair:
+    """Two gloo processes kept for the whole session: a new process spends seconds importing
+    torch (twice that on older torch) before its first collective. A job that fails or hangs
+    on either rank ends both; the next job starts a new pair."""
+
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        self.jobs, self.done = [ctx.SimpleQueue() for _ in range(2)], ctx.Queue()
+        port = free_port()
+        self.procs = [
+            ctx.Process(target=_serve, args=(r, port, self.jobs[r], self.done), daemon=True)
+            for r in range(2)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, out, extra, timeout=600):
+        for q in self.jobs:
+            q.put((fn, out, extra))
+        end = time.time() + timeout
+        for _ in range(2):
+            while True:
+                try:
+                    rank, err = self.done.get(timeout=1)
+                    break
+                except queue.Empty:
+                    if time.time() > end or not all(p.is_alive() for p in self.procs):
+                        err = f"{fn.__name__}: a rank died or ran past {timeout} s"
+                        rank = -1
+                        break
+            if err:
+                self.close(kill=True)
+                raise RuntimeError(f"rank {rank}: {err}")
+
+    def close(self, kill=False):
+        for q, p in zip(self.jobs, self.procs):
+            p.kill() if kill else q.put(None)
+        for p in self.procs:
+            p.join(10)
+            p.kill()
+
+
+_pair = []  # the session's Pair, started by the first spawn()
 
 
 def spawn(fn, world, tmp_path, *extra) -> list:
-    mp.spawn(_entry, args=(fn, world, free_port(), str(tmp_path), extra), nprocs=world)
+    """fn(*extra) on both ranks of a 2-process gloo group; every rank's return value."""
+    assert world == 2
+    if not _pair:
+        _pair.append(Pair())
+        atexit.register(lambda: _pair and _pair.pop().close())
+    try:
+        _pair[0].run(fn, str(tmp_path), extra)
+    except RuntimeError:
+        _pair.clear()
+        raise
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
