@@ -5,8 +5,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import NamedTuple
 
+import forks
 import pytest
 import torch
 
@@ -87,8 +89,19 @@ def run(cmd, timeout=240, cwd=ROOT):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def python(*args, **kw):
-    return run([sys.executable, *map(str, args)], **kw)
+_forks = []  # the fork server (forks.py), started by the first python()
+
+
+def python(*args, timeout=240, cwd=ROOT):
+    """`python ARGS` as a fork of an interpreter that has imported torch and every file."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    if not _forks or _forks[0].proc.poll() is not None:
+        _forks[:] = [forks.Client(env)]
+    with tempfile.TemporaryDirectory() as d:
+        out, err = os.path.join(d, "out"), os.path.join(d, "err")
+        rc = _forks[0].run([*map(str, args)], str(cwd), env, out, err, timeout)
+        with open(out) as o, open(err) as e:
+            return subprocess.CompletedProcess(args, rc, o.read(), e.read())
 
 
 def torchrun(nproc, *args, **kw):
