@@ -17,3 +17,22 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
+
+
+# `-m versions`: what CI also runs on the oldest supported torch and on 2.11 (README "Supported
+# torch versions"): the official-loop parity tests, every multi-process test and the end-to-end
+# runs; a test named otherwise carries @pytest.mark.versions
+VERSIONS = (
+    "test_official_",
+    "test_ddp.py",
+    "test_e2e.py",
+    "two_processes",
+    "torchrun",
+    "end_to_end",
+)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(k in item.nodeid for k in VERSIONS):
+            item.add_marker("versions")
