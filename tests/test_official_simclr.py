@@ -395,7 +395,7 @@ def test_schedule_at_the_preset_is_the_official_one(tmp_path, monkeypatch, versi
     assert opt.param_groups[0]["weight_decay"] == wd and opt.param_groups[1]["weight_decay"] == 0
 
 
-# ---- the real network: ResNet-18 with the CIFAR stem at 32 px ---------------------------------
+# ---- the real network: ResNet-18 with the CIFAR stem at 16 px ---------------------------------
 def official_resnet18_cifar() -> nn.Module:
     """[ref: resnet.py resnet_v1(cifar_stem=True) for image_size <= 32: a 3x3 stride-1 conv
     ('SAME': pad 1), BN, ReLU, no max-pool; then ResNet v1 block groups: torchvision's resnet18]"""
@@ -440,11 +440,11 @@ def head_key_map(projector: nn.Sequential) -> dict:
 
 
 def test_real_resnet18_cifar_preset_step(tmp_path, monkeypatch, float64):
-    """The CIFAR preset (v1: ResNet-18 with the CIFAR stem, tau 0.5, wd 1e-6) on 32 px images,
+    """The CIFAR preset (v1: ResNet-18 with the CIFAR stem, tau 0.5, wd 1e-6) on 16 px images,
     batch 8, two steps against the official network built here (torchvision's resnet18 with the
     official CIFAR stem, the projection head restated) loaded by state_dict: one step at the
     preset's weight decay, one at WD (leaving the decay out, or out of the trust norm, fails)."""
-    flags = ["--preset", "cifar", "--version", "v1", "--arch", "resnet18", "--img-size", 32]
+    flags = ["--preset", "cifar", "--version", "v1", "--arch", "resnet18", "--img-size", 16]
     flags += ["--batch-size", 8, "--subset", 16, "--epochs", 10, "--warmup-epochs", 0]
     flags += ["--lr", 2.0]  # x 8/256: LARS moves conv weights ~0.1% a step, BN parameters ~1%
     torch.manual_seed(0)
@@ -465,7 +465,7 @@ def test_real_resnet18_cifar_preset_step(tmp_path, monkeypatch, float64):
     for step, step_wd in enumerate([wd, WD]):
         lars.wd = step_wd
         opt.param_groups[0]["weight_decay"] = step_wd  # the decayed group (C.param_groups)
-        x1, x2 = torch.rand(2, 8, 3, 32, 32, generator=g)
+        x1, x2 = torch.rand(2, 8, 3, 16, 16, generator=g)
         lr = official_lr(step, 2.0, 8, 16, 0, 10, official(table, "lr_scaling"))
         assert args.sched["lr"][step] == pytest.approx(lr, rel=1e-12)
         loss = official_loss(head(backbone(torch.cat([x1, x2]))), tau)
