@@ -5,6 +5,7 @@ import importlib
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import TINY, VARIANTS
+from helpers import ROOT, TINY, VARIANTS
 
 import common as C
 import moco
@@ -34,11 +35,20 @@ def _serve(rank, port, jobs, done):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     while (job := jobs.get()) is not None:
         fn, out, extra = job
+        mods = [
+            m
+            for m in list(sys.modules.values())
+            if (getattr(m, "__file__", "") or "").startswith(ROOT)
+        ]
+        saved = [(m, dict(vars(m))) for m in mods]  # this project's modules and the tests'
         try:
             torch.save(fn(*extra), os.path.join(out, f"rank{rank}.pt"))
             done.put((rank, None))
         except BaseException:
             done.put((rank, traceback.format_exc()))
+        finally:  # undo what the job replaced (`swav.fit = ...`), as pytest's monkeypatch would
+            for m, names in saved:
+                vars(m).update(names)
     dist.barrier()  # exit without destroying the group (on torch 2.4 that deadlocks when a gloo
     os._exit(0)  # worker thread still frees a collective's tensor)
 
