@@ -75,7 +75,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or get_world_size() == 1 or not self.sync:
             return super().forward(x)
-        dims, shape, xf = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2), x.float()
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least
         n = xf.numel() // xf.shape[1] * get_world_size()
         mean = all_reduce_with_grad(xf.sum(dims)) / n
         xc = xf - mean.view(shape)
