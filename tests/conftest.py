@@ -20,19 +20,14 @@ def float64():
 
 
 # `-m versions`: what CI also runs on the oldest supported torch and on 2.11 (README "Supported
-# torch versions"): the official-loop parity tests, every multi-process test and the end-to-end
-# runs; a test named otherwise carries @pytest.mark.versions
-VERSIONS = (
-    "test_official_",
-    "test_ddp.py",
-    "test_e2e.py",
-    "two_processes",
-    "torchrun",
-    "end_to_end",
-)
+# torch versions"): the official-loop parity tests, the 2-process tests (tests/test_ddp.py's
+# processes: every method's train_step and main() on 2 ranks) and tests/test_e2e.py's runs under
+# `python` and `torchrun`; each method file's own torchrun run only on the newest
+FILES = ("tests/test_official_", "tests/test_ddp.py", "tests/test_e2e.py")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if any(k in item.nodeid for k in VERSIONS):
+        name = item.nodeid.partition("::")[2]
+        if item.nodeid.startswith(FILES) or ("two_processes" in name and "torchrun" not in name):
             item.add_marker("versions")

@@ -111,7 +111,6 @@ def test_linear_probe_on_fewer_augmented_images_than_one_batch_trains(tmp_path, 
 
 
 # ==== settings checked before training; the encoder exported before the final evaluation ====
-@pytest.mark.versions  # 2 processes (conftest.py)
 @pytest.mark.parametrize(
     "flags,needle",
     [
