@@ -1,9 +1,10 @@
 """`python ARGS` for the tests, as a fork of one interpreter that has already imported torch,
 torchvision, common and every method file: a new interpreter spends seconds on those imports
 (twice that on older torch), a fork none. The child is a new process in its own session with its
-own argv, cwd, environment, stdin (/dev/null), stdout and stderr (files), and runs the script (or
-`-c` code) as `__main__` and exits through the interpreter's normal shutdown (atexit, threads),
-as `python ARGS` does. torchrun's workers stay real interpreters (`helpers.torchrun`).
+own argv, cwd, environment, stdin (/dev/null), stdout and stderr (files); it runs the script,
+`-c` code or `-m` module as `__main__` and exits through the interpreter's normal shutdown
+(atexit, threads), as `python ARGS` does. torchrun's launcher runs so; its workers are real
+interpreters.
 
 Protocol (the server's stdin / stdout, one JSON line each way): the client sends
 {argv, cwd, env, out, err}; the server answers {"pid"} at once and {"rc"} when the child ends."""
@@ -55,6 +56,10 @@ def child(argv, cwd, env, out, err):
         code = compile(argv[1], "<string>", "exec")
         main = {"__name__": "__main__", "__builtins__": __builtins__}
         sys.exit(exec(code, main))
+    if argv[0] == "-m":  # torchrun's launcher: `python -m torch.distributed.run ...`
+        sys.argv, sys.path[0] = argv[1:], cwd
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        sys.exit(0)
     path = os.path.abspath(argv[0])
     sys.argv, sys.path[0] = [argv[0], *argv[1:]], os.path.dirname(path)
     runpy.run_path(path, run_name="__main__")

@@ -2,9 +2,7 @@
 
 import dataclasses
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 from typing import NamedTuple
 
@@ -69,26 +67,6 @@ def built_by_main(module, monkeypatch, tmp_path, *flags):
     return got["m"], got["o"], args, got["d"]
 
 
-def run(cmd, timeout=240, cwd=ROOT):
-    """Run a command (own process group: a hung torchrun is killed with all its workers)."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        raise
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
-
-
 _forks = []  # the fork server (forks.py), started by the first python()
 
 
@@ -105,16 +83,8 @@ def python(*args, timeout=240, cwd=ROOT):
 
 
 def torchrun(nproc, *args, **kw):
-    return run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--standalone",
-            *map(str, args),
-        ],
-        **kw,
+    return python(
+        "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args, **kw
     )
 
 
