@@ -39,7 +39,7 @@ def test_python_simclr_end_to_end_exports_torchvision_backbone(tmp_path):
         "--batch-size",
         "32",
         "--epochs",
-        "2",
+        "1",
         "--knn-every",
         "1",
         "--linear-epochs",
