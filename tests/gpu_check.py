@@ -110,7 +110,7 @@ def settings(a) -> SimpleNamespace:
         "--pipeline device --knn-every 0 --linear-epochs 0 --epochs 1",
         steps=4,
         log_every=2,
-        speed=[("cpu", ["simclr", "dino"])],
+        speed=[("cpu", ["simclr"])],
         speed_steps=6,
         speed_log=2,
         folder_n=40,
