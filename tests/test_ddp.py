@@ -109,7 +109,7 @@ def spawn(fn, world, tmp_path, *extra) -> list:
     except RuntimeError:
         _pair.clear()
         raise
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def one_step(name, flags, bn_splits=1, seed=5):

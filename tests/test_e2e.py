@@ -54,7 +54,7 @@ def test_python_simclr_end_to_end_exports_torchvision_backbone(tmp_path):
     assert any('"z_std"' in x for x in lines)
     net = torchvision.models.resnet18()
     net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the CIFAR stem
-    res = net.load_state_dict(torch.load(out / "backbone.pth"), strict=False)
+    res = net.load_state_dict(torch.load(out / "backbone.pth", weights_only=True), strict=False)
     assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and not res.unexpected_keys
     assert (out / "config.json").exists()
 
