@@ -1,5 +1,6 @@
 """Small shared helpers for the tests (not collected: no test_ prefix)."""
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -39,6 +40,19 @@ VARIANTS = {
         ["--hidden-dim", "32", "--bottleneck-dim", "16", "--out-dim", "64", "--n-local", "2"],
     ),
 }
+
+
+@contextlib.contextmanager
+def float64():
+    """Float64 for a real network's steps: fp32 rounding through BatchNorm at a batch of 4-8 and
+    LARS at a large lr depends on the CPU's kernels (AVX2 gives 2-5x the noise of AVX-512 on the
+    same steps, up to 5e-5 of a tensor's magnitude); in float64 both sides agree to ~1e-12, so the
+    1e-5 tolerances hold on any CPU and torch version."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 @pytest.fixture(autouse=True)  # autouse where a test module imports it

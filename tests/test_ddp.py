@@ -72,20 +72,18 @@ class Pair:
     def run(self, fn, out, extra, timeout=600):
         for q in self.jobs:
             q.put((fn, out, extra))
-        end = time.time() + timeout
-        for _ in range(2):
-            while True:
-                try:
-                    rank, err = self.done.get(timeout=1)
-                    break
-                except queue.Empty:
-                    if time.time() > end or not all(p.is_alive() for p in self.procs):
-                        err = f"{fn.__name__}: a rank died or ran past {timeout} s"
-                        rank = -1
-                        break
+        end, done = time.time() + timeout, 0
+        while done < 2:
+            try:
+                rank, err = self.done.get(timeout=1)
+            except queue.Empty:
+                if time.time() < end and all(p.is_alive() for p in self.procs):
+                    continue
+                rank, err = "?", f"{fn.__name__}: a rank died or ran past {timeout} s"
             if err:
                 self.close(kill=True)
                 raise RuntimeError(f"rank {rank}: {err}")
+            done += 1
 
     def close(self, kill=False):
         for q, p in zip(self.jobs, self.procs):

@@ -494,29 +494,22 @@ def ddp_parity(tmp, flags):
     """In each of 2 gloo processes: swav.main's model and LARC under DDP (as fit wraps it) beside
     the official loop under DDP with its SyncBN and distributed_sinkhorn, on this process's half
     of the same global batches (asserted here, per process) -> this process's queue. Float64
-    (the conftest fixture's reason): in fp32, 5 steps at lr up to 4.8 left 4 of 73,728 gradient
+    (helpers.float64's reason): in fp32, 5 steps at lr up to 4.8 left 4 of 73,728 gradient
     entries at 1.2e-5 of the largest on torch 2.4.1."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        return ddp_parity_float64(tmp, flags)
-    finally:
-        torch.set_default_dtype(torch.float32)
-
-
-def ddp_parity_float64(tmp, flags):
-    rank, got = dist.get_rank(), {}
-    swav.fit = lambda model, opt, data, args: got.update(m=model, o=opt)
-    args = helpers.tiny_args(swav, os.path.join(tmp, f"rank{rank}"), *flags)
-    swav.main(args)
-    model, optimizer = got["m"], got["o"]
-    assert args.world_size == 2 and args.batch_size_per_gpu == B // 2
-    c = constants(**SMALL)
-    net = official_sync_bn(official_small(model, c))
-    ref = OfficialLoop(nn.parallel.DistributedDataParallel(net), c, 16 // B, world_size=2)
-    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    stats = run_both(ddp, optimizer, args, ref, small_batches(rank, 2))
-    assert stats["queue"] == 1.0 and ref.queue.shape == (2, B, c.dim)  # queue_length / 2 rows
-    return {"queue": model.queue.clone()}
+    with helpers.float64():
+        rank, got = dist.get_rank(), {}
+        swav.fit = lambda model, opt, data, args: got.update(m=model, o=opt)
+        args = helpers.tiny_args(swav, os.path.join(tmp, f"rank{rank}"), *flags)
+        swav.main(args)
+        model, optimizer = got["m"], got["o"]
+        assert args.world_size == 2 and args.batch_size_per_gpu == B // 2
+        c = constants(**SMALL)
+        net = official_sync_bn(official_small(model, c))
+        ref = OfficialLoop(nn.parallel.DistributedDataParallel(net), c, 16 // B, world_size=2)
+        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        stats = run_both(ddp, optimizer, args, ref, small_batches(rank, 2))
+        assert stats["queue"] == 1.0 and ref.queue.shape == (2, B, c.dim)  # queue_length / 2 rows
+        return {"queue": model.queue.clone()}
 
 
 def test_two_processes_match_the_official_distributed_loop(tmp_path):
